@@ -1,0 +1,176 @@
+"""Qwen2-VL model directories built from configs, for machines without a model hub.
+
+Tests use tiny random models; benchmarks use a model with Qwen2-VL-2B's published sizes and random weights. Both
+carry the real Qwen2 BPE vocabulary, rebuilt from the `qwen.tiktoken` file that ships in the PyPI package
+`dashscope` (its ids equal Qwen2's), so tokenization, special tokens and the chat template are the real ones.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+# Qwen2's pre-tokenizer splits digits one by one (`\p{N}`), unlike tiktoken's cl100k pattern (`\p{N}{1,3}`).
+QWEN2_SPLIT_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+# Added tokens of Qwen2-VL's tokenizer, in id order from 151643.
+QWEN2_VL_SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>",
+    "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
+    "<|image_pad|>", "<|video_pad|>",
+]  # fmt: skip
+
+# The chat template published with Qwen2-VL-*-Instruct.
+QWEN2_VL_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
+    "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}"
+    "{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}"
+    "{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n"
+    "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Qwen2VLShape:
+    """The sizes that define a Qwen2-VL model (vision tower, merger and language model)."""
+
+    vision_depth: int
+    vision_embed_dim: int
+    vision_heads: int
+    hidden_size: int
+    intermediate_size: int
+    layers: int
+    heads: int
+    kv_heads: int
+    mrope_section: list[int] = field(default_factory=lambda: [16, 24, 24])
+    vocab_size: int = 151936
+    max_position_embeddings: int = 32768
+    tie_word_embeddings: bool = True
+
+
+# Published sizes of Qwen/Qwen2-VL-2B-Instruct.
+QWEN2_VL_2B = Qwen2VLShape(
+    vision_depth=32, vision_embed_dim=1280, vision_heads=16, hidden_size=1536, intermediate_size=8960,
+    layers=28, heads=12, kv_heads=2, mrope_section=[16, 24, 24],
+)  # fmt: skip
+
+# Smallest shape that still exercises everything: GQA, M-RoPE sections, K-quant row lengths (multiples of 256).
+QWEN2_VL_TINY = Qwen2VLShape(
+    vision_depth=2, vision_embed_dim=64, vision_heads=4, hidden_size=256, intermediate_size=512,
+    layers=2, heads=4, kv_heads=2, mrope_section=[8, 12, 12], max_position_embeddings=4096,
+)  # fmt: skip
+
+
+def qwen2_tokenizer():
+    """Qwen2's tokenizer (a `PreTrainedTokenizerFast`) rebuilt from dashscope's `qwen.tiktoken`."""
+    try:
+        import dashscope
+    except ImportError as e:
+        raise ImportError("building the Qwen2 tokenizer needs dashscope: pip install 'edgevlm[dev]'") from e
+    from tokenizers import AddedToken, normalizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab_file = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=QWEN2_SPLIT_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()
+    # Added in id order first, so that they take Qwen2's ids 151643.. whatever the tokenizer wrapper adds later.
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        additional_special_tokens=QWEN2_VL_SPECIAL_TOKENS,
+        clean_up_tokenization_spaces=False,
+        model_max_length=32768,
+    )
+    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    first_special = tokenizer.convert_tokens_to_ids(QWEN2_VL_SPECIAL_TOKENS[0])
+    if first_special != 151643:
+        raise RuntimeError(f"qwen.tiktoken gave <|endoftext|> id {first_special}, expected Qwen2's 151643")
+    return tokenizer
+
+
+def qwen2_vl_config(shape: Qwen2VLShape):
+    """A transformers `Qwen2VLConfig` with the given sizes and Qwen2-VL's other published settings."""
+    from transformers import Qwen2VLConfig
+
+    text = dict(
+        vocab_size=shape.vocab_size,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_position_embeddings,
+        rms_norm_eps=1e-6,
+        rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0, "mrope_section": shape.mrope_section},
+        bos_token_id=151643,
+        eos_token_id=151645,
+        tie_word_embeddings=shape.tie_word_embeddings,
+    )
+    vision = dict(
+        depth=shape.vision_depth,
+        embed_dim=shape.vision_embed_dim,
+        num_heads=shape.vision_heads,
+        hidden_size=shape.hidden_size,
+        mlp_ratio=4,
+        patch_size=14,
+        spatial_merge_size=2,
+        temporal_patch_size=2,
+        hidden_act="quick_gelu",
+    )
+    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=shape.tie_word_embeddings)
+
+
+def build_qwen2_vl(
+    out_dir: str | Path,
+    shape: Qwen2VLShape = QWEN2_VL_TINY,
+    *,
+    seed: int = 0,
+    init_std: float = 0.02,
+    dtype: str = "float32",
+    processor_kwargs: dict | None = None,
+) -> Path:
+    """Write a random-weight Qwen2-VL model directory (config, safetensors, tokenizer, processor) to `out_dir`.
+
+    `init_std` is the standard deviation of all weights: larger values make a random model's greedy choices
+    decisive (top-1 far from top-2), which parity tests need. The result loads with
+    `Qwen2VLForConditionalGeneration.from_pretrained(out_dir)`, `AutoTokenizer.from_pretrained(out_dir)` and
+    `Qwen2VLImageProcessorPil.from_pretrained(out_dir)`.
+    """
+    import torch
+    from transformers import Qwen2VLForConditionalGeneration, Qwen2VLImageProcessorPil
+
+    out_dir = Path(out_dir)
+    config = qwen2_vl_config(shape)
+    config.text_config.initializer_range = init_std
+    config.vision_config.initializer_range = init_std
+    config.initializer_range = init_std
+    torch.manual_seed(seed)
+    with torch.device("cpu"):
+        model = Qwen2VLForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
+    model.save_pretrained(out_dir)
+    tokenizer = qwen2_tokenizer()
+    tokenizer.save_pretrained(out_dir)
+    # The image processor alone: Qwen2VLProcessor also wants a video processor, which needs torchvision.
+    Qwen2VLImageProcessorPil(**(processor_kwargs or {})).save_pretrained(out_dir)
+    (out_dir / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    logger.info("wrote %s (%.1fM parameters)", out_dir, sum(p.numel() for p in model.parameters()) / 1e6)
+    return out_dir
