@@ -1,0 +1,29 @@
+"""Errors a user can hit. Each message says what happened, what was expected, and what to do next."""
+
+
+class EdgeVLMError(Exception):
+    """Base class of edgevlm's own errors."""
+
+
+class ImageError(EdgeVLMError, ValueError):
+    """An image could not be read or is not usable (missing, a directory, not an image, truncated, too large)."""
+
+
+class BundleError(EdgeVLMError):
+    """A bundle is missing, incomplete, corrupt, or of a format this version cannot read."""
+
+
+class UnsupportedModelError(EdgeVLMError, ValueError):
+    """A model whose architecture no exporter supports."""
+
+
+class ExportValidationError(EdgeVLMError):
+    """An exported graph or file disagrees with the PyTorch reference beyond its tolerance."""
+
+    def __init__(self, what: str, max_abs_diff: float, atol: float):
+        self.what, self.max_abs_diff, self.atol = what, max_abs_diff, atol
+        super().__init__(f"{what}: max abs difference {max_abs_diff:.3g} exceeds the tolerance {atol:.3g}")
+
+
+class ContextOverflowError(EdgeVLMError, ValueError):
+    """Prompt, image tokens and requested new tokens do not fit in the context window."""
