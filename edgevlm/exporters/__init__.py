@@ -1,0 +1,39 @@
+"""The offline side: Hugging Face VLM → bundle. Needs `pip install 'edgevlm[export]'` (torch, transformers, onnx).
+
+One module per model family, registered here by the Hugging Face architecture name it exports.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+from ..errors import UnsupportedModelError
+
+# architecture (config.json "architectures") -> module defining `FAMILY`
+FAMILY_MODULES = {
+    "Qwen2VLForConditionalGeneration": "edgevlm.exporters.qwen2_vl",
+}
+
+# short names users type -> hub ids
+ALIASES = {
+    "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
+    "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+}
+
+
+def family_for(architecture: str):
+    """The exporter family for a Hugging Face architecture name."""
+    module = FAMILY_MODULES.get(architecture)
+    if module is None:
+        raise UnsupportedModelError(
+            f"architecture {architecture!r} is not supported; edgevlm exports "
+            f"{', '.join(sorted(FAMILY_MODULES))} (aliases: {', '.join(sorted(ALIASES))})."
+        )
+    return importlib.import_module(module).FAMILY
+
+
+def export(*args, **kwargs):
+    """See `edgevlm.exporters.export.export`."""
+    from .export import export as _export
+
+    return _export(*args, **kwargs)

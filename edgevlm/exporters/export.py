@@ -1,0 +1,122 @@
+"""`edgevlm export`: resolve a model, export its vision graph and language model, write and check the bundle."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+from pathlib import Path
+
+from .. import __version__
+from ..bundle import Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
+from ..errors import EdgeVLMError, UnsupportedModelError
+from ..progress import stage
+from . import ALIASES, family_for
+from .gguf import quantize_gguf
+
+logger = logging.getLogger(__name__)
+
+QUANTIZATIONS = ("Q4_K_M", "Q8_0", "F16", "F32")
+VISION_DTYPES = ("fp32", "fp16", "int8")
+# files a VLM export needs from a hub repository (not the optimizer states, not other formats)
+HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
+
+
+def resolve_model(model: str) -> tuple[Path, str, str | None]:
+    """A local directory for `model` (alias, hub id or path): (directory, source name, revision)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local, str(local.absolute()), None
+    if "/" not in model and model not in ALIASES:
+        raise UnsupportedModelError(
+            f"unknown model {model!r}: not a directory, a hub id (org/name) or an alias. "
+            f"Known aliases: {', '.join(sorted(ALIASES))}."
+        )
+    repo_id = ALIASES.get(model, model)
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, allow_patterns=HUB_PATTERNS))
+    except Exception as e:  # offline, unknown repo, gated model: all end the same way for the user
+        raise EdgeVLMError(
+            f"could not get {repo_id} from the Hugging Face hub or its local cache ({type(e).__name__}: {e}). "
+            "Without a network, pass a local model directory or an id already in the cache."
+        ) from e
+    return path, repo_id, path.name
+
+
+def default_output(source: str, quantization: str) -> Path:
+    return Path.cwd() / f"{Path(source).name.lower()}-{quantization}"
+
+
+def export(
+    model: str,
+    output: str | os.PathLike | None = None,
+    *,
+    quantization: str = "Q4_K_M",
+    vision_dtypes: tuple[str, ...] = ("fp32",),
+    force: bool = False,
+    verify: bool = False,
+) -> Path:
+    """Export `model` to a bundle directory and return its path. Arguments are checked before anything loads."""
+    if quantization not in QUANTIZATIONS:
+        raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
+    bad = [d for d in vision_dtypes if d not in VISION_DTYPES]
+    if bad or not vision_dtypes:
+        raise ValueError(f"vision dtypes {bad or '(none)'} invalid; choose from {', '.join(VISION_DTYPES)}")
+    if output is not None:
+        check_output_dir(Path(output), force)
+
+    model_dir, source, revision = resolve_model(model)
+    out_dir = Path(output) if output is not None else default_output(source, quantization)
+    check_output_dir(out_dir, force)
+    family = family_for(_architecture(model_dir))
+
+    with stage(f"loading {source}"):
+        loaded = family.load(model_dir)
+    with BundleWriter(out_dir, force=force) as writer:
+        with stage(f"exporting the vision encoder ({', '.join(vision_dtypes)})"):
+            vision = family.export_vision(loaded, writer.tmp_dir, vision_dtypes)
+        llm_file = f"llm-{quantization}.gguf"
+        if quantization in ("F32", "F16"):
+            with stage(f"writing the language model as {quantization} GGUF"):
+                llm_info = family.export_llm(loaded, writer.path(llm_file), quantization.lower())
+        else:
+            staging = writer.path("llm-F16.gguf.staging")
+            with stage("writing the language model as F16 GGUF"):
+                llm_info = family.export_llm(loaded, staging, "f16")
+            with stage(f"quantizing the language model to {quantization} (llama.cpp)"):
+                quantize_gguf(staging, writer.path(llm_file), quantization)
+            staging.unlink()
+        manifest = Manifest(
+            family=family.name,
+            source={"model": source, "revision": revision, "architecture": family.architecture},
+            preprocessing=loaded.preprocessing.to_dict(),
+            vision=vision,
+            llm=LLMSpec(file=llm_file, quantization=quantization, arch=llm_info["arch"],
+                        n_ctx_train=llm_info["n_ctx_train"], embedding_length=llm_info["embedding_length"]),  # fmt: skip
+            tokens=family.tokens(loaded),
+            positions=family.positions(loaded),
+            validation={"vision": {d: v.validation for d, v in vision.variants.items()}},
+            edgevlm_version=__version__,
+        )
+        if verify:
+            from .verify import verify_bundle
+
+            with stage("verifying the bundle against transformers"):
+                report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, loaded)
+            manifest = dataclasses.replace(manifest, validation={**manifest.validation, "end_to_end": report})
+        return writer.commit(manifest)
+
+
+def _architecture(model_dir: Path) -> str:
+    config_path = model_dir / "config.json"
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise EdgeVLMError(f"{config_path} is missing or unreadable ({e}); is {model_dir} a Hugging Face model?") from e
+    architectures = config.get("architectures") or []
+    if not architectures:
+        raise UnsupportedModelError(f"{config_path} names no architecture; cannot tell which exporter to use.")
+    return architectures[0]

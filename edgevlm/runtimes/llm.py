@@ -1,0 +1,255 @@
+"""The language model half: a GGUF run by llama.cpp through llama-cpp-python's low-level API.
+
+The high-level `llama_cpp.Llama` cannot take image embeddings with 4-slot M-RoPE positions, so this module talks
+to llama.cpp directly: it decodes token batches and embedding batches (`llama_batch.embd`) into one KV cache, and
+samples with llama.cpp's sampler chain.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+
+from ..errors import BundleError, ContextOverflowError
+
+logger = logging.getLogger(__name__)
+_llama_logger = logging.getLogger("edgevlm.llama_cpp")
+
+# ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR) -> logging levels; CONT (5) continues the previous message.
+_GGML_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+_last_level = logging.DEBUG
+
+
+@llama_cpp.llama_log_callback
+def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    global _last_level
+    _last_level = _GGML_LOG_LEVELS.get(level, _last_level)
+    if _llama_logger.isEnabledFor(_last_level):
+        _llama_logger.log(_last_level, "%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+
+
+llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))  # llama.cpp's chatter goes to logging, not stderr
+llama_cpp.llama_backend_init()
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """llama.cpp parameters a hardware profile or a user sets."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int | None = None  # None: all physical cores llama.cpp sees as useful
+    n_threads_batch: int | None = None
+    n_gpu_layers: int = 0
+    use_mmap: bool = True
+    use_mlock: bool = False
+    flash_attn: bool | None = None  # None: llama.cpp decides
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 40
+    top_p: float = 0.95
+    seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
+
+
+def _default_threads() -> int:
+    return max(1, os.cpu_count() or 1)
+
+
+class LlamaLM:
+    """One GGUF model with one context (KV cache) and a sampler. Not thread-safe: one generation at a time."""
+
+    def __init__(self, gguf_path: str | os.PathLike, settings: LlamaSettings = LlamaSettings()):
+        self.path = Path(gguf_path)
+        self.settings = settings
+        model_params = llama_cpp.llama_model_default_params()
+        model_params.n_gpu_layers = settings.n_gpu_layers
+        model_params.use_mmap = settings.use_mmap
+        model_params.use_mlock = settings.use_mlock
+        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        if not self._model:
+            raise BundleError(f"llama.cpp could not load {self.path}: the GGUF is corrupt or of an architecture this "
+                              "llama-cpp-python does not know. Run `edgevlm verify BUNDLE`, or upgrade llama-cpp-python.")  # fmt: skip
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+
+        ctx_params = llama_cpp.llama_context_default_params()
+        ctx_params.n_ctx = settings.n_ctx
+        ctx_params.n_batch = settings.n_batch
+        ctx_params.n_ubatch = min(settings.n_ubatch, settings.n_batch)
+        ctx_params.n_threads = settings.n_threads or _default_threads()
+        ctx_params.n_threads_batch = settings.n_threads_batch or ctx_params.n_threads
+        if settings.flash_attn is not None:
+            ctx_params.flash_attn_type = 1 if settings.flash_attn else 0
+        ctx_params.no_perf = False
+        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        if not self._ctx:
+            llama_cpp.llama_model_free(self._model)
+            raise BundleError(f"llama.cpp could not create a context of {settings.n_ctx} tokens for {self.path} "
+                              "(out of memory?); lower n_ctx.")  # fmt: skip
+        self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        self.n_batch = settings.n_batch
+        self._memory = llama_cpp.llama_get_memory(self._ctx)
+        self.n_past = 0  # number of cache slots filled (not the RoPE position, which M-RoPE advances differently)
+        self._sampler = None
+
+    # -- metadata -------------------------------------------------------------------------------------------------
+    def metadata(self, key: str) -> str | None:
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8")
+            size = n + 1
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.metadata("tokenizer.chat_template")
+
+    # -- tokens ---------------------------------------------------------------------------------------------------
+    def tokenize(self, text: str, *, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, False, parse_special)
+        if n < 0:
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, False, parse_special)
+        return list(tokens[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes of one token (a piece of a UTF-8 character possibly); control tokens render as nothing."""
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
+
+    # -- decoding -------------------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        """Forget the KV cache."""
+        llama_cpp.llama_memory_clear(self._memory, True)
+        self.n_past = 0
+
+    def _check_room(self, n_new: int) -> None:
+        if self.n_past + n_new > self.n_ctx:
+            raise ContextOverflowError(
+                f"{self.n_past + n_new} tokens do not fit in the context of {self.n_ctx} "
+                f"({self.n_past} already used, {n_new} more); use a larger n_ctx or fewer/smaller images."
+            )
+
+    def decode_tokens(self, tokens: list[int], positions: np.ndarray, *, logits_last: bool = True) -> None:
+        """Decode text tokens at the given 1-D positions (llama.cpp expands them for M-RoPE)."""
+        n_total = len(tokens)
+        self._check_room(n_total)
+        for start in range(0, n_total, self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            n = len(chunk)
+            token_buf = (llama_cpp.llama_token * n)(*chunk)
+            pos_buf = np.ascontiguousarray(positions[start : start + n], dtype=np.int32)
+            want_logits = logits_last and start + n == n_total
+            self._decode(n, token=token_buf, embd=None, pos=pos_buf, logits_last=want_logits)
+
+    def decode_embeddings(self, embeddings: np.ndarray, positions: np.ndarray, *, logits_last: bool = False) -> None:
+        """Decode input embeddings (n, n_embd) with positions of shape (n_pos_per_token, n), section-major."""
+        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
+        positions = np.atleast_2d(np.asarray(positions, dtype=np.int32))
+        n_total, dim = embeddings.shape
+        if dim != self.n_embd:
+            raise ValueError(f"image embeddings have width {dim}, the language model expects {self.n_embd}")
+        if positions.shape[1] != n_total:
+            raise ValueError(f"{positions.shape[1]} positions for {n_total} embeddings")
+        self._check_room(n_total)
+        for start in range(0, n_total, self.n_batch):
+            chunk = embeddings[start : start + self.n_batch]
+            n = len(chunk)
+            # each batch carries its own section-major layout: pos[i], pos[i+n], pos[i+2n], pos[i+3n]
+            pos_buf = np.ascontiguousarray(positions[:, start : start + n].reshape(-1))
+            want_logits = logits_last and start + n == n_total
+            self._decode(n, token=None, embd=chunk, pos=pos_buf, logits_last=want_logits)
+
+    def _decode(self, n: int, *, token, embd: np.ndarray | None, pos: np.ndarray, logits_last: bool) -> None:
+        n_seq_id = (ctypes.c_int32 * n)(*([1] * n))
+        seq_zero = (llama_cpp.llama_seq_id * 1)(0)
+        seq_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(*([ctypes.cast(seq_zero, ctypes.POINTER(llama_cpp.llama_seq_id))] * n))  # fmt: skip
+        logits = (ctypes.c_int8 * n)()
+        if logits_last:
+            logits[n - 1] = 1
+        batch = llama_cpp.llama_batch()
+        batch.n_tokens = n
+        batch.token = token if token is not None else None
+        batch.embd = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if embd is not None else None
+        batch.pos = pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        batch.n_seq_id = n_seq_id
+        batch.seq_id = seq_ptrs
+        batch.logits = logits
+        status = llama_cpp.llama_decode(self._ctx, batch)
+        if status != 0:
+            raise RuntimeError(f"llama_decode failed with status {status} after {self.n_past} tokens "
+                               f"({'out of KV cache space' if status == 1 else 'see the llama.cpp log'})")  # fmt: skip
+        self.n_past += n
+
+    def last_logits(self) -> np.ndarray:
+        """Logits of the last decoded position that asked for them (a copy)."""
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    # -- sampling -------------------------------------------------------------------------------------------------
+    def set_sampling(self, params: SamplingParams) -> None:
+        if self._sampler is not None:
+            llama_cpp.llama_sampler_free(self._sampler)
+        chain_params = llama_cpp.llama_sampler_chain_default_params()
+        chain_params.no_perf = True
+        chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        if params.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if params.top_k > 0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+            if params.top_p < 1.0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
+        self._sampler = chain
+
+    def sample(self) -> int:
+        """Sample the next token from the last logits and tell the sampler it was chosen."""
+        if self._sampler is None:
+            self.set_sampling(SamplingParams())
+        return int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
+
+    def close(self) -> None:
+        if self._sampler is not None:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
+        if getattr(self, "_ctx", None):
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be gone
+            pass
