@@ -1,0 +1,402 @@
+"""Image loading and Qwen2-VL preprocessing in numpy/Pillow only (the device side never imports torch).
+
+`preprocess` reproduces transformers' `Qwen2VLImageProcessorPil` exactly (max abs difference 0 in the tests):
+
+1. convert to RGB, compositing any transparency onto white (transformers' `convert_to_rgb`);
+2. `smart_resize` picks (h, w), multiples of `patch_size * merge_size`, with h * w in [min_pixels, max_pixels];
+3. resize the uint8 image with PIL BICUBIC (no `reducing_gap`), as transformers' PIL backend does;
+4. rescale in float64 then cast to float32, normalize in float32 ((x - mean) / std) -- done here as a 256-entry
+   lookup table per channel, which gives the same float32 values bit for bit;
+5. patchify: rows ordered (merge-block row, merge-block col, row in block, col in block), each row laid out
+   (channel, temporal copy, patch row, patch col), the single frame repeated `temporal_patch_size` times.
+
+Large photos are resized by PIL before any float work, so memory scales with the resized image, not the photo.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import os
+import struct
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import IO, Any, ClassVar
+
+import numpy as np
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
+
+from edgevlm.errors import ImageError
+
+logger = logging.getLogger(__name__)
+
+OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+# smart_resize refuses thinner images than this (same limit and check as transformers).
+MAX_ASPECT_RATIO = 200
+
+# Exceptions Pillow raises for corrupt or truncated data while identifying or decoding a file.
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
+
+ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_image(source: ImageSource) -> Image.Image:
+    """Load `source` as a fully decoded RGB PIL image.
+
+    `source` is a file path, the encoded bytes of an image file, a PIL image (any mode), an HxWx3 uint8 RGB array
+    (a camera frame) or an HxW / HxWx1 uint8 grayscale array. Like transformers' `load_image`, the EXIF orientation
+    is applied to PIL sources; like its image processors' `convert_to_rgb`, transparency (an alpha band or a
+    `transparency` entry, as in palette PNGs) is composited onto white.
+
+    Encoded images larger than `PIL.Image.MAX_IMAGE_PIXELS` (about 89 megapixels unless changed) are refused
+    before decoding, to stop decompression bombs; set that Pillow attribute to allow larger files.
+
+    Raises:
+        ImageError: missing file, a directory, bytes that are not an image, a truncated or corrupt file, an array
+            of the wrong shape or dtype, or an image above the pixel limit. The message says what to do.
+    """
+    if isinstance(source, Image.Image):
+        return _decoded_rgb(source, what="the PIL image")
+    if isinstance(source, np.ndarray):
+        return _array_to_rgb(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        data = bytes(source)
+        if not data:
+            raise ImageError("The image bytes are empty (0 bytes); pass the contents of an image file (JPEG, PNG).")
+        return _open_encoded(io.BytesIO(data), what=f"image bytes ({len(data)} bytes)")
+    if isinstance(source, (str, os.PathLike)):
+        if isinstance(source, str) and "://" in source and not os.path.exists(source):
+            raise ImageError(
+                f"{source!r} looks like a URL; edgevlm loads local files only. Download it and pass the path."
+            )
+        return _open_path(Path(source))
+    raise ImageError(
+        f"Cannot load an image from a {type(source).__name__}; pass a file path, encoded image bytes, "
+        "a PIL image, or an HxWx3 uint8 numpy array."
+    )
+
+
+def _open_path(path: Path) -> Image.Image:
+    text = str(path)
+    if not path.exists():
+        raise ImageError(f"Image file not found: {text}. Check the path (relative paths start at {Path.cwd()}).")
+    if path.is_dir():
+        raise ImageError(f"{text} is a directory, not an image file; pass the path of one image inside it.")
+    try:
+        file = open(path, "rb")
+    except OSError as err:
+        raise ImageError(f"Cannot read image file {text} ({err}). Check that it is a readable file.") from err
+    with file:
+        if os.fstat(file.fileno()).st_size == 0:
+            raise ImageError(f"Image file {text} is empty (0 bytes); re-copy or re-capture it.")
+        # Decoded completely inside the `with`: the returned image no longer needs the file.
+        return _open_encoded(file, what=text)
+
+
+def _open_encoded(file: IO[bytes], what: str) -> Image.Image:
+    """Identify, size-check, fully decode and convert an encoded image; all decoding errors become ImageError."""
+    try:
+        image = Image.open(file)
+    except Image.DecompressionBombError as err:
+        raise ImageError(
+            f"Refusing to decode {what}: {err} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted."
+        ) from err
+    except _DECODE_ERRORS as err:
+        # UnidentifiedImageError's own text only repeats the file object's repr.
+        detail = "" if isinstance(err, UnidentifiedImageError) else f" ({err})"
+        raise ImageError(
+            f"Cannot read {what}: it is not an image Pillow recognizes{detail}. "
+            "Pass a JPEG, PNG, WebP, BMP, GIF or TIFF file."
+        ) from err
+    width, height = image.size
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and width * height > limit:
+        raise ImageError(
+            f"Refusing to decode {what}: it is {width}x{height} = {width * height} pixels, above the limit of "
+            f"{limit} pixels (a guard against decompression bombs). Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
+            "if it is trusted."
+        )
+    return _decoded_rgb(image, what=what)
+
+
+def _decoded_rgb(image: Image.Image, what: str) -> Image.Image:
+    try:
+        image.load()  # decode now, so a truncated file fails here and not in the middle of inference
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)  # as transformers' load_image: the upright image
+        return to_rgb(image)
+    except _DECODE_ERRORS as err:
+        raise ImageError(
+            f"Cannot decode {what}: it is truncated or corrupt ({err}). Re-copy or re-capture the image."
+        ) from err
+
+
+def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))
+    if not shape_ok or array.dtype != np.uint8 or array.size == 0:
+        raise ImageError(
+            f"Expected an HxWx3 RGB or HxW grayscale uint8 array, got shape {array.shape} dtype {array.dtype}. "
+            "Convert floats in [0, 1] with (a * 255).round().astype(np.uint8), CxHxW with a.transpose(1, 2, 0); "
+            "for RGBA pass Image.fromarray(a) to composite alpha on white."
+        )
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    image = Image.fromarray(np.ascontiguousarray(array))  # L for 2-D, RGB for HxWx3
+    return image.convert("RGB")  # grayscale repeated into 3 channels, as transformers' np.repeat does
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Convert to RGB exactly like transformers' `convert_to_rgb`: transparency is composited onto white."""
+    has_alpha = "A" in image.getbands() or image.info.get("transparency") is not None
+    if has_alpha:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+# --------------------------------------------------------------------------------------------------- spec
+
+
+@dataclass(frozen=True)
+class Qwen2VLPreprocessing:
+    """Qwen2-VL image preprocessing parameters, as stored in a bundle manifest (`kind` = "qwen2_vl")."""
+
+    patch_size: int = 14
+    temporal_patch_size: int = 2
+    merge_size: int = 2
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    kind: ClassVar[str] = "qwen2_vl"
+
+    def __post_init__(self) -> None:
+        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"preprocessing {name}={value!r}: expected a positive integer")
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"preprocessing min_pixels={self.min_pixels} is above max_pixels={self.max_pixels}; "
+                "min_pixels must be <= max_pixels"
+            )
+        for name in ("image_mean", "image_std"):
+            value = getattr(self, name)
+            if (
+                isinstance(value, (str, bytes))
+                or not isinstance(value, Sequence)
+                or len(value) != 3
+                or not all(_is_real(v) for v in value)
+            ):
+                raise ValueError(f"preprocessing {name}={value!r}: expected 3 numbers (R, G, B)")
+            object.__setattr__(self, name, tuple(float(v) for v in value))
+        if any(v <= 0 for v in self.image_std):
+            raise ValueError(f"preprocessing image_std={self.image_std!r}: every value must be > 0")
+        if not _is_real(self.rescale_factor) or not 0 < self.rescale_factor < math.inf:
+            raise ValueError(f"preprocessing rescale_factor={self.rescale_factor!r}: expected a positive number")
+        object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
+
+    @property
+    def factor(self) -> int:
+        """Side lengths of a resized image are multiples of this (one merged token covers factor x factor pixels)."""
+        return self.patch_size * self.merge_size
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for field in fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Qwen2VLPreprocessing:
+        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
+        values = dict(d)
+        kind = values.pop("kind", cls.kind)
+        if kind != cls.kind:
+            raise ValueError(f"preprocessing kind={kind!r}: this reader handles kind={cls.kind!r}")
+        known = {field.name for field in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"unknown preprocessing key(s) {', '.join(f'{k}={values[k]!r}' for k in unknown)}; "
+                f"known keys: kind, {', '.join(sorted(known))}"
+            )
+        return cls(**values)
+
+    @classmethod
+    def from_preprocessor_config(cls, cfg: Mapping[str, Any]) -> Qwen2VLPreprocessing:
+        """Build from a Hugging Face `preprocessor_config.json` dict of a Qwen2-VL model.
+
+        Pixel bounds follow transformers: `size` ({"shortest_edge", "longest_edge"}, or the older
+        {"min_pixels", "max_pixels"}) first, then top-level `min_pixels`/`max_pixels` override it. Settings this
+        pipeline cannot reproduce (do_resize/do_rescale/do_normalize false, a resample filter other than BICUBIC)
+        raise ValueError; keys that do not affect the pixels (processor class names, ...) are ignored.
+        """
+        for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if cfg.get(flag, True) is not True:
+                raise ValueError(f"preprocessor config {flag}={cfg[flag]!r}: edgevlm's Qwen2-VL pipeline needs it true")
+        resample = cfg.get("resample", Image.Resampling.BICUBIC)
+        if resample != Image.Resampling.BICUBIC:
+            raise ValueError(
+                f"preprocessor config resample={resample!r}: edgevlm's Qwen2-VL pipeline uses BICUBIC "
+                f"({int(Image.Resampling.BICUBIC)}) only"
+            )
+        values: dict[str, Any] = {}
+        size = cfg.get("size") or {}
+        if not isinstance(size, Mapping):
+            raise ValueError(f"preprocessor config size={size!r}: expected a dict with shortest_edge and longest_edge")
+        size_spellings = {"min_pixels": ("shortest_edge", "min_pixels"), "max_pixels": ("longest_edge", "max_pixels")}
+        for ours, spellings in size_spellings.items():
+            for key in spellings:
+                if size.get(key) is not None:
+                    values[ours] = size[key]
+                    break
+            if cfg.get(ours) is not None:
+                values[ours] = cfg[ours]
+        for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor"):
+            if cfg.get(key) is not None:
+                values[key] = cfg[key]
+        for key in ("image_mean", "image_std"):
+            if cfg.get(key) is not None:
+                values[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
+        return cls(**values)
+
+
+def _is_real(value: Any) -> bool:
+    is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+    return is_number and math.isfinite(value)
+
+
+# --------------------------------------------------------------------------------------------------- resize
+
+
+def smart_resize(
+    height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280
+) -> tuple[int, int]:
+    """The (height, width) Qwen2-VL resizes an image to; identical to transformers' `smart_resize`.
+
+    Both sides become multiples of `factor`, the pixel count lands in [min_pixels, max_pixels] (rounding to
+    multiples of `factor` can overshoot max_pixels for very thin images only), and the aspect ratio is kept as
+    closely as possible.
+
+    Raises:
+        ImageError: a side is not positive, or the aspect ratio is above 200 (transformers raises ValueError
+            there too; ImageError is a ValueError). Crop such panoramas/strips into pieces first.
+    """
+    if height <= 0 or width <= 0:
+        raise ImageError(f"Image size {width}x{height} (width x height) has no pixels; pass a non-empty image.")
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ImageError(
+            f"Image {width}x{height} (width x height) has aspect ratio {ratio:.1f}, above Qwen2-VL's limit of "
+            f"{MAX_ASPECT_RATIO}. Crop it into pieces of aspect ratio <= {MAX_ASPECT_RATIO} or pad it."
+        )
+    # Kept line for line as transformers has it: Python's round() rounds half to even, and beta is a float.
+    h_bar = round(height / factor) * factor
+    w_bar = round(width / factor) * factor
+    if h_bar * w_bar > max_pixels:
+        beta = math.sqrt((height * width) / max_pixels)
+        h_bar = max(factor, math.floor(height / beta / factor) * factor)
+        w_bar = max(factor, math.floor(width / beta / factor) * factor)
+    elif h_bar * w_bar < min_pixels:
+        beta = math.sqrt(min_pixels / (height * width))
+        h_bar = math.ceil(height * beta / factor) * factor
+        w_bar = math.ceil(width * beta / factor) * factor
+    return h_bar, w_bar
+
+
+# --------------------------------------------------------------------------------------------------- preprocess
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing numpy arrays with == is elementwise, not a bool
+class PreparedImage:
+    """An image ready for the vision encoder: flattened patches plus the patch grid."""
+
+    pixel_patches: np.ndarray  # float32 (grid_t * grid_h * grid_w, C * T * P * P), row order as transformers
+    grid: tuple[int, int, int]  # (grid_t, grid_h, grid_w) in patches, like transformers' image_grid_thw
+    merge_size: int
+
+    def __post_init__(self) -> None:
+        n_patches = self.grid[0] * self.grid[1] * self.grid[2]
+        if self.pixel_patches.ndim != 2 or self.pixel_patches.shape[0] != n_patches:
+            raise ValueError(
+                f"pixel_patches shape {self.pixel_patches.shape} does not match grid {self.grid} "
+                f"({n_patches} patch rows expected)"
+            )
+
+    @property
+    def n_tokens(self) -> int:
+        """Visual tokens this image costs in the language model (merge_size**2 patches make one token)."""
+        grid_t, grid_h, grid_w = self.grid
+        return grid_t * grid_h * grid_w // self.merge_size**2
+
+
+def preprocess(
+    image: Image.Image, spec: Qwen2VLPreprocessing, *, resized_size: tuple[int, int] | None = None
+) -> PreparedImage:
+    """Resize, normalize and patchify `image` exactly like transformers' Qwen2-VL image processor (PIL backend).
+
+    `resized_size` = (height, width) replaces smart_resize's choice (the token-budget planner passes it); both must
+    be positive multiples of `spec.factor`, else ValueError. Images not in RGB mode are converted with `to_rgb`.
+    """
+    width, height = image.size
+    if resized_size is None:
+        resized_height, resized_width = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
+    else:
+        resized_height, resized_width = _check_resized_size(resized_size, spec.factor)
+    rgb = to_rgb(image)
+    resized = rgb.resize((resized_width, resized_height), Image.Resampling.BICUBIC)
+    logger.debug("qwen2_vl preprocess: %dx%d -> %dx%d (w x h)", width, height, resized_width, resized_height)
+
+    pixels = np.asarray(resized, dtype=np.uint8)  # (H, W, 3)
+    lut = _normalization_lut(spec.rescale_factor, spec.image_mean, spec.image_std)  # (3, 256) float32
+    normalized = lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # (3, H, W) float32
+
+    patch, merge, temporal = spec.patch_size, spec.merge_size, spec.temporal_patch_size
+    channels = normalized.shape[0]
+    grid_h, grid_w = resized_height // patch, resized_width // patch
+    blocks = normalized.reshape(channels, grid_h // merge, merge, patch, grid_w // merge, merge, patch)
+    blocks = blocks.transpose(1, 4, 2, 5, 0, 3, 6)  # (block row, block col, row in block, col in block, C, P, P)
+    # An image is one frame; the encoder's temporal patch takes it `temporal` times, as in transformers.
+    blocks = np.broadcast_to(blocks[:, :, :, :, :, None], (*blocks.shape[:5], temporal, patch, patch))
+    pixel_patches = blocks.reshape(grid_h * grid_w, channels * temporal * patch * patch)
+    return PreparedImage(
+        pixel_patches=np.ascontiguousarray(pixel_patches), grid=(1, grid_h, grid_w), merge_size=spec.merge_size
+    )
+
+
+def _check_resized_size(resized_size: tuple[int, int], factor: int) -> tuple[int, int]:
+    if len(resized_size) != 2:
+        raise ValueError(f"resized_size={resized_size!r}: expected (height, width)")
+    height, width = resized_size
+    for name, value in (("height", height), ("width", width)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0 or value % factor:
+            raise ValueError(
+                f"resized_size {name}={value!r}: expected a positive multiple of {factor} (patch_size * merge_size)"
+            )
+    return int(height), int(width)
+
+
+def _normalization_lut(
+    rescale_factor: float, mean: tuple[float, float, float], std: tuple[float, float, float]
+) -> np.ndarray:
+    """float32 value of every uint8 level per channel, computed in transformers' order and dtypes.
+
+    transformers rescales in float64 and casts to float32, then normalizes in float32; elementwise IEEE arithmetic
+    makes a table of the 256 levels give bit-identical results at a fraction of the cost.
+    """
+    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean32 = np.asarray(mean, dtype=np.float32)[:, None]
+    std32 = np.asarray(std, dtype=np.float32)[:, None]
+    return (levels[None, :] - mean32) / std32
