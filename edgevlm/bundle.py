@@ -214,6 +214,9 @@ class BundleWriter:
         check_output_dir(self.out_dir, self.force)
         self.out_dir.parent.mkdir(parents=True, exist_ok=True)
         self.tmp_dir = Path(tempfile.mkdtemp(prefix=f".{self.out_dir.name}.partial-", dir=self.out_dir.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        self.tmp_dir.chmod(0o777 & ~umask)  # mkdtemp makes it private; a bundle is an ordinary folder
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -51,6 +51,9 @@ class LlamaSettings:
     use_mmap: bool = True
     use_mlock: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides
+    # llama.cpp's CPU weight repacking (extra buffer types) segfaults in llama_decode on multi-token batches of
+    # Q8_0/Q4_K_M models with llama-cpp-python 0.3.36 on AVX-512 CPUs (reproduced with plain `llama_cpp.Llama`).
+    repack_weights: bool = False
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,15 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
+
+
+def _outputs(logits: str, is_last_chunk: bool) -> str:
+    """Which rows of one batch produce logits: "all", "last" (only in the last chunk) or "none"."""
+    if logits not in ("all", "last", "none"):
+        raise ValueError(f"logits must be 'all', 'last' or 'none', got {logits!r}")
+    if logits == "last":
+        return "last" if is_last_chunk else "none"
+    return logits
 
 
 def _default_threads() -> int:
@@ -75,6 +87,7 @@ class LlamaLM:
         model_params.n_gpu_layers = settings.n_gpu_layers
         model_params.use_mmap = settings.use_mmap
         model_params.use_mlock = settings.use_mlock
+        model_params.use_extra_bufts = settings.repack_weights
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise BundleError(f"llama.cpp could not load {self.path}: the GGUF is corrupt or of an architecture this "
@@ -157,20 +170,24 @@ class LlamaLM:
                 f"({self.n_past} already used, {n_new} more); use a larger n_ctx or fewer/smaller images."
             )
 
-    def decode_tokens(self, tokens: list[int], positions: np.ndarray, *, logits_last: bool = True) -> None:
-        """Decode text tokens at the given 1-D positions (llama.cpp expands them for M-RoPE)."""
+    def decode_tokens(self, tokens: list[int], positions: np.ndarray, *, logits: str = "last") -> np.ndarray | None:
+        """Decode text tokens at the given 1-D positions (llama.cpp expands them for M-RoPE).
+
+        `logits`: "last" keeps the last token's logits for sampling, "all" also returns every token's logits
+        (n, n_vocab), "none" computes none.
+        """
         n_total = len(tokens)
         self._check_room(n_total)
+        rows = []
         for start in range(0, n_total, self.n_batch):
             chunk = tokens[start : start + self.n_batch]
-            n = len(chunk)
-            token_buf = (llama_cpp.llama_token * n)(*chunk)
-            pos_buf = np.ascontiguousarray(positions[start : start + n], dtype=np.int32)
-            want_logits = logits_last and start + n == n_total
-            self._decode(n, token=token_buf, embd=None, pos=pos_buf, logits_last=want_logits)
+            token_buf = (llama_cpp.llama_token * len(chunk))(*chunk)
+            pos_buf = np.ascontiguousarray(positions[start : start + len(chunk)], dtype=np.int32)
+            rows.append(self._decode(len(chunk), token_buf, None, pos_buf, _outputs(logits, start + len(chunk) == n_total)))  # fmt: skip
+        return np.concatenate(rows) if logits == "all" else None
 
-    def decode_embeddings(self, embeddings: np.ndarray, positions: np.ndarray, *, logits_last: bool = False) -> None:
-        """Decode input embeddings (n, n_embd) with positions of shape (n_pos_per_token, n), section-major."""
+    def decode_embeddings(self, embeddings: np.ndarray, positions: np.ndarray, *, logits: str = "none") -> np.ndarray | None:  # fmt: skip
+        """Decode input embeddings (n, n_embd) at positions of shape (n_pos_per_token, n), section-major."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         positions = np.atleast_2d(np.asarray(positions, dtype=np.int32))
         n_total, dim = embeddings.shape
@@ -179,34 +196,38 @@ class LlamaLM:
         if positions.shape[1] != n_total:
             raise ValueError(f"{positions.shape[1]} positions for {n_total} embeddings")
         self._check_room(n_total)
+        rows = []
         for start in range(0, n_total, self.n_batch):
             chunk = embeddings[start : start + self.n_batch]
-            n = len(chunk)
             # each batch carries its own section-major layout: pos[i], pos[i+n], pos[i+2n], pos[i+3n]
-            pos_buf = np.ascontiguousarray(positions[:, start : start + n].reshape(-1))
-            want_logits = logits_last and start + n == n_total
-            self._decode(n, token=None, embd=chunk, pos=pos_buf, logits_last=want_logits)
+            pos_buf = np.ascontiguousarray(positions[:, start : start + len(chunk)].reshape(-1))
+            rows.append(self._decode(len(chunk), None, chunk, pos_buf, _outputs(logits, start + len(chunk) == n_total)))  # fmt: skip
+        return np.concatenate(rows) if logits == "all" else None
 
-    def _decode(self, n: int, *, token, embd: np.ndarray | None, pos: np.ndarray, logits_last: bool) -> None:
+    def _decode(self, n: int, token, embd: np.ndarray | None, pos: np.ndarray, outputs: str) -> np.ndarray | None:
         n_seq_id = (ctypes.c_int32 * n)(*([1] * n))
         seq_zero = (llama_cpp.llama_seq_id * 1)(0)
-        seq_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(*([ctypes.cast(seq_zero, ctypes.POINTER(llama_cpp.llama_seq_id))] * n))  # fmt: skip
-        logits = (ctypes.c_int8 * n)()
-        if logits_last:
-            logits[n - 1] = 1
+        seq_ptr = ctypes.cast(seq_zero, ctypes.POINTER(llama_cpp.llama_seq_id))
+        seq_ptrs = (ctypes.POINTER(llama_cpp.llama_seq_id) * n)(*([seq_ptr] * n))
+        flags = (ctypes.c_int8 * n)(*([1] * n if outputs == "all" else [0] * n))
+        if outputs == "last":
+            flags[n - 1] = 1
         batch = llama_cpp.llama_batch()
         batch.n_tokens = n
-        batch.token = token if token is not None else None
+        batch.token = token
         batch.embd = embd.ctypes.data_as(ctypes.POINTER(ctypes.c_float)) if embd is not None else None
         batch.pos = pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
         batch.n_seq_id = n_seq_id
         batch.seq_id = seq_ptrs
-        batch.logits = logits
+        batch.logits = flags
         status = llama_cpp.llama_decode(self._ctx, batch)
         if status != 0:
             raise RuntimeError(f"llama_decode failed with status {status} after {self.n_past} tokens "
                                f"({'out of KV cache space' if status == 1 else 'see the llama.cpp log'})")  # fmt: skip
         self.n_past += n
+        if outputs != "all":
+            return None
+        return np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(n, self.n_vocab)).copy()
 
     def last_logits(self) -> np.ndarray:
         """Logits of the last decoded position that asked for them (a copy)."""

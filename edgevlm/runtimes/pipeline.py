@@ -175,20 +175,22 @@ class EdgeVLM:
         timings.vision_ms = (time.perf_counter() - t0) * 1000
 
         t_prefill = time.perf_counter()
-        self.llm.reset()
-        position = self._prefill(spans, embeddings)
+        position, _ = self._prefill(spans, embeddings)
         timings.prefill_ms = (time.perf_counter() - t_prefill) * 1000
 
         self.llm.set_sampling(SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed))
         yield from self._decode_loop(position, max_new_tokens, timings, t_begin)
 
-    def _prefill(self, spans: list[_Span], embeddings: list[np.ndarray]) -> int:
+    def _prefill(self, spans: list[_Span], embeddings: list[np.ndarray], logits: str = "last") -> tuple[int, np.ndarray | None]:  # fmt: skip
+        """Decode the prompt into a fresh KV cache; returns the next text position (and all logits if asked)."""
+        self.llm.reset()
         position = 0
         image_index = 0
+        rows = []
         for i, span in enumerate(spans):
-            last = i == len(spans) - 1
+            span_logits = logits if logits == "all" or i == len(spans) - 1 else "none"
             if span.tokens is not None:
-                self.llm.decode_tokens(span.tokens, text_positions(position, len(span.tokens)), logits_last=last)
+                rows.append(self.llm.decode_tokens(span.tokens, text_positions(position, len(span.tokens)), logits=span_logits))  # fmt: skip
                 position += len(span.tokens)
             else:
                 embeds = embeddings[image_index]
@@ -197,8 +199,15 @@ class EdgeVLM:
                     raise RuntimeError(f"the vision graph returned {len(embeds)} embeddings for an image the "
                                        f"preprocessor planned as {span.image.n_tokens} tokens")  # fmt: skip
                 positions, position = image_positions(self.manifest.positions, position, span.image.grid)
-                self.llm.decode_embeddings(embeds, positions, logits_last=last)
-        return position
+                rows.append(self.llm.decode_embeddings(embeds, positions, logits=span_logits))
+        return position, (np.concatenate(rows) if logits == "all" else None)
+
+    def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
+        """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
+        prepared = self.prepare_images(images)
+        spans = self._spans(self.render_prompt(prompt, len(prepared)), prepared)
+        embeddings = [self.vision.encode(image.pixel_patches, image.grid) for image in prepared]
+        return self._prefill(spans, embeddings, logits="all")[1]
 
     def _decode_loop(
         self, position: int, max_new_tokens: int, timings: Timings, t_begin: float

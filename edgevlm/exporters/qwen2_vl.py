@@ -1,0 +1,139 @@
+"""Qwen2-VL (Qwen2VLForConditionalGeneration): what is specific to this family on the export side.
+
+The vision tower + merger go to ONNX (`qwen2_vl_vision`), the language model to a `qwen2vl` GGUF
+(`qwen2_vl_llm`); this module ties them to the manifest and provides the transformers reference that parity
+checks compare a bundle against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
+from ..images import Qwen2VLPreprocessing, load_image
+from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
+from .qwen2_vl_vision import export_qwen2_vl_vision
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class LoadedQwen2VL:
+    model_dir: Path
+    model: Any  # Qwen2VLForConditionalGeneration, fp32, eval mode
+    tokenizer: Any
+    preprocessing: Qwen2VLPreprocessing
+    chat_template: str | None
+
+
+class Qwen2VLFamily:
+    name = "qwen2_vl"
+    architecture = "Qwen2VLForConditionalGeneration"
+
+    def load(self, model_dir: Path) -> LoadedQwen2VL:
+        import torch
+        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        preprocessor_config = model_dir / "preprocessor_config.json"
+        config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
+        return LoadedQwen2VL(
+            model_dir=model_dir,
+            model=model,
+            tokenizer=tokenizer,
+            preprocessing=Qwen2VLPreprocessing.from_preprocessor_config(config),
+            chat_template=find_chat_template(tokenizer, model_dir),
+        )
+
+    def export_vision(self, loaded: LoadedQwen2VL, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes)
+        variants = {
+            dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})  # fmt: skip
+            for dtype, entry in report.items()
+        }
+        return VisionSpec(
+            variants=variants,
+            default=dtypes[0],
+            embedding_dim=int(loaded.model.config.text_config.hidden_size),
+            patch_positions="qwen2_vl",
+        )
+
+    def export_llm(self, loaded: LoadedQwen2VL, path: Path, dtype: str) -> dict:
+        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
+
+    def tokens(self, loaded: LoadedQwen2VL) -> TokenSpec:
+        ids = special_token_ids(loaded.tokenizer)
+        return TokenSpec(
+            image_pad=SPECIAL_TOKENS["image_pad"],
+            image_pad_id=ids["image_pad"],
+            vision_start_id=ids["vision_start"],
+            vision_end_id=ids["vision_end"],
+            eos_ids=(ids["im_end"], ids["endoftext"]),
+        )
+
+    def positions(self, loaded: LoadedQwen2VL) -> PositionSpec:
+        text_config = loaded.model.config.text_config
+        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        return PositionSpec(kind="mrope", merge_size=loaded.preprocessing.merge_size, sections=tuple(rope["mrope_section"]))  # fmt: skip
+
+    # -- the transformers reference, for parity checks ------------------------------------------------------------
+    def reference_inputs(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> dict:
+        """transformers' own inputs for one user turn: its chat template, image processor and M-RoPE inputs."""
+        import torch
+        from transformers import Qwen2VLImageProcessorPil
+
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        text = loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template  # fmt: skip
+        )
+        inputs: dict = {}
+        if images:
+            processor = Qwen2VLImageProcessorPil(**_processor_kwargs(loaded.preprocessing))
+            pixels = processor(images=[load_image(image) for image in images], return_tensors="pt")
+            merge = loaded.preprocessing.merge_size**2
+            pieces = text.split(SPECIAL_TOKENS["image_pad"])
+            text = pieces[0] + "".join(
+                SPECIAL_TOKENS["image_pad"] * int(grid.prod() // merge) + piece
+                for grid, piece in zip(pixels["image_grid_thw"], pieces[1:], strict=True)
+            )
+            inputs.update(pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"])
+        input_ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+        image_pad_id = loaded.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image_pad"])
+        inputs.update(input_ids=input_ids, mm_token_type_ids=(input_ids == image_pad_id).to(torch.int32))
+        return inputs
+
+    def reference_logits(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            return loaded.model(**self.reference_inputs(loaded, prompt, images)).logits[0].float().numpy()
+
+    def reference_greedy(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
+        import torch
+
+        inputs = self.reference_inputs(loaded, prompt, images)
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
+
+
+def _processor_kwargs(spec: Qwen2VLPreprocessing) -> dict:
+    return dict(
+        size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
+        patch_size=spec.patch_size,
+        temporal_patch_size=spec.temporal_patch_size,
+        merge_size=spec.merge_size,
+        image_mean=list(spec.image_mean),
+        image_std=list(spec.image_std),
+        rescale_factor=spec.rescale_factor,
+    )
+
+
+FAMILY = Qwen2VLFamily()
