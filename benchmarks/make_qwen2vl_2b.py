@@ -1,0 +1,45 @@
+"""Build a random-weight model directory with Qwen2-VL-2B-Instruct's published sizes, for benchmarks.
+
+    python benchmarks/make_qwen2vl_2b.py /work/bench/qwen2-vl-2b-random
+
+Weights are stored in bfloat16, as in the published checkpoint: the directory then has the real model's size on
+disk (~4.4 GB) and an export reads, and upcasts, what it would read from the real one. The builder initialises in
+float32 before casting, so building needs ~9 GB of RAM whichever dtype is stored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import time
+from pathlib import Path
+
+from edgevlm.exporters.synthetic import QWEN2_VL_2B, build_qwen2_vl
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output", type=Path, help="model directory to create (must not exist or be empty)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
+    args = parser.parse_args(argv)
+    if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
+        parser.error(f"{args.output} exists and is not an empty directory; remove it or choose another path")
+
+    start = time.perf_counter()
+    build_qwen2_vl(args.output, QWEN2_VL_2B, seed=args.seed, dtype="bfloat16")
+    elapsed = time.perf_counter() - start
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+    print(
+        f"wrote {args.output}: {directory_bytes(args.output) / 1e9:.2f} GB in {elapsed:.0f} s "
+        f"(peak RSS {peak_gib:.1f} GiB)"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
