@@ -1,0 +1,222 @@
+"""Qwen2-VL's language model → GGUF (arch `qwen2vl`), with its tokenizer and chat template.
+
+The result loads in stock llama.cpp. Text positions are plain 1-D; image positions use the M-RoPE sections stored
+in `qwen2vl.rope.dimension_sections`. The vision tower is not in this file (it goes to ONNX).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.gguf import tokenizer_from_hf, write_gguf
+
+logger = logging.getLogger(__name__)
+
+ARCH = "qwen2vl"
+TOKENIZER_PRE = "qwen2"  # llama.cpp's name for Qwen2's pre-tokenizer regex (digits split one by one)
+
+# HF checkpoint prefixes of the language model: transformers >= 4.52 nests it under `model.language_model.`,
+# older checkpoints put it under `model.`. The vision tower (`model.visual.` / `visual.`) is skipped.
+LLM_PREFIXES = ("model.language_model.", "model.")
+VISION_PREFIXES = ("model.visual.", "visual.")
+
+# HF name (after the prefix) → GGUF name. `{bid}` is the layer index. Same table as llama.cpp's for Qwen2.
+TENSOR_MAP = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",  # absent from the GGUF when tied to embed_tokens
+    "layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
+    "layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
+    "layers.{bid}.self_attn.q_proj.bias": "blk.{bid}.attn_q.bias",
+    "layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
+    "layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
+    "layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
+    "layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
+    "layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
+    "layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
+    "layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
+    "layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+# Tokens the runtime needs by role, looked up by text in the tokenizer (ids shown are Qwen2-VL's).
+SPECIAL_TOKENS = {
+    "endoftext": "<|endoftext|>",  # 151643: bos in config, pad, and an end-of-generation token
+    "im_start": "<|im_start|>",  # 151644
+    "im_end": "<|im_end|>",  # 151645: eos / end of turn
+    "vision_start": "<|vision_start|>",  # 151652
+    "vision_end": "<|vision_end|>",  # 151653
+    "image_pad": "<|image_pad|>",  # 151655: one per merged image patch
+    "video_pad": "<|video_pad|>",  # 151656
+}
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The GGUF name of an HF checkpoint tensor; None for the vision tower. Unknown LLM tensors raise ValueError."""
+    if hf_name.startswith(VISION_PREFIXES):
+        return None
+    if hf_name == "lm_head.weight":
+        return TENSOR_MAP[hf_name]
+    for prefix in LLM_PREFIXES:
+        if hf_name.startswith(prefix):
+            rest = hf_name[len(prefix) :]
+            break
+    else:
+        raise ValueError(f"unexpected tensor {hf_name!r} in a Qwen2-VL checkpoint")
+    if rest in TENSOR_MAP:
+        return TENSOR_MAP[rest]
+    layer = _LAYER_RE.match(rest)
+    if layer and f"layers.{{bid}}.{layer.group(2)}" in TENSOR_MAP:
+        return TENSOR_MAP[f"layers.{{bid}}.{layer.group(2)}"].format(bid=int(layer.group(1)))
+    raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain Qwen2-VL")
+
+
+def qwen2_vl_hparams(text_config: Any) -> dict[str, Any]:
+    """GGUF metadata keys/values of the `qwen2vl` architecture from a Qwen2-VL text config."""
+    import gguf
+
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    mrope_section = list(rope.get("mrope_section") or [])
+    rope_theta = rope.get("rope_theta", getattr(text_config, "rope_theta", None))
+    if not mrope_section or rope_theta is None:
+        raise UnsupportedModelError(
+            f"Qwen2-VL text config lacks mrope_section or rope_theta (rope settings: {rope!r}); "
+            "is this a Qwen2-VL checkpoint?"
+        )
+    if len(mrope_section) > 4:
+        raise UnsupportedModelError(f"mrope_section {mrope_section} has more than 4 sections; llama.cpp takes 4")
+    if getattr(text_config, "use_sliding_window", False):
+        raise UnsupportedModelError("Qwen2-VL with use_sliding_window=true is not supported by llama.cpp's qwen2vl")
+    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    if 2 * sum(mrope_section) != head_dim:
+        raise UnsupportedModelError(
+            f"mrope_section {mrope_section} covers {2 * sum(mrope_section)} rotary dims, head_dim is {head_dim}"
+        )
+
+    def key(template: str) -> str:
+        return template.format(arch=ARCH)
+
+    return {
+        key(gguf.Keys.LLM.CONTEXT_LENGTH): int(text_config.max_position_embeddings),
+        key(gguf.Keys.LLM.EMBEDDING_LENGTH): int(text_config.hidden_size),
+        key(gguf.Keys.LLM.BLOCK_COUNT): int(text_config.num_hidden_layers),
+        key(gguf.Keys.LLM.FEED_FORWARD_LENGTH): int(text_config.intermediate_size),
+        key(gguf.Keys.Attention.HEAD_COUNT): int(text_config.num_attention_heads),
+        key(gguf.Keys.Attention.HEAD_COUNT_KV): int(text_config.num_key_value_heads),
+        key(gguf.Keys.Rope.FREQ_BASE): float(rope_theta),
+        key(gguf.Keys.Attention.LAYERNORM_RMS_EPS): float(text_config.rms_norm_eps),
+        key(gguf.Keys.Rope.DIMENSION_SECTIONS): mrope_section + [0] * (4 - len(mrope_section)),
+    }
+
+
+def find_chat_template(tokenizer: Any, model_dir: str | Path | None) -> str | None:
+    """The chat template: the tokenizer's, else `chat_template.jinja` / `chat_template.json` in `model_dir`."""
+    template = getattr(tokenizer, "chat_template", None)
+    if isinstance(template, str) and template:
+        return template
+    if model_dir is None or not Path(model_dir).is_dir():
+        return None
+    jinja = Path(model_dir) / "chat_template.jinja"
+    if jinja.is_file():
+        return jinja.read_text(encoding="utf-8")
+    as_json = Path(model_dir) / "chat_template.json"
+    if as_json.is_file():
+        return json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
+    return None
+
+
+def special_token_ids(tokenizer: Any) -> dict[str, int]:
+    """Ids of Qwen2-VL's special tokens by role; raises if the tokenizer lacks one."""
+    vocab = tokenizer.get_vocab()
+    missing = [text for text in SPECIAL_TOKENS.values() if text not in vocab]
+    if missing:
+        raise UnsupportedModelError(f"tokenizer lacks Qwen2-VL special tokens {missing}")
+    return {role: int(vocab[text]) for role, text in SPECIAL_TOKENS.items()}
+
+
+def _tied(hf_model: Any) -> bool:
+    output, embed = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
+    return output is None or output.weight is embed.weight or output.weight.data_ptr() == embed.weight.data_ptr()
+
+
+def _tensor_source(hf_model: Any, tied: bool) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:
+    import torch
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for hf_name, tensor in hf_model.state_dict().items():
+            name = gguf_tensor_name(hf_name)
+            if name is None or (tied and name == "output.weight"):
+                continue
+            # f32 weights give a view (no copy); bf16/f16 ones a per-tensor f32 copy, dropped after writing.
+            yield name, tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+
+    return tensors
+
+
+def write_qwen2_vl_llm_gguf(
+    hf_model: Any,
+    tokenizer: Any,
+    out_path: str | Path,
+    *,
+    dtype: str = "f16",
+    chat_template: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the language model of a `Qwen2VLForConditionalGeneration` as a `qwen2vl` GGUF with its tokenizer.
+
+    `chat_template` defaults to the tokenizer's or the model directory's. Returns the manifest's LLM section
+    (JSON-able): arch, n_ctx_train, embedding_length, n_vocab, rope sections, special token ids.
+    """
+    text_config = getattr(hf_model.config, "text_config", hf_model.config)
+    hparams = qwen2_vl_hparams(text_config)  # validates the config before any tensor is touched
+    vocab_size = int(text_config.vocab_size)
+    ids = special_token_ids(tokenizer)
+    if chat_template is None:
+        chat_template = find_chat_template(tokenizer, getattr(hf_model, "name_or_path", None))
+    if chat_template is None:
+        logger.warning("no chat template found; the GGUF will carry none (fine for a base model)")
+
+    gguf_tokenizer = tokenizer_from_hf(
+        tokenizer,
+        vocab_size=vocab_size,
+        pre=TOKENIZER_PRE,
+        # As Qwen2's own GGUFs: bos is <|endoftext|> (config.bos_token_id) but never added; <|im_end|> ends a turn.
+        special_ids={"bos": ids["endoftext"], "eos": ids["im_end"], "eot": ids["im_end"], "pad": ids["endoftext"]},
+        add_bos=False,
+        chat_template=chat_template,
+    )
+    tied = _tied(hf_model)
+    write_gguf(
+        out_path,
+        arch=ARCH,
+        metadata=hparams,
+        tensors=_tensor_source(hf_model, tied),
+        tokenizer=gguf_tokenizer,
+        dtype=dtype,
+        name=Path(str(getattr(hf_model, "name_or_path", "") or "qwen2-vl")).name or "qwen2-vl",
+        progress=progress,
+    )
+    return {
+        "arch": ARCH,
+        "dtype": dtype,
+        "n_ctx_train": int(text_config.max_position_embeddings),
+        "embedding_length": int(text_config.hidden_size),
+        "block_count": int(text_config.num_hidden_layers),
+        "n_vocab": vocab_size,
+        "tied_embeddings": tied,
+        "rope_sections": hparams[f"{ARCH}.rope.dimension_sections"],
+        "special_tokens": {"eos": ids["im_end"], **ids},
+        "eos_token_ids": [ids["im_end"], ids["endoftext"]],
+        "chat_template_in_gguf": chat_template is not None,
+        # llama.cpp does not normalize; tokenizing normalize(form, text) gives transformers' ids.
+        "text_normalization": gguf_tokenizer.normalization,
+    }
