@@ -57,6 +57,7 @@ class LLMSpec:
     arch: str
     n_ctx_train: int
     embedding_length: int
+    text_normalization: str | None = None  # Unicode form the tokenizer expects ("NFC" for Qwen2); llama.cpp applies none
 
 
 @dataclass(frozen=True)

@@ -1,12 +1,13 @@
-"""Shared fixtures: tiny random Qwen2-VL models built from configs (no network), cached per test session."""
+"""Shared fixtures: tiny random Qwen2-VL models built from configs (no network) and bundles exported from them,
+built once per test session."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
+
+from edgevlm.exporters.verify import sample_image as random_image  # noqa: F401  (tests import it from here)
 
 
 @pytest.fixture(scope="session")
@@ -17,10 +18,22 @@ def tiny_qwen2vl_dir(tmp_path_factory) -> Path:
     return build_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), seed=0)
 
 
-def random_image(height: int, width: int, seed: int = 0) -> Image.Image:
-    """A noise image with smooth gradients, so resizing changes it in ways a wrong resize would show."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = np.stack([xx * 255 / max(width - 1, 1), yy * 255 / max(height - 1, 1), (xx + yy) % 256], axis=-1)
-    noise = rng.integers(-40, 40, size=(height, width, 3))
-    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), "RGB")
+@pytest.fixture(scope="session")
+def tiny_qwen2vl_loaded(tiny_qwen2vl_dir):
+    """The tiny model loaded by the exporter family (transformers model, tokenizer, preprocessing)."""
+    from edgevlm.exporters.qwen2_vl import FAMILY
+
+    return FAMILY.load(tiny_qwen2vl_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundles(tiny_qwen2vl_dir, tmp_path_factory) -> dict[str, Path]:
+    """Bundles of the tiny model: F32 LLM + fp32 vision, and Q8_0 / Q4_K_M LLMs with fp32 and int8 vision."""
+    from edgevlm.exporters import export
+
+    root = tmp_path_factory.mktemp("bundles")
+    return {
+        "F32": export(str(tiny_qwen2vl_dir), root / "f32", quantization="F32"),
+        "Q8_0": export(str(tiny_qwen2vl_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
+        "Q4_K_M": export(str(tiny_qwen2vl_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
+    }

@@ -94,8 +94,14 @@ def export(
             source={"model": source, "revision": revision, "architecture": family.architecture},
             preprocessing=loaded.preprocessing.to_dict(),
             vision=vision,
-            llm=LLMSpec(file=llm_file, quantization=quantization, arch=llm_info["arch"],
-                        n_ctx_train=llm_info["n_ctx_train"], embedding_length=llm_info["embedding_length"]),  # fmt: skip
+            llm=LLMSpec(
+                file=llm_file,
+                quantization=quantization,
+                arch=llm_info["arch"],
+                n_ctx_train=llm_info["n_ctx_train"],
+                embedding_length=llm_info["embedding_length"],
+                text_normalization=llm_info.get("text_normalization"),
+            ),
             tokens=family.tokens(loaded),
             positions=family.positions(loaded),
             validation={"vision": {d: v.validation for d, v in vision.variants.items()}},

@@ -51,8 +51,8 @@ class LlamaSettings:
     use_mmap: bool = True
     use_mlock: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides
-    # llama.cpp's CPU weight repacking (extra buffer types) segfaults in llama_decode on multi-token batches of
-    # Q8_0/Q4_K_M models with llama-cpp-python 0.3.36 on AVX-512 CPUs (reproduced with plain `llama_cpp.Llama`).
+    # llama.cpp's extra CPU buffer types (AMX / repacked weights) segfault in llama_decode on multi-token batches of
+    # Q8_0/Q4_K_M models with llama-cpp-python 0.3.36 on AMX Xeons (reproduced with plain `llama_cpp.Llama`).
     repack_weights: bool = False
 
 
@@ -111,8 +111,9 @@ class LlamaLM:
             llama_cpp.llama_model_free(self._model)
             raise BundleError(f"llama.cpp could not create a context of {settings.n_ctx} tokens for {self.path} "
                               "(out of memory?); lower n_ctx.")  # fmt: skip
+        # llama.cpp rounds n_ctx up (to 256 at least) and clamps n_batch to it: use what it really made
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
-        self.n_batch = settings.n_batch
+        self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_past = 0  # number of cache slots filled (not the RoPE position, which M-RoPE advances differently)
         self._sampler = None

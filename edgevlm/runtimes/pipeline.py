@@ -6,6 +6,7 @@ import codecs
 import logging
 import os
 import time
+import unicodedata
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -124,6 +125,8 @@ class EdgeVLM:
         return _render_chat(self.chat_template, [{"role": "user", "content": content}])
 
     def _spans(self, rendered: str, images: list[PreparedImage]) -> list[_Span]:
+        if self.manifest.llm.text_normalization:
+            rendered = unicodedata.normalize(self.manifest.llm.text_normalization, rendered)
         pieces = rendered.split(self.manifest.tokens.image_pad)
         if len(pieces) - 1 != len(images):
             raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {len(images)} images were given")

@@ -1,0 +1,83 @@
+"""The bundle contract: manifest round trip, completeness checks, atomic writing, clear errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+import edgevlm
+from edgevlm.bundle import MANIFEST_NAME, Bundle, BundleWriter, Manifest
+from edgevlm.errors import BundleError
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundles, tmp_path):
+    """A private copy of the tiny F32 bundle that a test may damage."""
+    return shutil.copytree(tiny_bundles["F32"], tmp_path / "bundle")
+
+
+def test_manifest_round_trips(tiny_bundles):
+    bundle = Bundle.open(tiny_bundles["Q4_K_M"])
+    again = Manifest.from_dict(json.loads(json.dumps(bundle.manifest.to_dict())))
+    assert again == bundle.manifest
+    assert bundle.verify() == {name: "ok" for name in bundle.manifest.files}
+
+
+def test_missing_file_is_reported(bundle_copy):
+    (bundle_copy / "vision.onnx").unlink()
+    with pytest.raises(BundleError, match="missing vision.onnx"):
+        edgevlm.load(bundle_copy)
+
+
+def test_truncated_file_is_reported(bundle_copy):
+    gguf = bundle_copy / "llm-F32.gguf"
+    size = gguf.stat().st_size
+    with open(gguf, "r+b") as f:
+        f.truncate(size // 2)
+    with pytest.raises(BundleError, match=rf"has {size // 2} bytes, the manifest expects {size}"):
+        edgevlm.load(bundle_copy)
+
+
+def test_corrupt_file_fails_verify(bundle_copy):
+    onnx = bundle_copy / "vision.onnx"
+    data = bytearray(onnx.read_bytes())
+    data[-10] ^= 0xFF  # same size, different content: only the checksum notices
+    onnx.write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="sha256"):
+        Bundle.open(bundle_copy).verify()
+
+
+def test_unknown_format_version_is_refused(bundle_copy):
+    manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
+    manifest["format_version"] = 99
+    (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
+    with pytest.raises(BundleError, match="format version 99; this edgevlm reads version 1"):
+        edgevlm.load(bundle_copy)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(BundleError, match="no edgevlm.json"):
+        Bundle.open(tmp_path)
+    with pytest.raises(BundleError, match="not a bundle directory"):
+        Bundle.open(tmp_path / "nowhere")
+    (tmp_path / MANIFEST_NAME).write_text("{not json")
+    with pytest.raises(BundleError, match="not readable JSON"):
+        Bundle.open(tmp_path)
+
+
+def test_writer_leaves_nothing_when_interrupted(tmp_path):
+    out = tmp_path / "bundle"
+    with pytest.raises(RuntimeError, match="boom"):
+        with BundleWriter(out) as writer:
+            writer.path("vision.onnx").write_bytes(b"partial")
+            raise RuntimeError("boom")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_writer_refuses_non_empty_output_without_force(tmp_path):
+    (tmp_path / "keep.txt").write_text("user data")
+    with pytest.raises(BundleError, match="not empty; pass --force"):
+        BundleWriter(tmp_path).__enter__()
+    assert (tmp_path / "keep.txt").read_text() == "user data"
