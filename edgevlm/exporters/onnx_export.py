@@ -1,0 +1,271 @@
+"""Family-independent ONNX mechanics: export from a declared spec, validate against a reference, derive variants.
+
+A family module declares *what* its graph looks like (an `OnnxExportSpec`: named inputs/outputs, named dynamic
+axes, opset, tolerance) and wraps its PyTorch module in export-friendly ops; everything here works for any graph.
+Graphs whose weights exceed what one protobuf may hold (2 GB) are saved with their weights in ONE file next to the
+graph (`vision.onnx` + `vision.onnx.data`); onnxruntime finds it by that relative name.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edgevlm.errors import ExportValidationError
+
+logger = logging.getLogger(__name__)
+
+_INSTALL_HINT = "exporting needs the export extras: pip install 'edgevlm[export]'"
+# Weights above this go to an external data file: protobuf refuses 2 GB, and torch's own threshold is the same.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1536 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class OnnxExportSpec:
+    """How a module is exported: graph input/output names in order, named dynamic axes, opset and tolerance."""
+
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    dynamic_axes: Mapping[str, Mapping[int, str]]  # input name -> {axis: axis name}; output axes are derived
+    opset: int = 18
+    atol: float = 1e-4
+
+
+@dataclass(frozen=True)
+class OnnxAgreement:
+    """How closely one graph's first output follows another's over a set of inputs (rows compared as vectors)."""
+
+    max_abs_diff: float
+    mean_cosine: float
+    min_cosine: float
+
+
+class CosineValidationError(ExportValidationError):
+    """A derived graph (int8, fp16) points away from its fp32 source more than its cosine floor allows."""
+
+    def __init__(self, what: str, mean_cosine: float, floor: float, max_abs_diff: float):
+        self.mean_cosine, self.floor = mean_cosine, floor
+        self.what, self.max_abs_diff, self.atol = what, max_abs_diff, float("nan")
+        Exception.__init__(
+            self,
+            f"{what}: mean cosine similarity {mean_cosine:.5f} is below the floor {floor} "
+            f"(max abs difference {max_abs_diff:.3g}); export without this variant or report the model",
+        )
+
+
+def _require(module_name: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as e:
+        raise ImportError(f"{module_name} is missing; {_INSTALL_HINT}") from e
+
+
+def onnx_data_path(path: str | Path) -> Path:
+    """The external data file that belongs to graph `path` when its weights do not fit inside it."""
+    path = Path(path)
+    return path.with_name(path.name + ".data")
+
+
+def _save_model(model, path: Path, n_weight_bytes: int) -> None:
+    """Save an `onnx.ModelProto`, with all weights in one `<name>.data` file when they are large."""
+    onnx = _require("onnx")
+    data_path = onnx_data_path(path)
+    data_path.unlink(missing_ok=True)  # a stale data file would be appended to, or mistaken for this graph's
+    external = n_weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES
+    onnx.save_model(
+        model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
+        location=data_path.name, size_threshold=1024,
+    )  # fmt: skip
+
+
+def onnx_file_bytes(path: str | Path) -> int:
+    """Size of a graph on disk, its external data file included."""
+    path, data_path = Path(path), onnx_data_path(path)
+    return path.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0)
+
+
+def export_onnx(module, spec: OnnxExportSpec, sample_inputs: tuple, path: str | Path) -> None:
+    """Export `module` (called as `module(*sample_inputs)`) to `path` as the graph `spec` declares.
+
+    Uses the dynamo exporter; shapes along the named dynamic axes stay symbolic, so one graph serves every size.
+    Weights over 1.5 GB are written to `<path>.data` (one file), otherwise they are inside the graph.
+    """
+    torch = _require("torch")
+    if len(sample_inputs) != len(spec.input_names):
+        raise ValueError(f"{len(sample_inputs)} sample inputs for {len(spec.input_names)} inputs {spec.input_names}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    n_weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch notes that inputs sharing a dim keep one name, and a pytree deprecation; neither is actionable here.
+        warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
+        warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+        program = torch.onnx.export(
+            module, tuple(sample_inputs), f=None, input_names=list(spec.input_names),
+            output_names=list(spec.output_names), opset_version=spec.opset,
+            dynamic_shapes=_dynamic_shapes(spec), dynamo=True, verbose=False,
+        )  # fmt: skip
+    onnx_data_path(path).unlink(missing_ok=True)
+    program.save(str(path), external_data=n_weight_bytes > EXTERNAL_DATA_THRESHOLD_BYTES)
+    logger.info("exported %s (%.1f MB)", path, onnx_file_bytes(path) / 1e6)
+
+
+def _dynamic_shapes(spec: OnnxExportSpec) -> tuple[dict, ...]:
+    """The spec's named axes as torch.export dims, positionally; axes sharing a name share one dim."""
+    import torch
+
+    dims = {name: torch.export.Dim(name) for axes in spec.dynamic_axes.values() for name in axes.values()}
+    return tuple(
+        {axis: dims[name] for axis, name in spec.dynamic_axes.get(input_name, {}).items()}
+        for input_name in spec.input_names
+    )
+
+
+def _session(path: str | Path):
+    ort = _require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL  # validate what devices run
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session, inputs: Sequence) -> dict[str, np.ndarray]:
+    names = [i.name for i in session.get_inputs()]
+    if len(inputs) != len(names):
+        raise ValueError(f"{len(inputs)} inputs for a graph with {len(names)} inputs {names}")
+    return {name: _to_numpy(x) for name, x in zip(names, inputs)}
+
+
+def _to_numpy(x) -> np.ndarray:
+    return x.detach().cpu().numpy() if hasattr(x, "detach") else np.asarray(x)
+
+
+def validate_onnx(
+    path: str | Path,
+    reference: Callable,
+    input_sets: Sequence[tuple],
+    atol: float,
+    what: str,
+) -> float:
+    """Run graph `path` and `reference(*inputs)` on every input set; return the largest abs difference of all outputs.
+
+    `reference` is the PyTorch module that was exported or any callable that should agree with it (e.g. the
+    original Hugging Face forward). Raises `ExportValidationError` when a shape differs or the difference > `atol`.
+    """
+    torch = _require("torch")
+    session = _session(path)
+    worst = 0.0
+    for inputs in input_sets:
+        with torch.no_grad():
+            expected = reference(*inputs)
+        expected = [expected] if hasattr(expected, "shape") else list(expected)
+        actual = session.run(None, _feeds(session, inputs))
+        for output, want, got in zip(session.get_outputs(), expected, actual):
+            want = _to_numpy(want)
+            if want.shape != got.shape:
+                raise ExportValidationError(
+                    f"{what}: output {output.name} has shape {got.shape}, the reference {want.shape}",
+                    float("inf"), atol,
+                )  # fmt: skip
+            diff = float(np.max(np.abs(want.astype(np.float64) - got))) if want.size else 0.0
+            logger.debug("%s: %s shape %s max abs diff %.3g", what, output.name, got.shape, diff)
+            worst = max(worst, diff)
+    if not worst <= atol:  # NaN fails too
+        raise ExportValidationError(what, worst, atol)
+    logger.info("%s: max abs diff %.3g over %d input sets (atol %.3g)", what, worst, len(input_sets), atol)
+    return worst
+
+
+def compare_onnx(candidate_path: str | Path, reference_path: str | Path, input_sets: Sequence[tuple]) -> OnnxAgreement:
+    """Run two graphs with the same inputs; compare their first outputs row by row (max abs diff and cosines)."""
+    candidate, reference = _session(candidate_path), _session(reference_path)
+    worst, cosines = 0.0, []
+    for inputs in input_sets:
+        got = candidate.run(None, _feeds(candidate, inputs))[0].astype(np.float64)
+        want = reference.run(None, _feeds(reference, inputs))[0].astype(np.float64)
+        got, want = got.reshape(-1, got.shape[-1]), want.reshape(-1, want.shape[-1])
+        worst = max(worst, float(np.max(np.abs(got - want))))
+        norms = np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1)
+        cosines.append(np.sum(got * want, axis=-1) / np.maximum(norms, 1e-30))
+    cosines = np.concatenate(cosines)
+    return OnnxAgreement(worst, float(cosines.mean()), float(cosines.min()))
+
+
+def check_agreement(agreement: OnnxAgreement, cosine_floor: float, what: str) -> None:
+    """Raise `CosineValidationError` when a derived graph's mean cosine is below `cosine_floor`."""
+    if not agreement.mean_cosine >= cosine_floor:
+        raise CosineValidationError(what, agreement.mean_cosine, cosine_floor, agreement.max_abs_diff)
+
+
+def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
+    """Dynamic int8 quantization of the weight MatMuls (per output channel); everything else stays float.
+
+    Only MatMuls with a constant weight are quantized: attention's activation-by-activation MatMuls and the patch
+    Conv stay float, which keeps the accuracy loss to the weights' rounding. Activations are quantized per call.
+    """
+    quantization = _require("onnxruntime.quantization")
+    fp32_path, out_path = Path(fp32_path), Path(out_path)
+    onnx_data_path(out_path).unlink(missing_ok=True)
+    quantization.quantize_dynamic(
+        fp32_path, out_path, op_types_to_quantize=["MatMul"], per_channel=True,
+        weight_type=quantization.QuantType.QInt8,
+        # int8 weights are a quarter of fp32 ones; only a huge graph still needs external data.
+        use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES,
+        extra_options={"MatMulConstBOnly": True},
+    )  # fmt: skip
+    logger.info("quantized %s -> %s (%.1f MB)", fp32_path, out_path, onnx_file_bytes(out_path) / 1e6)
+
+
+def _index_derived_nodes(graph) -> list[str]:
+    """Nodes computed from integer graph inputs (and constants) only, never from a float input.
+
+    These build position tables (rotary angles from patch coordinates): fp16 cannot hold an angle of 100 radians
+    to better than 0.03, so they stay float32 while the heavy float path goes to fp16.
+    """
+    onnx = _require("onnx")
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE}
+    from_float = {i.name for i in graph.input if i.type.tensor_type.elem_type in float_types}
+    from_int = {i.name for i in graph.input} - from_float
+    names = []
+    for node in graph.node:  # nodes are topologically sorted in a valid graph
+        if any(x in from_float for x in node.input):
+            from_float.update(node.output)
+        elif any(x in from_int for x in node.input):
+            from_int.update(node.output)
+            names.append(node.name)
+    return names
+
+
+def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> None:
+    """fp16 weights and compute with float32 graph inputs and outputs (for GPUs; CPUs gain little from it).
+
+    Position tables computed from integer inputs stay float32 (see `_index_derived_nodes`). onnxruntime's
+    `OnnxModel` path is used rather than `float16.convert_float_to_float16` alone: the latter wraps every kept
+    node in fp32->fp16->fp32 casts, which rounds the angles between kept nodes and undoes the point of keeping them.
+    """
+    onnx = _require("onnx")
+    onnx_model = _require("onnxruntime.transformers.onnx_model")
+    fp32_path = Path(fp32_path)
+    model = onnx_model.OnnxModel(onnx.load(str(fp32_path)))  # loads the external data too
+    blocked = _index_derived_nodes(model.model.graph)
+    model.convert_float_to_float16(keep_io_types=True, node_block_list=blocked or None)
+    _save_model(model.model, Path(out_path), n_weight_bytes=onnx_file_bytes(fp32_path) // 2)
+    logger.info("converted %s -> %s to fp16 (%d index nodes kept float32)", fp32_path, out_path, len(blocked))
+
+
+def remove_onnx(path: str | Path) -> None:
+    """Delete a graph and its external data file, if any."""
+    Path(path).unlink(missing_ok=True)
+    onnx_data_path(path).unlink(missing_ok=True)
+
+
+__all__ = [
+    "OnnxExportSpec", "OnnxAgreement", "CosineValidationError", "export_onnx", "validate_onnx", "compare_onnx",
+    "check_agreement", "quantize_int8", "convert_fp16", "onnx_data_path", "onnx_file_bytes", "remove_onnx",
+]  # fmt: skip

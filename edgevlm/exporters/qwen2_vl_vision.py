@@ -1,0 +1,191 @@
+"""Qwen2-VL's vision tower + patch merger as ONE ONNX graph that encodes one image of any size.
+
+transformers' forward splits attention by `cu_seqlens` (one segment per image or frame) with `.tolist()`, which
+freezes shapes or fails in `torch.onnx.export`. For one image that split is a no-op: attention is full over the
+image's patches. `Qwen2VLVisionForExport` therefore reuses the Hugging Face submodules and weights (patch embed,
+rotary `inv_freq`, each block's norms/qkv/proj/mlp, the merger) in a forward with no data-dependent shapes, and
+computes the rotary angles in the graph from the patch coordinates the runtime passes in
+(`edgevlm.runtimes.vision.qwen2_vl_patch_positions`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgevlm.exporters.onnx_export import (
+    OnnxExportSpec, check_agreement, compare_onnx, convert_fp16, export_onnx, quantize_int8, remove_onnx,
+    validate_onnx,
+)  # fmt: skip
+from edgevlm.runtimes.vision import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES, qwen2_vl_patch_positions
+
+logger = logging.getLogger(__name__)
+
+VISION_EXPORT_SPEC = OnnxExportSpec(
+    input_names=(PIXEL_PATCHES, PATCH_POSITIONS),
+    output_names=(IMAGE_EMBEDS,),
+    dynamic_axes={PIXEL_PATCHES: {0: "n_patches"}, PATCH_POSITIONS: {0: "n_patches"}},  # out: n_patches // merge²
+    opset=18,
+    atol=1e-4,
+)
+
+VISION_FILES = {"fp32": "vision.onnx", "int8": "vision-int8.onnx", "fp16": "vision-fp16.onnx"}
+# Mean per-token cosine vs fp32 a variant must reach. Measured with random weights: fp16 0.9999998 (tiny and
+# 2B shapes), int8 0.9999 (tiny) and 0.9994 (2B, 448x448). Trained weights have outliers, so int8 gets room;
+# below these floors the variant is broken, not rounded.
+VARIANT_COSINE_FLOORS = {"int8": 0.99, "fp16": 0.9999}
+DEFAULT_GRIDS = ((1, 4, 6), (1, 8, 8), (1, 2, 16))
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+
+
+class Qwen2VLVisionForExport(nn.Module):
+    """`pixel_patches` (n, C*T*P*P) + `patch_positions` (n, 2) -> `image_embeds` (n / merge², hidden) for ONE image.
+
+    Holds (does not copy) the Hugging Face `Qwen2VisionTransformerPretrainedModel`. A batch axis of 1 is kept
+    through the blocks so every Linear exports as MatMul (which int8 quantization covers), not Gemm.
+    """
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+
+    def forward(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
+        visual = self.visual
+        hidden = visual.patch_embed(pixel_patches)[None]  # (1, n, embed)
+        n_patches = hidden.shape[1]
+        # Axial rope: angles of the row then the column over head_dim / 2, repeated to rotate the whole head.
+        angles = (patch_positions.float()[..., None] * visual.rotary_pos_emb.inv_freq).flatten(1)
+        angles = torch.cat([angles, angles], dim=-1)[None, None]  # (1, 1, n, head_dim)
+        cos, sin = angles.cos(), angles.sin()
+        for block in visual.blocks:
+            attn = block.attn
+            qkv = attn.qkv(block.norm1(hidden)).reshape(1, n_patches, 3, attn.num_heads, attn.head_dim)
+            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, n, head_dim)
+            query = query * cos + _rotate_half(query) * sin
+            key = key * cos + _rotate_half(key) * sin
+            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scaling)
+            hidden = hidden + attn.proj(out.transpose(1, 2).reshape(1, n_patches, -1))
+            hidden = hidden + block.mlp(block.norm2(hidden))
+        merger = visual.merger
+        merged = merger.ln_q(hidden).reshape(1, -1, merger.hidden_size)  # merge² neighbouring patches per token
+        return merger.mlp(merged)[0]
+
+
+class _HFVisionReference:
+    """The Hugging Face forward on the same inputs: what the language model receives in transformers.
+
+    It takes the graph's inputs; the grid is recovered from the patch positions (one full image, t = 1).
+    """
+
+    def __init__(self, visual: nn.Module):
+        self.visual = visual
+
+    def __call__(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
+        h, w = (int(x) + 1 for x in patch_positions.max(dim=0).values)
+        grid_thw = torch.tensor([[pixel_patches.shape[0] // (h * w), h, w]])
+        return self.visual(pixel_patches, grid_thw=grid_thw).pooler_output
+
+
+def find_visual(hf_model: nn.Module) -> nn.Module:
+    """The vision tower of a `Qwen2VLForConditionalGeneration`, a `Qwen2VLModel`, or the tower itself."""
+    inner_model = getattr(hf_model, "model", None)
+    for candidate in (hf_model, getattr(hf_model, "visual", None), getattr(inner_model, "visual", None)):
+        if candidate is not None and hasattr(candidate, "patch_embed") and hasattr(candidate, "merger"):
+            return candidate
+    raise ValueError(f"{type(hf_model).__name__} has no Qwen2-VL vision tower (expected .model.visual or .visual)")
+
+
+def vision_sample_inputs(visual: nn.Module, grid: tuple[int, int, int], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random normalized pixel patches for `grid` and their positions, as graph inputs."""
+    config = visual.config
+    patch_dim = config.in_channels * config.temporal_patch_size * config.patch_size**2
+    n_patches = grid[0] * grid[1] * grid[2]
+    generator = torch.Generator().manual_seed(seed)
+    pixel_patches = torch.randn(n_patches, patch_dim, generator=generator)
+    positions = torch.from_numpy(qwen2_vl_patch_positions(grid, config.spatial_merge_size))
+    return pixel_patches, positions
+
+
+def _check_export_args(visual: nn.Module, dtypes: Sequence[str], grids: Sequence[tuple[int, int, int]]) -> None:
+    unknown = [d for d in dtypes if d not in VISION_FILES]
+    if unknown or not dtypes:
+        raise ValueError(f"unknown vision dtypes {unknown or list(dtypes)}; choose from {list(VISION_FILES)}")
+    merge = visual.config.spatial_merge_size
+    for grid in grids:
+        if len(grid) != 3 or grid[0] != 1 or grid[1] % merge or grid[2] % merge or min(grid) < 1:
+            raise ValueError(f"validation grid {tuple(grid)} must be (1, h, w) with h and w multiples of {merge}")
+    if len({grid[1] * grid[2] for grid in grids}) < 2:
+        raise ValueError(f"validate on at least 2 grids of different sizes (one graph serves all), got {list(grids)}")
+    dtype = next(visual.parameters()).dtype
+    if dtype != torch.float32:
+        raise ValueError(
+            f"the vision tower has {dtype} weights; export needs float32: load the model with dtype=torch.float32"
+        )
+
+
+def export_qwen2_vl_vision(
+    hf_model: nn.Module,
+    out_dir: str | Path,
+    *,
+    dtypes: Sequence[str] = ("fp32",),
+    grids: Sequence[tuple[int, int, int]] = DEFAULT_GRIDS,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) to `out_dir`, validated.
+
+    fp32 is always exported (variants derive from it) and checked against the Hugging Face vision forward on every
+    grid within the spec's atol; variants are checked against fp32 (mean cosine floors in `VARIANT_COSINE_FLOORS`).
+    If "fp32" is not in `dtypes`, its file is removed at the end. Returns the manifest entry per dtype.
+    `progress` is called with a short description before each long step.
+    """
+    visual = find_visual(hf_model)
+    _check_export_args(visual, dtypes, grids)
+    say = progress or (lambda step: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    spec = VISION_EXPORT_SPEC
+    module = Qwen2VLVisionForExport(visual).eval()
+    input_sets = [vision_sample_inputs(visual, tuple(grid), seed=i) for i, grid in enumerate(grids)]
+    fp32_path = out_dir / VISION_FILES["fp32"]
+
+    say("exporting the vision encoder to ONNX")
+    export_onnx(module, spec, input_sets[0], fp32_path)
+    say("validating the ONNX vision encoder against PyTorch")
+    max_abs_diff = validate_onnx(fp32_path, _HFVisionReference(visual), input_sets, spec.atol, "vision.onnx vs PyTorch")
+    grid_list = [list(grid) for grid in grids]
+    report: dict = {
+        "fp32": {"file": fp32_path.name, "max_abs_diff": max_abs_diff, "atol": spec.atol, "grids": grid_list},
+    }
+    variant_makers = {"int8": quantize_int8, "fp16": convert_fp16}
+    for dtype in (d for d in VISION_FILES if d != "fp32" and d in dtypes):
+        path = out_dir / VISION_FILES[dtype]
+        say(f"making the {dtype} vision encoder")
+        variant_makers[dtype](fp32_path, path)
+        agreement = compare_onnx(path, fp32_path, input_sets)
+        check_agreement(agreement, VARIANT_COSINE_FLOORS[dtype], f"{path.name} vs {fp32_path.name}")
+        report[dtype] = {
+            "file": path.name,
+            "max_abs_diff_vs_fp32": agreement.max_abs_diff,
+            "cosine_vs_fp32": agreement.mean_cosine,
+            "min_cosine_vs_fp32": agreement.min_cosine,
+        }
+        logger.info("%s: %s", path.name, report[dtype])
+    if "fp32" not in dtypes:
+        remove_onnx(fp32_path)
+        del report["fp32"]
+    return report
+
+
+__all__ = [
+    "Qwen2VLVisionForExport", "VISION_EXPORT_SPEC", "VISION_FILES", "VARIANT_COSINE_FLOORS", "find_visual",
+    "vision_sample_inputs", "export_qwen2_vl_vision",
+]  # fmt: skip

@@ -1,0 +1,128 @@
+"""Device side of the vision encoder: patch positions in numpy and an onnxruntime session (never torch).
+
+The graph (see `edgevlm.exporters.qwen2_vl_vision`) encodes ONE image with full attention over its patches:
+inputs `pixel_patches` float32 (n_patches, C*T*P*P) and `patch_positions` int64 (n_patches, 2) = (row, col) of
+each patch in block-major order; output `image_embeds` float32 (n_patches / merge², hidden).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PIXEL_PATCHES, PATCH_POSITIONS, IMAGE_EMBEDS = "pixel_patches", "patch_positions", "image_embeds"
+
+
+def _check_grid(grid: tuple[int, int, int], merge_size: int) -> tuple[int, int, int]:
+    if len(grid) != 3 or not all(isinstance(x, (int, np.integer)) and x > 0 for x in grid):
+        raise ValueError(f"image grid must be three positive integers (t, h, w), got {tuple(grid)}")
+    t, h, w = (int(x) for x in grid)
+    if h % merge_size or w % merge_size:
+        raise ValueError(
+            f"image grid {(t, h, w)}: h and w must be multiples of the merge size {merge_size}; "
+            "resize the image to a multiple of patch_size * merge_size pixels"
+        )
+    return t, h, w
+
+
+def qwen2_vl_patch_positions(grid: tuple[int, int, int], merge_size: int) -> np.ndarray:
+    """(row, col) of every patch, int64 (t*h*w, 2), in the block-major order of Qwen2-VL's patches.
+
+    Patches come merge_size x merge_size block by block (blocks row-major, patches row-major inside a block), and
+    every frame repeats the same positions; equals transformers' `get_vision_position_ids(grid_thw, merge_size)`.
+    """
+    t, h, w = _check_grid(grid, merge_size)
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.int64), np.arange(w, dtype=np.int64), indexing="ij")
+    blocks = (h // merge_size, merge_size, w // merge_size, merge_size)
+    rows = rows.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+    cols = cols.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
+    return np.tile(np.stack([rows, cols], axis=-1), (t, 1))
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime has it, then CPU. TensorRT needs per-device options, so profiles ask for it explicitly."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+class VisionEncoder:
+    """Turns an image's pixel patches into the embeddings the language model receives, with onnxruntime."""
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        *,
+        providers: list | None = None,
+        intra_op_threads: int | None = None,
+        allow_spinning: bool = False,
+        merge_size: int = 2,
+    ):
+        """Open the graph `onnx_path` (its `.data` file, if any, next to it).
+
+        `intra_op_threads` None lets onnxruntime use every core; `allow_spinning` False makes idle worker threads
+        sleep instead of busy-waiting, which a device that also runs the language model needs.
+        """
+        import onnxruntime as ort
+
+        onnx_path = Path(onnx_path)
+        if not onnx_path.is_file():
+            raise FileNotFoundError(f"vision graph {onnx_path} does not exist; is the bundle complete?")
+        if intra_op_threads is not None and intra_op_threads < 1:
+            raise ValueError(f"intra_op_threads must be at least 1 (or None for all cores), got {intra_op_threads}")
+        if merge_size < 1:
+            raise ValueError(f"merge_size must be at least 1, got {merge_size}")
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if intra_op_threads is not None:
+            options.intra_op_num_threads = intra_op_threads
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        self.vision_session = ort.InferenceSession(
+            str(onnx_path), options, providers=providers if providers is not None else default_providers()
+        )
+        self.merge_size = merge_size
+        inputs = {i.name: i for i in self.vision_session.get_inputs()}
+        if set(inputs) != {PIXEL_PATCHES, PATCH_POSITIONS}:
+            raise ValueError(
+                f"{onnx_path} has inputs {sorted(inputs)}, expected {[PIXEL_PATCHES, PATCH_POSITIONS]}; "
+                "is this a vision graph exported by edgevlm?"
+            )
+        self.patch_dim = inputs[PIXEL_PATCHES].shape[1]  # C*T*P*P, e.g. 1176 for Qwen2-VL
+        logger.info("vision graph %s on %s", onnx_path, self.providers)
+
+    @property
+    def providers(self) -> list[str]:
+        """Execution providers the session really runs on (onnxruntime drops ones it cannot use)."""
+        return self.vision_session.get_providers()
+
+    def encode(self, pixel_patches: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
+        """Embeddings (t*h*w / merge², hidden) float32 of one image's (or video's) patches on grid (t, h, w).
+
+        Frames of a video attend only within themselves (as in Qwen2-VL), so they are encoded one by one.
+        """
+        t, h, w = _check_grid(grid, self.merge_size)
+        pixel_patches = np.asarray(pixel_patches)
+        if pixel_patches.ndim != 2:
+            raise ValueError(f"pixel_patches must be 2-D (n_patches, {self.patch_dim}), got {pixel_patches.shape}")
+        if pixel_patches.shape[0] != t * h * w:
+            raise ValueError(
+                f"pixel_patches has {pixel_patches.shape[0]} patches but grid {(t, h, w)} needs t*h*w = {t * h * w}"
+            )
+        if isinstance(self.patch_dim, int) and pixel_patches.shape[1] != self.patch_dim:
+            raise ValueError(
+                f"pixel_patches rows have {pixel_patches.shape[1]} values but the vision graph takes {self.patch_dim}"
+                " (channels * temporal_patch_size * patch_size²); was the image preprocessed for another model?"
+            )
+        pixel_patches = np.ascontiguousarray(pixel_patches, dtype=np.float32)
+        positions = qwen2_vl_patch_positions((1, h, w), self.merge_size)
+        frames = np.split(pixel_patches, t) if t > 1 else [pixel_patches]
+        embeds = [
+            self.vision_session.run([IMAGE_EMBEDS], {PIXEL_PATCHES: frame, PATCH_POSITIONS: positions})[0]
+            for frame in frames
+        ]
+        return embeds[0] if t == 1 else np.concatenate(embeds, axis=0)
