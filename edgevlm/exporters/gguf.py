@@ -8,12 +8,10 @@ own quantizer (`llama_model_quantize`) so the result is exactly what `llama-quan
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,9 +45,6 @@ QUANT_FTYPES = {
 }
 
 GGUF_MAGIC = b"GGUF"
-
-# ggml_log_level (ggml.h) → logging level; INFO is llama.cpp's per-tensor chatter, kept at DEBUG here.
-GGML_LOG_LEVELS = {1: logging.DEBUG, 2: logging.DEBUG, 3: logging.WARNING, 4: logging.ERROR}
 
 # Special-token roles a GGUF can name, → the tokenizer.ggml.*_token_id key.
 SPECIAL_TOKEN_KEYS = {
@@ -311,6 +306,8 @@ def quantize_gguf(src_path: str | Path, dst_path: str | Path, qtype: str, *, n_t
         raise ValueError(f"quantizing {src_path} onto itself; choose another output path")
     try:
         import llama_cpp
+
+        from ..runtimes.llm import collect_llama_errors  # also routes llama.cpp's log to `logging`
     except ImportError as e:
         raise ImportError("quantizing needs llama-cpp-python: pip install llama-cpp-python") from e
 
@@ -321,7 +318,7 @@ def quantize_gguf(src_path: str | Path, dst_path: str | Path, qtype: str, *, n_t
     partial = dst_path.with_name(dst_path.name + ".partial")
     logger.info("quantizing %s → %s (%s)", src_path, dst_path, qtype_key)
     try:
-        with _llama_log_to_logging(llama_cpp) as errors:
+        with collect_llama_errors() as errors:
             rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(partial).encode(), params)
         if rc != 0:
             reason = " ".join(line.strip() for line in errors) or "no error message from llama.cpp"
@@ -330,35 +327,6 @@ def quantize_gguf(src_path: str | Path, dst_path: str | Path, qtype: str, *, n_t
     finally:
         partial.unlink(missing_ok=True)
     return dst_path
-
-
-@contextlib.contextmanager
-def _llama_log_to_logging(llama_cpp: Any) -> Iterator[list[str]]:
-    """Route llama.cpp's log (a per-tensor line while quantizing) to this module's logger; collect its errors."""
-    errors: list[str] = []
-    last_level = logging.DEBUG
-
-    @llama_cpp.llama_log_callback
-    def callback(level: int, text: bytes, user_data: Any) -> None:
-        nonlocal last_level
-        message = text.decode("utf-8", errors="replace")
-        # ggml_log_level: 3 WARN, 4 ERROR, 5 CONT(inue the previous line); llama-cpp-python's own table is stale.
-        log_level = last_level if level == 5 else GGML_LOG_LEVELS.get(level, logging.DEBUG)
-        last_level = log_level
-        if log_level >= logging.ERROR:
-            errors.append(message)
-        if message.strip():
-            logger.log(log_level, "llama.cpp: %s", message.rstrip())
-
-    llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    try:
-        yield errors
-    finally:
-        try:  # llama-cpp-python's own callback (stderr, honouring Llama(verbose=...))
-            from llama_cpp._logger import llama_log_callback as default_callback
-        except ImportError:
-            default_callback = None
-        llama_cpp.llama_log_set(default_callback, ctypes.c_void_p(0))
 
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:

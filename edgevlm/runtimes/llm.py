@@ -7,9 +7,11 @@ samples with llama.cpp's sampler chain.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,14 +26,30 @@ _llama_logger = logging.getLogger("edgevlm.llama_cpp")
 # ggml_log_level (NONE, DEBUG, INFO, WARN, ERROR) -> logging levels; CONT (5) continues the previous message.
 _GGML_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _last_level = logging.DEBUG
+_error_sinks: list[list[str]] = []
 
 
 @llama_cpp.llama_log_callback
 def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     global _last_level
     _last_level = _GGML_LOG_LEVELS.get(level, _last_level)
-    if _llama_logger.isEnabledFor(_last_level):
-        _llama_logger.log(_last_level, "%s", text.decode("utf-8", errors="replace").rstrip("\n"))
+    message = text.decode("utf-8", errors="replace").rstrip("\n")
+    if _last_level >= logging.ERROR:
+        for sink in _error_sinks:
+            sink.append(message)
+    if message and _llama_logger.isEnabledFor(_last_level):
+        _llama_logger.log(_last_level, "%s", message)
+
+
+@contextlib.contextmanager
+def collect_llama_errors() -> Iterator[list[str]]:
+    """Collect llama.cpp's error lines logged inside the block (to put them in an exception message)."""
+    sink: list[str] = []
+    _error_sinks.append(sink)
+    try:
+        yield sink
+    finally:
+        _error_sinks.remove(sink)
 
 
 llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))  # llama.cpp's chatter goes to logging, not stderr
