@@ -25,5 +25,9 @@ class ExportValidationError(EdgeVLMError):
         super().__init__(f"{what}: max abs difference {max_abs_diff:.3g} exceeds the tolerance {atol:.3g}")
 
 
+class BudgetError(EdgeVLMError, ValueError):
+    """Token-budget limits that are invalid, contradict each other or the model, or cannot all be met."""
+
+
 class ContextOverflowError(EdgeVLMError, ValueError):
     """Prompt, image tokens and requested new tokens do not fit in the context window."""

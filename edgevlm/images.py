@@ -83,6 +83,63 @@ def load_image(source: ImageSource) -> Image.Image:
     )
 
 
+# EXIF orientations that turn the image by 90 degrees (transposed, rotated 90/270, transversed): width and height swap.
+_SWAPPING_ORIENTATIONS = (5, 6, 7, 8)
+
+
+def image_size(source: ImageSource) -> tuple[int, int]:
+    """(width, height) of the image `load_image(source)` would return, read from the file header without decoding.
+
+    Instant even for a 12-megapixel photo: the token-budget planner needs only sizes. EXIF orientation is applied
+    (a portrait photo stored sideways reports its upright size). Errors are `load_image`'s, except for the ones only
+    decoding finds (a truncated body).
+    """
+    if isinstance(source, np.ndarray):
+        _check_array(source)
+        return int(source.shape[1]), int(source.shape[0])
+    if isinstance(source, Image.Image):
+        return _upright_size(source)
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if not bytes(source):
+            raise ImageError("The image bytes are empty (0 bytes); pass the contents of an image file (JPEG, PNG).")
+        return _upright_size(_identify(io.BytesIO(bytes(source)), what=f"image bytes ({len(source)} bytes)"))
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            load_image(source)  # raises the same clear error for a URL, a missing file or a directory
+        try:
+            with open(path, "rb") as file:
+                if os.fstat(file.fileno()).st_size == 0:
+                    raise ImageError(f"Image file {path} is empty (0 bytes); re-copy or re-capture it.")
+                return _upright_size(_identify(file, what=str(path)))
+        except OSError as err:
+            raise ImageError(f"Cannot read image file {path} ({err}). Check that it is a readable file.") from err
+    return load_image(source).size  # raises the clear error for an unsupported type
+
+
+def _identify(file: IO[bytes], what: str) -> Image.Image:
+    """Open (header only) with the same error messages as `_open_encoded`."""
+    try:
+        return Image.open(file)
+    except Image.DecompressionBombError as err:
+        raise ImageError(f"Refusing to decode {what}: {err}") from err
+    except _DECODE_ERRORS as err:
+        detail = "" if isinstance(err, UnidentifiedImageError) else f" ({err})"
+        raise ImageError(
+            f"Cannot read {what}: it is not an image Pillow recognizes{detail}. "
+            "Pass a JPEG, PNG, WebP, BMP, GIF or TIFF file."
+        ) from err
+
+
+def _upright_size(image: Image.Image) -> tuple[int, int]:
+    width, height = image.size
+    try:
+        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except _DECODE_ERRORS:
+        orientation = 1  # unreadable EXIF: load_image fails on it too, with its own message
+    return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
+
+
 def _open_path(path: Path) -> Image.Image:
     text = str(path)
     if not path.exists():
@@ -139,6 +196,14 @@ def _decoded_rgb(image: Image.Image, what: str) -> Image.Image:
 
 
 def _array_to_rgb(array: np.ndarray) -> Image.Image:
+    _check_array(array)
+    if array.ndim == 3 and array.shape[2] == 1:
+        array = array[:, :, 0]
+    image = Image.fromarray(np.ascontiguousarray(array))  # L for 2-D, RGB for HxWx3
+    return image.convert("RGB")  # grayscale repeated into 3 channels, as transformers' np.repeat does
+
+
+def _check_array(array: np.ndarray) -> None:
     shape_ok = array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 3))
     if not shape_ok or array.dtype != np.uint8 or array.size == 0:
         raise ImageError(
@@ -146,10 +211,6 @@ def _array_to_rgb(array: np.ndarray) -> Image.Image:
             "Convert floats in [0, 1] with (a * 255).round().astype(np.uint8), CxHxW with a.transpose(1, 2, 0); "
             "for RGBA pass Image.fromarray(a) to composite alpha on white."
         )
-    if array.ndim == 3 and array.shape[2] == 1:
-        array = array[:, :, 0]
-    image = Image.fromarray(np.ascontiguousarray(array))  # L for 2-D, RGB for HxWx3
-    return image.convert("RGB")  # grayscale repeated into 3 channels, as transformers' np.repeat does
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
