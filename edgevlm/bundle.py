@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BundleError
+from .budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
+from .errors import BudgetError, BundleError
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,11 @@ class VisionSpec:
     input_names: tuple[str, ...] = ("pixel_patches", "patch_positions")
     output_name: str = "image_embeds"
     patch_positions: str = "qwen2_vl"  # how the runtime computes the graph's patch position input
+    # The tower's sizes, for memory/time estimates (`edgevlm plan`); None in bundles exported before they were kept.
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
 
 
 @dataclass(frozen=True)
@@ -91,6 +97,9 @@ class Manifest:
     positions: PositionSpec
     files: dict[str, FileEntry] = field(default_factory=dict)
     validation: dict = field(default_factory=dict)
+    # Bundle-level token limits, the lowest-precedence layer (see `budget.resolve_limits`). Manifests written
+    # before this section existed get the same default as new exports.
+    budget: BudgetLimits = field(default_factory=lambda: _default_budget())  # defined below the class
     edgevlm_version: str = ""
     format_version: int = FORMAT_VERSION
 
@@ -123,11 +132,18 @@ class Manifest:
                 positions=PositionSpec(**positions),
                 files={name: FileEntry(**entry) for name, entry in data["files"].items()},
                 validation=data.get("validation", {}),
+                budget=BudgetLimits.from_dict(data["budget"], f"{where}: budget") if "budget" in data else _default_budget(),
                 edgevlm_version=data.get("edgevlm_version", ""),
                 format_version=version,
             )
+        except BudgetError as e:
+            raise BundleError(f"{where} has an invalid budget section ({e}); fix it or re-export the bundle.") from e
         except (KeyError, TypeError) as e:
             raise BundleError(f"{where} is malformed ({type(e).__name__}: {e}); re-export the bundle.") from e
+
+
+def _default_budget() -> BudgetLimits:
+    return BudgetLimits(max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS)
 
 
 def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:

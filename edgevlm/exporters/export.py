@@ -9,8 +9,10 @@ import os
 from pathlib import Path
 
 from .. import __version__
+from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
-from ..errors import EdgeVLMError, UnsupportedModelError
+from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
+from ..images import Qwen2VLPreprocessing
 from ..progress import stage
 from . import ALIASES, family_for
 from .gguf import quantize_gguf
@@ -58,13 +60,19 @@ def export(
     vision_dtypes: tuple[str, ...] = ("fp32",),
     force: bool = False,
     verify: bool = False,
+    max_image_tokens: int | None = None,
 ) -> Path:
-    """Export `model` to a bundle directory and return its path. Arguments are checked before anything loads."""
+    """Export `model` to a bundle directory and return its path. Arguments are checked before anything loads.
+
+    `max_image_tokens` is the bundle's default cap per image (its manifest `budget` section); None writes
+    `DEFAULT_MAX_IMAGE_TOKENS`, or the model's own maximum if that is lower.
+    """
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     bad = [d for d in vision_dtypes if d not in VISION_DTYPES]
     if bad or not vision_dtypes:
         raise ValueError(f"vision dtypes {bad or '(none)'} invalid; choose from {', '.join(VISION_DTYPES)}")
+    BudgetLimits(max_image_tokens=max_image_tokens)  # refuses a bad value before anything loads
     if output is not None:
         check_output_dir(Path(output), force)
 
@@ -75,6 +83,7 @@ def export(
 
     with stage(f"loading {source}"):
         loaded = family.load(model_dir)
+    budget = _bundle_budget(loaded.preprocessing, max_image_tokens)  # checked before the long export steps
     with BundleWriter(out_dir, force=force) as writer:
         with stage(f"exporting the vision encoder ({', '.join(vision_dtypes)})"):
             vision = family.export_vision(loaded, writer.tmp_dir, vision_dtypes)
@@ -105,6 +114,7 @@ def export(
             tokens=family.tokens(loaded),
             positions=family.positions(loaded),
             validation={"vision": {d: v.validation for d, v in vision.variants.items()}},
+            budget=budget,
             edgevlm_version=__version__,
         )
         if verify:
@@ -114,6 +124,15 @@ def export(
                 report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, loaded)
             manifest = dataclasses.replace(manifest, validation={**manifest.validation, "end_to_end": report})
         return writer.commit(manifest)
+
+
+def _bundle_budget(preprocessing: Qwen2VLPreprocessing, max_image_tokens: int | None) -> BudgetLimits:
+    model_min, model_max = model_token_range(preprocessing)
+    if max_image_tokens is None:
+        return BudgetLimits(max_image_tokens=min(DEFAULT_MAX_IMAGE_TOKENS, model_max))
+    if max_image_tokens < model_min:
+        raise BudgetError(f"max_image_tokens={max_image_tokens} is below this model's minimum of {model_min} tokens per image; use at least {model_min}")  # fmt: skip
+    return BudgetLimits(max_image_tokens=max_image_tokens)
 
 
 def _architecture(model_dir: Path) -> str:

@@ -58,11 +58,16 @@ class Qwen2VLFamily:
             dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})  # fmt: skip
             for dtype, entry in report.items()
         }
+        vision_config = loaded.model.config.vision_config
         return VisionSpec(
             variants=variants,
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
             patch_positions="qwen2_vl",
+            embed_dim=int(vision_config.embed_dim),
+            depth=int(vision_config.depth),
+            num_heads=int(vision_config.num_heads),
+            mlp_ratio=float(vision_config.mlp_ratio),
         )
 
     def export_llm(self, loaded: LoadedQwen2VL, path: Path, dtype: str) -> dict:
