@@ -23,6 +23,7 @@ def _export(args: argparse.Namespace) -> int:
         vision_dtypes=tuple(dict.fromkeys(args.vision_dtype or ["fp32"])),
         force=args.force,
         verify=args.verify,
+        max_image_tokens=args.max_image_tokens,
     )
     print(f"bundle written to {out}")
     return 0
@@ -31,8 +32,14 @@ def _export(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import edgevlm
 
+    from .budget import Crop
+
+    crop = Crop.parse(args.crop) if args.crop else None  # flag errors before the model loads
     t0 = time.perf_counter()
-    vlm = edgevlm.load(args.bundle, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype)
+    vlm = edgevlm.load(
+        args.bundle, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
+        max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
+    )  # fmt: skip
     load_s = time.perf_counter() - t0
     last = None
     for step in vlm.generate(
@@ -41,6 +48,8 @@ def _run(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
         seed=args.seed,
+        crop=crop,
+        tiles=args.tiles,
     ):
         print(step.text, end="", flush=True)
         last = step
@@ -55,6 +64,62 @@ def _run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
+    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size  # fmt: skip
+    from .bundle import Bundle
+    from .images import Qwen2VLPreprocessing, image_size
+
+    bundle = Bundle.open(args.bundle)
+    manifest = bundle.manifest
+    spec = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+    cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
+    limits = resolve_limits(cli=cli_limits, bundle=manifest.budget)
+    crop = Crop.parse(args.crop) if args.crop else None
+    sizes = [image_size(path) for path in args.image]
+    requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]
+    n_ctx = min(args.n_ctx, manifest.llm.n_ctx_train)
+    tower = vision_tower_size(manifest, args.vision_dtype)
+    gflops = args.gflops or DEFAULT_VISION_GFLOPS
+    plan = plan_images(requests, spec, limits, n_ctx=n_ctx, n_prompt_tokens=args.prompt_tokens,
+                       max_new_tokens=args.max_new_tokens, tower=tower)  # fmt: skip
+
+    gib = 2**30
+    header = f"{'view':<7} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"
+    print(header + (f" {'est. memory':>11} {'est. encode':>11}" if tower else ""))
+    for index, (path, (width, height)) in enumerate(zip(args.image, sizes, strict=True)):
+        print(f"{path}: {width}x{height}")
+        for span in (s for s in plan.spans if s.image_index == index):
+            region = "whole image" if span.box == (0, 0, width, height) else ",".join(map(str, span.box))
+            resized = f"{span.resized_size[1]}x{span.resized_size[0]}"
+            line = (f"{span.view:<7} {region:<22} {resized:>10} {span.grid[1]:>3}x{span.grid[2]:<4} {span.n_tokens:>7}  "
+                    f"{span.limited_by or '-':<17}")  # fmt: skip
+            if tower:
+                encode_s = span.encode_flops / (gflops * 1e9)
+                line += f" {span.activation_bytes / gib:>7.2f} GiB {encode_s:>9.1f} s"
+            print(line)
+    cap = "none" if plan.image_token_cap is None else str(plan.image_token_cap)
+    print(f"total {plan.n_image_tokens} image tokens in {len(plan.spans)} span(s); cap {cap} "
+          f"(context {n_ctx} - {args.prompt_tokens} prompt - {args.max_new_tokens} new tokens"
+          f"{'' if limits.image_budget is None else f', image budget {limits.image_budget}'})")  # fmt: skip
+    in_force = [limits.describe(name) for name, _ in limits.sources]
+    print("limits: " + (", ".join(in_force) or "none set (the model's own pixel limits)"))
+    if tower:
+        print(f"estimates: peak vision activations {plan.peak_activation_bytes / gib:.2f} GiB (weights excluded), "
+              f"encode {plan.encode_seconds(gflops):.1f} s at an assumed {gflops:g} GFLOP/s (--gflops)")  # fmt: skip
+    else:
+        print("estimates: unavailable, the bundle does not record its vision tower's size (re-export it)")
+    return 0
+
+
+def _add_budget_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-image-tokens", type=int, help="most visual tokens per image span (default: the bundle's)")
+    p.add_argument("--min-image-tokens", type=int, help="fewest visual tokens per image span (default: the model's)")
+    p.add_argument("--image-budget", type=int, help="most visual tokens for all images together")
+    p.add_argument("--tiles", type=int, metavar="K", help="encode a low-resolution global view plus up to K tiles")
+    p.add_argument("--crop", metavar="L,T,R,B", help="encode only this region: pixels, or fractions if all in [0, 1]")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -84,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision graph precision; repeat to ship several (default: fp32)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--verify", action="store_true", help="compare the bundle's logits with transformers after export")
+    p.add_argument("--max-image-tokens", type=int,
+                   help="the bundle's default cap of visual tokens per image (default: 1024)")  # fmt: skip
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("run", help="answer a prompt about images with a bundle")
@@ -97,7 +164,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
+    _add_budget_flags(p)
     p.set_defaults(handler=_run)
+
+    p = sub.add_parser("plan", help="show how many tokens images will cost, without loading the model")
+    p.add_argument("bundle")
+    p.add_argument("--image", action="append", required=True, help="image file; repeat for several")
+    _add_budget_flags(p)
+    p.add_argument("--n-ctx", type=int, default=4096, help="context size, as for run (default: 4096)")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="room kept for the answer (default: 256)")
+    p.add_argument("--prompt-tokens", type=int, default=0,
+                   help="text tokens of the prompt, template included (run counts them; default: 0)")  # fmt: skip
+    p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
+    p.add_argument("--gflops", type=float, default=None,
+                   help="assumed vision throughput in GFLOP/s for the time estimate (default: 20)")  # fmt: skip
+    p.set_defaults(handler=_plan)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     p.add_argument("bundle")

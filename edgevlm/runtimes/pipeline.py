@@ -13,10 +13,15 @@ from typing import Any
 
 import numpy as np
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from PIL import Image
 
+from ..budget import (
+    BudgetLimits, BudgetPlan, Crop, ImageRequest, ResolvedLimits, count_spans, plan_images, resolve_limits,
+    vision_tower_size,
+)  # fmt: skip
 from ..bundle import Bundle
 from ..errors import BundleError, ContextOverflowError
-from ..images import PreparedImage, Qwen2VLPreprocessing, load_image, preprocess
+from ..images import PreparedImage, Qwen2VLPreprocessing, image_size, load_image, preprocess
 from .llm import LlamaLM, LlamaSettings, SamplingParams
 from .positions import image_positions, text_positions
 from .vision import VisionEncoder
@@ -79,8 +84,28 @@ def _render_chat(template: str, messages: list[dict[str, Any]]) -> str:
     return env.from_string(template).render(messages=messages, add_generation_prompt=True)
 
 
+CropArg = Crop | Sequence[Crop | None] | None
+
+
+def _image_requests(sizes: list[tuple[int, int]], crop: CropArg, tiles: int | None) -> list[ImageRequest]:
+    """One `ImageRequest` per (width, height); `crop` is one Crop for every image or one entry (or None) per image."""
+    crops = [crop] * len(sizes) if crop is None or isinstance(crop, Crop) else list(crop)
+    if len(crops) != len(sizes):
+        raise ValueError(f"{len(crops)} crops given for {len(sizes)} images; give one per image (None: no crop)")
+    return [ImageRequest(w, h, crop=c, tiles=tiles or 0) for (w, h), c in zip(sizes, crops, strict=True)]
+
+
+def _region(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
+    return image if box == (0, 0, *image.size) else image.crop(box)
+
+
 class EdgeVLM:
-    """A loaded bundle: the vision graph in onnxruntime and the language model in llama.cpp."""
+    """A loaded bundle: the vision graph in onnxruntime and the language model in llama.cpp.
+
+    Token limits for images come in layers (`edgevlm.budget.resolve_limits`): arguments of `generate`/`plan`
+    (request) > the ones given here (cli: `edgevlm run` flags) > `profile_limits` (a hardware profile) > the
+    bundle's manifest `budget` section.
+    """
 
     def __init__(
         self,
@@ -91,7 +116,12 @@ class EdgeVLM:
         n_gpu_layers: int = 0,
         vision_dtype: str | None = None,
         providers: Sequence[str] | None = None,
+        max_image_tokens: int | None = None,
+        min_image_tokens: int | None = None,
+        image_budget: int | None = None,
     ):
+        self.cli_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)  # checked before loading
+        self.profile_limits: BudgetLimits | None = None  # hardware profiles will set this layer
         self.bundle = bundle
         manifest = bundle.manifest
         self.manifest = manifest
@@ -105,6 +135,7 @@ class EdgeVLM:
                               f"{', '.join(sorted(manifest.vision.variants))}.")  # fmt: skip
         threads = n_threads or max(1, os.cpu_count() or 1)
         self.vision_dtype = vision_dtype
+        self.vision_tower = vision_tower_size(manifest, vision_dtype)
         self.vision = VisionEncoder(
             bundle.file(manifest.vision.variants[vision_dtype].file),
             providers=list(providers) if providers else None,
@@ -124,22 +155,62 @@ class EdgeVLM:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         return _render_chat(self.chat_template, [{"role": "user", "content": content}])
 
-    def _spans(self, rendered: str, images: list[PreparedImage]) -> list[_Span]:
+    def _text_pieces(self, rendered: str) -> list[list[int]]:
+        """Tokens of the text between image placeholders: one more piece than there are image spans."""
         if self.manifest.llm.text_normalization:
             rendered = unicodedata.normalize(self.manifest.llm.text_normalization, rendered)
-        pieces = rendered.split(self.manifest.tokens.image_pad)
-        if len(pieces) - 1 != len(images):
-            raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {len(images)} images were given")
+        return [self.llm.tokenize(piece) if piece else [] for piece in rendered.split(self.manifest.tokens.image_pad)]
+
+    def resolve_limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
+        """The token limits in force for a request: request > cli (this object's) > profile > bundle."""
+        return resolve_limits(request=request, cli=self.cli_limits, profile=self.profile_limits, bundle=self.manifest.budget)  # fmt: skip
+
+    def plan(
+        self,
+        prompt: str,
+        images: Sequence[Any] = (),
+        *,
+        max_new_tokens: int = 256,
+        max_image_tokens: int | None = None,
+        min_image_tokens: int | None = None,
+        image_budget: int | None = None,
+        crop: CropArg = None,
+        tiles: int | None = None,
+    ) -> BudgetPlan:
+        """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding)."""
+        requests = _image_requests([image_size(image) for image in images], crop, tiles)
+        request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
+        return self._plan(prompt, requests, max_new_tokens, request_limits)[0]
+
+    def _plan(self, prompt: str, requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
+        n_spans = count_spans(requests, self.preprocessing)
+        pieces = self._text_pieces(self.render_prompt(prompt, n_spans))
+        if len(pieces) - 1 != n_spans:
+            raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {n_spans} image spans were planned "
+                             f"(is {self.manifest.tokens.image_pad} in the prompt text?)")  # fmt: skip
+        plan = plan_images(
+            requests, self.preprocessing, self.resolve_limits(request_limits), n_ctx=self.llm.n_ctx,
+            n_prompt_tokens=sum(map(len, pieces)), max_new_tokens=max_new_tokens, tower=self.vision_tower,
+        )  # fmt: skip
+        return plan, pieces
+
+    def _prepare(self, prompt: str, images: Sequence[Any], max_new_tokens: int, request_limits: BudgetLimits,
+                 crop: CropArg, tiles: int | None) -> tuple[list[_Span], BudgetPlan]:  # fmt: skip
+        """Decode the images, plan their spans, and cut/resize/patchify each span exactly as planned."""
+        loaded = [load_image(image) for image in images]
+        requests = _image_requests([image.size for image in loaded], crop, tiles)
+        plan, pieces = self._plan(prompt, requests, max_new_tokens, request_limits)
+        prepared = [
+            preprocess(_region(loaded[span.image_index], span.box), self.preprocessing, resized_size=span.resized_size)
+            for span in plan.spans
+        ]
         spans: list[_Span] = []
         for i, piece in enumerate(pieces):
             if piece:
-                spans.append(_Span(tokens=self.llm.tokenize(piece)))
-            if i < len(images):
-                spans.append(_Span(image=images[i]))
-        return spans
-
-    def prepare_images(self, images: Sequence[Any]) -> list[PreparedImage]:
-        return [preprocess(load_image(image), self.preprocessing) for image in images]
+                spans.append(_Span(tokens=piece))
+            if i < len(prepared):
+                spans.append(_Span(image=prepared[i]))
+        return spans, plan
 
     # -- generation -----------------------------------------------------------------------------------------------
     def generate(
@@ -152,19 +223,30 @@ class EdgeVLM:
         top_k: int = 40,
         top_p: float = 0.95,
         seed: int | None = None,
+        max_image_tokens: int | None = None,
+        min_image_tokens: int | None = None,
+        image_budget: int | None = None,
+        crop: CropArg = None,
+        tiles: int | None = None,
     ) -> Iterator[GenerationStep]:
-        """Stream the answer to `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays)."""
+        """Stream the answer to `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
+
+        Token limits given here override the loaded ones for this call. `crop` (one `Crop` for every image, or one
+        per image) encodes only that region; `tiles` = K encodes each image as a low-resolution global view plus up
+        to K tiles, each its own image span (global view first, then tiles row by row). Images always leave room for
+        the prompt and `max_new_tokens` in the context; `plan` shows the spans without encoding anything.
+        """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
         timings = Timings()
         t_begin = time.perf_counter()
-        prepared = self.prepare_images(images)
+        spans, _ = self._prepare(prompt, images, max_new_tokens, request_limits, crop, tiles)
         timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
-        spans = self._spans(self.render_prompt(prompt, len(prepared)), prepared)
         timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
         timings.n_image_tokens = sum(s.image.n_tokens for s in spans if s.image is not None)
         n_prompt = timings.n_prompt_tokens + timings.n_image_tokens
-        if n_prompt + 1 > self.llm.n_ctx:
+        if n_prompt + 1 > self.llm.n_ctx:  # text only: the planner reserved room whenever there are images
             raise ContextOverflowError(
                 f"the prompt needs {n_prompt} tokens ({timings.n_prompt_tokens} text + {timings.n_image_tokens} "
                 f"image) plus at least 1 to generate, but the context holds {self.llm.n_ctx}; shorten the prompt, "
@@ -173,8 +255,9 @@ class EdgeVLM:
 
         embeddings = []
         t0 = time.perf_counter()
-        for image in prepared:
-            embeddings.append(self.vision.encode(image.pixel_patches, image.grid))
+        for span in spans:
+            if span.image is not None:
+                embeddings.append(self.vision.encode(span.image.pixel_patches, span.image.grid))
         timings.vision_ms = (time.perf_counter() - t0) * 1000
 
         t_prefill = time.perf_counter()
@@ -207,9 +290,8 @@ class EdgeVLM:
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
-        prepared = self.prepare_images(images)
-        spans = self._spans(self.render_prompt(prompt, len(prepared)), prepared)
-        embeddings = [self.vision.encode(image.pixel_patches, image.grid) for image in prepared]
+        spans, _ = self._prepare(prompt, images, 0, BudgetLimits(), None, None)
+        embeddings = [self.vision.encode(s.image.pixel_patches, s.image.grid) for s in spans if s.image is not None]
         return self._prefill(spans, embeddings, logits="all")[1]
 
     def _decode_loop(
