@@ -18,7 +18,7 @@ import numpy as np
 from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
 from ..images import Qwen2VLPreprocessing, load_image
 from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
-from .qwen2_vl_vision import export_qwen2_vl_vision
+from .qwen2_vl_vision import export_qwen2_vl_vision, find_visual
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 @dataclass
 class LoadedQwen2VL:
     model_dir: Path
-    model: Any  # Qwen2VLForConditionalGeneration, fp32, eval mode
+    model: Any  # Qwen2VLForConditionalGeneration in eval mode: vision tower fp32, language model as checkpointed
     tokenizer: Any
     preprocessing: Qwen2VLPreprocessing
     chat_template: str | None
@@ -40,7 +40,10 @@ class Qwen2VLFamily:
         import torch
         from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
 
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
+        # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
+        # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
+        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
+        find_visual(model).to(torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}

@@ -71,6 +71,7 @@ def verify_bundle(bundle: Bundle, family, loaded, cases=PARITY_CASES, n_greedy: 
     different greedy continuation raise ExportValidationError; quantized ones are reported, not judged."""
     from ..runtimes.pipeline import EdgeVLM
 
+    loaded.model.float()  # the reference runs in fp32, whatever dtype the checkpoint was loaded in
     vlm = EdgeVLM(bundle, n_ctx=2048)
     try:
         report = {case.name: compare_case(vlm, family, loaded, case, n_greedy) for case in cases}
