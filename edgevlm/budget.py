@@ -37,8 +37,9 @@ from .images import Qwen2VLPreprocessing, smart_resize
 LIMIT_LAYERS = ("request", "cli", "profile", "bundle")  # highest precedence first
 DEFAULT_MAX_IMAGE_TOKENS = 1024  # what `edgevlm export` writes into a bundle's `budget` section
 # Assumed sustained fp32 throughput of the vision graph for encode-time estimates; a hardware profile will set
-# the real one. 20 GFLOP/s is onnxruntime on 2 cores of a recent x86 server (measured: see README, Token budgets).
-DEFAULT_VISION_GFLOPS = 20.0
+# the real one. Measured with the 2B tower on 2 cores of an AVX-512 Xeon: 205-236 GFLOP/s (benchmarks/
+# bench_budget.py; small test towers reach only 20-40, their matrices are too small to keep the cores busy).
+DEFAULT_VISION_GFLOPS = 200.0
 
 _UNBOUNDED = 1 << 62  # "no max_image_tokens": fit_resize never asks for more than the model's own maximum anyway
 Box = tuple[int, int, int, int]  # (left, top, right, bottom) in source pixels, right/bottom exclusive
@@ -352,14 +353,17 @@ def estimate_encode_flops(n_patches: int, tower: VisionTowerSize) -> float:
 def estimate_activation_bytes(n_patches: int, tower: VisionTowerSize) -> int:
     """Peak working memory of encoding one image of `n_patches` patches, weights not included.
 
-    The graph materializes full attention; onnxruntime's CPU provider holds about four heads x n x n buffers at
-    once (scores, scaled scores, softmax, and the next block's), which dominate for large images; then the block's
-    activations (n·d·(6 + mlp_ratio)) and the input patches (n·p):
-    bytes = bytes_per_value · (4·heads·n² + n·d·(6 + mlp_ratio) + n·p). Calibrated on onnxruntime 1.32 (tiny
-    model, n = 1024..6400 patches: the estimate is 0.8-1.0x the measured growth of peak RSS).
+    The graph materializes full attention (heads x n x n floats per buffer), which dominates for large images,
+    plus per-patch activations and the input patches (n·p):
+    bytes = bytes_per_value · (5·heads·n² + 48·d·n + n·p).
+    The coefficients are fitted to onnxruntime 1.32 on CPU in its steady state for repeated images of one size
+    (its memory pattern, on by default, is built from the 2nd run of a shape when no other shape came first, and
+    roughly doubles the peak): measured growth of peak RSS 0.53 / 6.0 GiB for the 2B tower at 1008 / 4032 patches
+    and 1.1 / 4.3 GiB for the tiny test tower at 4032 / 8100; the formula gives 0.96-1.16x those. A first run of a
+    shape, or `SessionOptions.enable_mem_pattern = False` (measured no slower), peaks at about 55-60%.
     """
     n = n_patches
-    values = 4 * tower.num_heads * n * n + n * tower.embed_dim * (6 + tower.mlp_ratio) + n * tower.patch_dim
+    values = 5 * tower.num_heads * n * n + 48 * tower.embed_dim * n + tower.patch_dim * n
     return int(tower.bytes_per_value * values)
 
 

@@ -177,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="text tokens of the prompt, template included (run counts them; default: 0)")  # fmt: skip
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
     p.add_argument("--gflops", type=float, default=None,
-                   help="assumed vision throughput in GFLOP/s for the time estimate (default: 20)")  # fmt: skip
+                   help="assumed vision throughput in GFLOP/s for the time estimate (default: 200)")  # fmt: skip
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
