@@ -148,22 +148,23 @@ def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         f"{meta['image']}, `{meta['vision_dtype']}` vision graph, {meta['cpu_count']} CPUs, "
         f"median of {meta['runs']} run(s) after a warm-up run; est. = `edgevlm.budget` estimates; "
-        "RSS growth = peak RSS after each run (warm-up first) minus after loading",
+        "RSS growth = peak RSS after each run (warm-up first) minus after loading; load = highest 1-min load average "
+        f"seen after a timed run (above {os.cpu_count()}: other work shared the CPUs)",
         "",
-        "| max_image_tokens | tokens | resized (w x h) | vision s | TTFT s | peak RSS GiB | RSS growth GiB per run | est. activations GiB | est. TFLOP | GFLOP/s |",  # fmt: skip
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| max_image_tokens | tokens | resized (w x h) | vision s | TTFT s | peak RSS GiB | RSS growth GiB per run | est. activations GiB | est. TFLOP | GFLOP/s | load |",  # fmt: skip
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         budget = "model's own" if row["budget"] is None else str(row["budget"])
         head = (f"| {budget} | {row['n_tokens']} | {row['resized_wh'][0]}x{row['resized_wh'][1]} |")
         est = f" {row['est_activation_bytes'] / GIB:.2f} | {row['est_flops'] / 1e12:.2f} |"
         if "skipped" in row:
-            lines.append(f"{head} not run | not run | {row['skipped']} | - |{est} - |")
+            lines.append(f"{head} not run | not run | {row['skipped']} | - |{est} - | - |")
             continue
         growth = " / ".join(f"{g / GIB:.2f}" for g in row["rss_growth_bytes"])
         lines.append(
             f"{head} {row['vision_s']:.2f} | {row['ttft_s']:.2f} | {row['peak_rss_bytes'] / GIB:.2f} | "
-            f"{growth} |{est} {row['gflops_per_s']:.0f} |"
+            f"{growth} |{est} {row['gflops_per_s']:.0f} | {row['max_loadavg']:.1f} |"
         )
     return "\n".join(lines)
 

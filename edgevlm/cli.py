@@ -35,6 +35,7 @@ def _run(args: argparse.Namespace) -> int:
     from .budget import Crop
 
     crop = Crop.parse(args.crop) if args.crop else None  # flag errors before the model loads
+    _check_tiles(args.tiles)
     t0 = time.perf_counter()
     vlm = edgevlm.load(
         args.bundle, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
@@ -78,6 +79,7 @@ def _plan(args: argparse.Namespace) -> int:
     cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
     limits = resolve_limits(cli=cli_limits, bundle=manifest.budget)
     crop = Crop.parse(args.crop) if args.crop else None
+    _check_tiles(args.tiles)
     sizes = [image_size(path) for path in args.image]
     requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]
     n_ctx = min(args.n_ctx, manifest.llm.n_ctx_train)
@@ -112,6 +114,11 @@ def _plan(args: argparse.Namespace) -> int:
     else:
         print("estimates: unavailable, the bundle does not record its vision tower's size (re-export it)")
     return 0
+
+
+def _check_tiles(tiles: int | None) -> None:
+    if tiles is not None and tiles < 1:
+        raise EdgeVLMError(f"--tiles {tiles}: give the most tiles per image, K >= 1 (leave it out for no tiling)")
 
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:

@@ -342,6 +342,22 @@ def test_tiles_and_crops_become_image_spans(tiny_vlm):
     assert steps[-1].timings.n_image_tokens == tiny_vlm.plan("Read the sign.", [photo], crop=crop).n_image_tokens == 63
 
 
+def test_contradicting_limits_fail_before_loading(tiny_bundles, monkeypatch):
+    from edgevlm.runtimes import pipeline
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a model was loaded before the limits were checked")
+
+    monkeypatch.setattr(pipeline, "VisionEncoder", no_loading)
+    monkeypatch.setattr(pipeline, "LlamaLM", no_loading)
+    with pytest.raises(BudgetError, match=r"min_image_tokens=2000 \(from cli\) is above max_image_tokens=1024 \(from bundle\)"):  # fmt: skip
+        edgevlm.load(tiny_bundles["F32"], min_image_tokens=2000)
+    with pytest.raises(BudgetError, match=r"min_image_tokens=1500 \(cli\) is above this model's maximum of 1280"):
+        edgevlm.load(tiny_bundles["F32"], min_image_tokens=1500, max_image_tokens=1500)
+    with pytest.raises(BudgetError, match="positive whole number"):
+        edgevlm.load(tiny_bundles["F32"], image_budget=0)
+
+
 def test_images_shrink_to_leave_room_for_the_answer(tiny_bundles):
     vlm = edgevlm.load(tiny_bundles["F32"], n_ctx=256)  # llama.cpp's smallest context
     try:
@@ -410,3 +426,5 @@ def test_run_command_budget_flags(tiny_bundles, tmp_path):
     assert "image tokens 63" in result.stderr  # 154 at the model's own size
     result = _edgevlm("run", str(tiny_bundles["Q4_K_M"]), "--image", str(photo), "-p", "hi", "--crop", "1,2,3")
     assert result.returncode == 2 and "left,top,right,bottom" in result.stderr
+    result = _edgevlm("plan", str(tiny_bundles["Q4_K_M"]), "--image", str(photo), "--tiles", "0")
+    assert result.returncode == 2 and "K >= 1" in result.stderr

@@ -129,6 +129,7 @@ class EdgeVLM:
             raise BundleError(f"preprocessing kind {manifest.preprocessing.get('kind')!r} is not known to this "
                               "edgevlm; upgrade edgevlm.")  # fmt: skip
         self.preprocessing = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+        plan_images([], self.preprocessing, self.resolve_limits())  # contradicting limits fail before any loading
         vision_dtype = vision_dtype or manifest.vision.default
         if vision_dtype not in manifest.vision.variants:
             raise BundleError(f"bundle {bundle.path} has no {vision_dtype} vision graph; it has "
