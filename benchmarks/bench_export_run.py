@@ -58,6 +58,16 @@ def run_child(cmd: list[str]) -> ChildRun:
     return result
 
 
+def edgevlm_revision() -> str:
+    """The git commit of the edgevlm checkout being measured, "+dirty" when its package files differ from it."""
+    repo = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "edgevlm") else "")
+
+
 def export_bundle(model_dir: Path, bundle: Path) -> dict:
     edgevlm = Path(sys.executable).with_name("edgevlm")
     run = run_child([str(edgevlm), "-v", "export", str(model_dir), "-o", str(bundle), *EXPORT_FLAGS])
@@ -82,6 +92,26 @@ def measure_generation(bundle: Path, vision_dtype: str, image: Path, max_new_tok
     return result
 
 
+class OtherProcessesCPU:
+    """The share of all CPUs that other processes used since creation (Linux): llama.cpp's threads wait for each
+    other at every op, so a busy neighbour on one core slows a 2-thread decode many times over, not by half."""
+
+    def __init__(self):
+        self.start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float]:
+        with open("/proc/stat") as f:  # first line: cpu user nice system idle iowait irq softirq steal ...
+            user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, f.readline().split()[1:9])
+        own = os.times()
+        busy_s = (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+        return time.perf_counter(), busy_s, own.user + own.system
+
+    def share(self) -> float:
+        (wall0, busy0, own0), (wall1, busy1, own1) = self.start, self._sample()
+        return max(0.0, (busy1 - busy0) - (own1 - own0)) / ((wall1 - wall0) * (os.cpu_count() or 1))
+
+
 def generate_worker(bundle: str, vision_dtype: str, image: str, max_new_tokens: str, runs: str) -> int:
     """Child process: load once, warm up once, then print the timings of `runs` generations as JSON."""
     import edgevlm
@@ -91,12 +121,14 @@ def generate_worker(bundle: str, vision_dtype: str, image: str, max_new_tokens: 
     load_s = time.perf_counter() - start
     measured = []
     for _ in range(1 + int(runs)):  # the first generation is the warm-up
+        others = OtherProcessesCPU()
         *_, last = vlm.generate(PROMPT, images=[image], max_new_tokens=int(max_new_tokens))
         timings = last.timings
         measured.append(
             {k: getattr(timings, k) for k in TIMING_FIELDS}
             | {"n_prompt_tokens": timings.n_prompt_tokens, "n_image_tokens": timings.n_image_tokens,
-               "n_generated": timings.n_generated, "finish_reason": last.finish_reason}
+               "n_generated": timings.n_generated, "finish_reason": last.finish_reason,
+               "others_cpu_share": others.share()}
         )  # fmt: skip
     vlm.close()
     print(json.dumps({"vision_dtype": vision_dtype, "load_s": load_s, "warmup": measured[0], "runs": measured[1:]}))
@@ -106,7 +138,7 @@ def generate_worker(bundle: str, vision_dtype: str, image: str, max_new_tokens: 
 def markdown(results: dict) -> str:
     gib = 2**30
     export = results.get("export")
-    lines = []
+    lines = [f"edgevlm {results['edgevlm_revision']}, {results['cpu_count']} CPUs", ""]
     if export:
         lines += [
             f"export: {export['wall_s']:.0f} s wall, peak RSS {export['peak_rss_bytes'] / gib:.2f} GiB",
@@ -119,8 +151,8 @@ def markdown(results: dict) -> str:
         "",
         f"{results['image']}, {results['max_new_tokens']} new tokens, median of {results['runs']} runs after 1 warm-up:",
         "",
-        "| vision | load s | vision ms | prefill ms | TTFT ms | decode tok/s | tokens | peak RSS GiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| vision | load s | vision ms | prefill ms | TTFT ms | decode tok/s | tokens | peak RSS GiB | others' CPU % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for config in results["generation"]:
         m = config["medians"]
@@ -128,7 +160,8 @@ def markdown(results: dict) -> str:
         lines.append(
             f"| {config['vision_dtype']} | {config['load_s']:.2f} | {m['vision_ms']:.0f} | {m['prefill_ms']:.0f} | "
             f"{m['time_to_first_token_ms']:.0f} | {m['decode_tokens_per_s']:.2f} | "
-            f"{'/'.join(map(str, generated))} | {config['peak_rss_bytes'] / gib:.2f} |"
+            f"{'/'.join(map(str, generated))} | {config['peak_rss_bytes'] / gib:.2f} | "
+            f"{100 * max(r['others_cpu_share'] for r in config['runs']):.0f} |"
         )
     return "\n".join(lines)
 
@@ -152,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.runs < 1:
         parser.error(f"--runs must be at least 1, got {args.runs}")
 
-    results: dict = {"model": str(args.model), "bundle": str(args.bundle), "cpu_count": os.cpu_count()}
+    results: dict = {
+        "model": str(args.model), "bundle": str(args.bundle), "edgevlm_revision": edgevlm_revision(),
+        "cpu_count": os.cpu_count(),
+    }  # fmt: skip
     if not args.skip_export:
         print(f"exporting {args.model} …", file=sys.stderr, flush=True)
         results["export"] = export_bundle(args.model, args.bundle)
