@@ -62,10 +62,13 @@ def edgevlm_revision() -> str:
     """The git commit of the edgevlm checkout being measured, "+dirty" when its package files differ from it."""
     repo = Path(__file__).resolve().parents[1]
 
-    def git(*args: str) -> str:
-        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True).stdout.strip()
+    def git(*args: str) -> str:  # empty when this is not a git checkout: the revision is then "unknown"
+        return subprocess.run(
+            ["git", "-C", str(repo), *args], check=False, capture_output=True, text=True
+        ).stdout.strip()
 
-    return git("rev-parse", "--short", "HEAD") + ("+dirty" if git("status", "--porcelain", "--", "edgevlm") else "")
+    commit = git("rev-parse", "--short", "HEAD") or "unknown"
+    return commit + ("+dirty" if git("status", "--porcelain", "--", "edgevlm") else "")
 
 
 def export_bundle(model_dir: Path, bundle: Path) -> dict:
