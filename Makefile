@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 demo: $(STAMP)
-	$(PY) examples/tiny_demo.py
+	$(VENV)/bin/edgevlm demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -129,6 +129,22 @@ def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--crop", metavar="L,T,R,B", help="encode only this region: pixels, or fractions if all in [0, 1]")
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    quantization = next((q for flag, q in QUANT_FLAGS.items() if getattr(args, flag, False)), "Q4_K_M")
+    result = run_demo(quantization, seed=args.seed, question_type=args.question_type, vision_dtype=args.vision_dtype)
+    t = result.timings
+    print(f"bundle:   {result.bundle}" + (f" (exported in {result.export_s:.1f} s)" if result.export_s else ""))
+    print(f"image:    {result.image_path}")
+    print(f"question: {result.question}")
+    print(f"answer:   {result.answer}")
+    print(f"expected: {result.expected}  ({'correct' if result.answer == result.expected else 'wrong'})")
+    print(f"load {result.load_s:.2f} s | {t.n_image_tokens} image tokens | vision {t.vision_ms:.0f} ms | "
+          f"prefill {t.prefill_ms:.0f} ms | first token {t.time_to_first_token_ms:.0f} ms | {t.n_generated} tokens")  # fmt: skip
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
@@ -186,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gflops", type=float, default=None,
                    help="assumed vision throughput in GFLOP/s for the time estimate (default: 200)")  # fmt: skip
     p.set_defaults(handler=_plan)
+
+    p = sub.add_parser("demo", help="ask the built-in demo model about a freshly drawn scene (offline)")
+    quant = p.add_mutually_exclusive_group()
+    quant.add_argument("--int4", action="store_true", help="LLM in Q4_K_M (default)")
+    quant.add_argument("--int8", action="store_true", help="LLM in Q8_0")
+    quant.add_argument("--f16", action="store_true", help="LLM in F16")
+    p.add_argument("--seed", type=int, default=None, help="scene number (default: a random one)")
+    p.add_argument("--question-type", choices=["shape", "color", "count", "position"], default=None)
+    p.add_argument("--vision-dtype", choices=["fp32", "int8"], default=None, help="default: fp32")
+    p.set_defaults(handler=_demo)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     p.add_argument("bundle")

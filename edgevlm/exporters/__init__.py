@@ -19,6 +19,10 @@ ALIASES = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
 }
+# short names -> model directories shipped inside edgevlm (no hub needed), as (package, folder)
+PACKAGED_MODELS = {
+    "demo": ("edgevlm.demo", "model"),  # the tiny Qwen2-VL trained on synthetic scenes (`edgevlm demo`)
+}
 
 
 def family_for(architecture: str):
@@ -27,7 +31,7 @@ def family_for(architecture: str):
     if module is None:
         raise UnsupportedModelError(
             f"architecture {architecture!r} is not supported; edgevlm exports "
-            f"{', '.join(sorted(FAMILY_MODULES))} (aliases: {', '.join(sorted(ALIASES))})."
+            f"{', '.join(sorted(FAMILY_MODULES))} (aliases: {', '.join(sorted({**ALIASES, **PACKAGED_MODELS}))})."
         )
     return importlib.import_module(module).FAMILY
 

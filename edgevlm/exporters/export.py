@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import logging
 import os
@@ -14,7 +15,7 @@ from ..bundle import Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..images import Qwen2VLPreprocessing
 from ..progress import stage
-from . import ALIASES, family_for
+from . import ALIASES, PACKAGED_MODELS, family_for
 from .gguf import quantize_gguf
 
 logger = logging.getLogger(__name__)
@@ -30,10 +31,13 @@ def resolve_model(model: str) -> tuple[Path, str, str | None]:
     local = Path(model).expanduser()
     if local.is_dir():
         return local, str(local.absolute()), None
+    if model in PACKAGED_MODELS:
+        package, folder = PACKAGED_MODELS[model]
+        return Path(importlib.import_module(package).__file__).parent / folder, f"edgevlm-{model}", __version__
     if "/" not in model and model not in ALIASES:
         raise UnsupportedModelError(
             f"unknown model {model!r}: not a directory, a hub id (org/name) or an alias. "
-            f"Known aliases: {', '.join(sorted(ALIASES))}."
+            f"Known aliases: {', '.join(sorted({**ALIASES, **PACKAGED_MODELS}))}."
         )
     repo_id = ALIASES.get(model, model)
     try:
