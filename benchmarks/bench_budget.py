@@ -13,7 +13,8 @@ would not fit is reported with its estimates and not run, rather than pushing a 
 `--max-pixels` and `--model-dir` act on a private overlay of the bundle (symlinks plus an edited manifest): the
 first sets the preprocessor's max_pixels (the random 2B model was written with transformers' default, 1280 tokens;
 Qwen2-VL-2B-Instruct ships 12845056, 16384 tokens), the second fills in vision-tower sizes that bundles exported
-before edgevlm recorded them lack. Writes budget.json, budget.md and budget.png into --out.
+before edgevlm recorded them lack. Writes budget.json, budget.md and budget.png into --out; `--from-json` re-renders
+an earlier budget.json with the current estimates without running anything.
 """
 
 from __future__ import annotations
@@ -216,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--runs", type=int, default=1, help="timed generations per budget after the warm-up (default: 1)")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--from-json", type=Path, help="keep the measurements of an earlier budget.json, recompute "
+                        "the estimates and re-render (after changing the estimator; nothing is run)")  # fmt: skip
     args = parser.parse_args(argv)
     budgets = [int(b) for b in args.budgets.split(",")]
     if not (args.bundle / "edgevlm.json").is_file():
@@ -230,11 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         image = work / "photo.jpg"
         sample_image(PHOTO[1], PHOTO[0]).save(image, quality=90)
         rows = [plan_for(bundle, None, args.vision_dtype) | {"skipped": "estimate only"}]
+        earlier = {}
+        if args.from_json:
+            earlier = {row["budget"]: row for row in json.loads(args.from_json.read_text())["rows"]}
+            budgets = [b for b in earlier if b is not None]
         for budget in budgets:
             row = plan_for(bundle, budget, args.vision_dtype)
             need = row["est_activation_bytes"] + row["weights_bytes"] + MEMORY_MARGIN
-            if need > available_bytes():
-                row["skipped"] = f"needs ~{need / GIB:.0f} GiB, {available_bytes() / GIB:.0f} GiB available"
+            if "vision_s" in earlier.get(budget, {}):  # measured before: keep it, with the current estimates
+                rows.append(earlier[budget] | row | {"gflops_per_s": row["est_flops"] / earlier[budget]["vision_s"] / 1e9})  # fmt: skip
+                continue
+            if need > available_bytes() or args.from_json:
+                row["skipped"] = (f"needs ~{need / GIB:.0f} GiB, {available_bytes() / GIB:.0f} GiB available"
+                                  if need > available_bytes() else "not measured in --from-json")  # fmt: skip
                 print(f"budget {budget}: {row['n_tokens']} tokens, {row['skipped']}: not run", file=sys.stderr)
                 rows.append(row)
                 continue
