@@ -17,7 +17,7 @@ from pathlib import Path
 from edgevlm.demo.evaluate import Score, bundle_answers, held_out_scenes, reference_answers, score
 from edgevlm.demo.scenes import QUESTION_TYPES
 from edgevlm.exporters import export
-from edgevlm.exporters.export import resolve_model
+from edgevlm.exporters.bundle_export import resolve_model
 
 # (label, LLM quantization, vision dtype)
 VARIANTS = [

@@ -120,7 +120,7 @@ def test_demo_with_a_cached_bundle_needs_no_torch(demo_cache):
 
 
 def test_export_resolves_the_demo_alias():
-    from edgevlm.exporters.export import resolve_model
+    from edgevlm.exporters.bundle_export import resolve_model
 
     model_dir, source, _ = resolve_model("demo")
     assert model_dir == MODEL_DIR and source == "edgevlm-demo"

@@ -53,7 +53,7 @@ def demo_bundle(quantization: str = "Q4_K_M", cache: Path | None = None) -> tupl
             f"the demo bundle is not in {bundle.parent} yet and exporting it needs torch: "
             "pip install 'edgevlm[export]' (once; later runs need only the runtime)"
         ) from e
-    from ..exporters.export import export
+    from ..exporters import export
 
     start = time.perf_counter()
     export("demo", bundle, quantization=quantization, vision_dtypes=DEMO_VISION_DTYPES, force=True)

@@ -37,7 +37,7 @@ def family_for(architecture: str):
 
 
 def export(*args, **kwargs):
-    """See `edgevlm.exporters.export.export`."""
-    from .export import export as _export
+    """See `edgevlm.exporters.bundle_export.export`."""
+    from .bundle_export import export as _export
 
     return _export(*args, **kwargs)
