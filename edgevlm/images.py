@@ -118,12 +118,15 @@ def image_size(source: ImageSource) -> tuple[int, int]:
 
 
 def _identify(file: IO[bytes], what: str) -> Image.Image:
-    """Open (header only) with the same error messages as `_open_encoded`."""
+    """Open an encoded image (header only); a file Pillow cannot identify or a decompression bomb is an ImageError."""
     try:
         return Image.open(file)
     except Image.DecompressionBombError as err:
-        raise ImageError(f"Refusing to decode {what}: {err}") from err
+        raise ImageError(
+            f"Refusing to decode {what}: {err} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted."
+        ) from err
     except _DECODE_ERRORS as err:
+        # UnidentifiedImageError's own text only repeats the file object's repr.
         detail = "" if isinstance(err, UnidentifiedImageError) else f" ({err})"
         raise ImageError(
             f"Cannot read {what}: it is not an image Pillow recognizes{detail}. "
@@ -159,19 +162,7 @@ def _open_path(path: Path) -> Image.Image:
 
 def _open_encoded(file: IO[bytes], what: str) -> Image.Image:
     """Identify, size-check, fully decode and convert an encoded image; all decoding errors become ImageError."""
-    try:
-        image = Image.open(file)
-    except Image.DecompressionBombError as err:
-        raise ImageError(
-            f"Refusing to decode {what}: {err} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted."
-        ) from err
-    except _DECODE_ERRORS as err:
-        # UnidentifiedImageError's own text only repeats the file object's repr.
-        detail = "" if isinstance(err, UnidentifiedImageError) else f" ({err})"
-        raise ImageError(
-            f"Cannot read {what}: it is not an image Pillow recognizes{detail}. "
-            "Pass a JPEG, PNG, WebP, BMP, GIF or TIFF file."
-        ) from err
+    image = _identify(file, what)
     width, height = image.size
     limit = Image.MAX_IMAGE_PIXELS
     if limit is not None and width * height > limit:
