@@ -21,7 +21,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporters.synthetic import QWEN2_SPLIT_PATTERN, QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_SPECIAL_TOKENS, Qwen2VLShape, qwen2_vl_config  # fmt: skip
+from ..exporters.synthetic import (
+    QWEN2_SPLIT_PATTERN,
+    QWEN2_VL_CHAT_TEMPLATE,
+    QWEN2_VL_SPECIAL_TOKENS,
+    Qwen2VLShape,
+    qwen2_vl_config,
+    qwen2_vl_tokenizer,
+)
 from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, scene
 
 logger = logging.getLogger(__name__)
@@ -44,8 +51,7 @@ def build_tokenizer():
 
     The pre-tokenizer is Qwen2's (split regex + ByteLevel), so llama.cpp's "qwen2" pre-tokenizer reproduces it.
     """
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers  # fmt: skip
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
     backend = Tokenizer(models.BPE(ignore_merges=True))
     backend.normalizer = normalizers.NFC()
@@ -59,17 +65,7 @@ def build_tokenizer():
         vocab_size=BPE_VOCAB, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
     )
     backend.train_from_iterator(_corpus(), trainer=trainer)
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN2_VL_SPECIAL_TOKENS,
-        clean_up_tokenization_spaces=False,
-        model_max_length=SHAPE.max_position_embeddings,
-    )
-    tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
-    return tokenizer
+    return qwen2_vl_tokenizer(backend, model_max_length=SHAPE.max_position_embeddings)
 
 
 def _corpus() -> list[str]:

@@ -77,20 +77,13 @@ QWEN2_VL_TINY = Qwen2VLShape(
 )  # fmt: skip
 
 
-def qwen2_tokenizer():
-    """Qwen2's tokenizer (a `PreTrainedTokenizerFast`) rebuilt from dashscope's `qwen.tiktoken`."""
-    try:
-        import dashscope
-    except ImportError as e:
-        raise ImportError("building the Qwen2 tokenizer needs dashscope: pip install 'edgevlm[dev]'") from e
-    from tokenizers import AddedToken, normalizers
+def qwen2_vl_tokenizer(backend, *, model_max_length: int):
+    """A `PreTrainedTokenizerFast` around a byte-level BPE `tokenizers.Tokenizer`, with Qwen2-VL's special tokens
+    (added right after the BPE vocabulary, in Qwen2's order) and chat template."""
+    from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
 
-    vocab_file = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
-    backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=QWEN2_SPLIT_PATTERN).converted()
-    backend.normalizer = normalizers.NFC()
-    # Added in id order first, so that they take Qwen2's ids 151643.. whatever the tokenizer wrapper adds later.
+    # Added in id order first, so that they take consecutive ids whatever the tokenizer wrapper adds later.
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
@@ -98,9 +91,25 @@ def qwen2_tokenizer():
         pad_token="<|endoftext|>",
         additional_special_tokens=QWEN2_VL_SPECIAL_TOKENS,
         clean_up_tokenization_spaces=False,
-        model_max_length=32768,
+        model_max_length=model_max_length,
     )
     tokenizer.chat_template = QWEN2_VL_CHAT_TEMPLATE
+    return tokenizer
+
+
+def qwen2_tokenizer():
+    """Qwen2's tokenizer (a `PreTrainedTokenizerFast`) rebuilt from dashscope's `qwen.tiktoken`."""
+    try:
+        import dashscope
+    except ImportError as e:
+        raise ImportError("building the Qwen2 tokenizer needs dashscope: pip install 'edgevlm[dev]'") from e
+    from tokenizers import normalizers
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    vocab_file = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
+    backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=QWEN2_SPLIT_PATTERN).converted()
+    backend.normalizer = normalizers.NFC()
+    tokenizer = qwen2_vl_tokenizer(backend, model_max_length=32768)
     first_special = tokenizer.convert_tokens_to_ids(QWEN2_VL_SPECIAL_TOKENS[0])
     if first_special != 151643:
         raise RuntimeError(f"qwen.tiktoken gave <|endoftext|> id {first_special}, expected Qwen2's 151643")
