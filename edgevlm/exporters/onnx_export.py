@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import logging
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,6 +92,10 @@ def onnx_file_bytes(path: str | Path) -> int:
     return path.stat().st_size + (data_path.stat().st_size if data_path.exists() else 0)
 
 
+# torch.onnx logs a warning per torchvision op it cannot register; vision towers here never use torchvision ops
+_TORCH_ONNX_REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
+
+
 def export_onnx(module, spec: OnnxExportSpec, sample_inputs: tuple, path: str | Path) -> None:
     """Export `module` (called as `module(*sample_inputs)`) to `path` as the graph `spec` declares.
 
@@ -103,7 +108,7 @@ def export_onnx(module, spec: OnnxExportSpec, sample_inputs: tuple, path: str | 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     n_weight_bytes = sum(t.numel() * t.element_size() for t in module.state_dict().values())
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings(), _without_log_records(_TORCH_ONNX_REGISTRY_LOG, "torchvision is not installed"):  # fmt: skip
         # torch notes that inputs sharing a dim keep one name, and a pytree deprecation; neither is actionable here.
         warnings.filterwarnings("ignore", message=".*shares the same shape constraints.*")
         warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
@@ -212,14 +217,29 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
     quantization = _require("onnxruntime.quantization")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     onnx_data_path(out_path).unlink(missing_ok=True)
-    quantization.quantize_dynamic(
-        fp32_path, out_path, op_types_to_quantize=["MatMul"], per_channel=True,
-        weight_type=quantization.QuantType.QInt8,
-        # int8 weights are a quarter of fp32 ones; only a huge graph still needs external data.
-        use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES,
-        extra_options={"MatMulConstBOnly": True},
-    )  # fmt: skip
+    with _without_log_records(logging.getLogger(), "consider to run pre-processing"):  # advice for static quantization
+        quantization.quantize_dynamic(
+            fp32_path, out_path, op_types_to_quantize=["MatMul"], per_channel=True,
+            weight_type=quantization.QuantType.QInt8,
+            # int8 weights are a quarter of fp32 ones; only a huge graph still needs external data.
+            use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES,
+            extra_options={"MatMulConstBOnly": True},
+        )  # fmt: skip
     logger.info("quantized %s -> %s (%.1f MB)", fp32_path, out_path, onnx_file_bytes(out_path) / 1e6)
+
+
+@contextmanager
+def _without_log_records(target: logging.Logger, text: str) -> Iterator[None]:
+    """Drop `target`'s log records containing `text` inside the block (a dependency's advice that does not apply)."""
+
+    def keep(record: logging.LogRecord) -> bool:
+        return text not in record.getMessage()
+
+    target.addFilter(keep)
+    try:
+        yield
+    finally:
+        target.removeFilter(keep)
 
 
 def _index_derived_nodes(graph) -> list[str]:
