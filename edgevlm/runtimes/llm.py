@@ -66,8 +66,6 @@ class LlamaSettings:
     n_threads: int | None = None  # None: all physical cores llama.cpp sees as useful
     n_threads_batch: int | None = None
     n_gpu_layers: int = 0
-    use_mmap: bool = True
-    use_mlock: bool = False
     flash_attn: bool | None = None  # None: llama.cpp decides
     # llama.cpp's extra CPU buffer types (AMX / repacked weights) segfault in llama_decode on multi-token batches of
     # Q8_0/Q4_K_M models with llama-cpp-python 0.3.36 on AMX Xeons (reproduced with plain `llama_cpp.Llama`).
@@ -103,8 +101,6 @@ class LlamaLM:
         self.settings = settings
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = settings.n_gpu_layers
-        model_params.use_mmap = settings.use_mmap
-        model_params.use_mlock = settings.use_mlock
         model_params.use_extra_bufts = settings.repack_weights
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
