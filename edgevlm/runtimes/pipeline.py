@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
@@ -74,14 +75,15 @@ class _Span:
     image: PreparedImage | None = None
 
 
-def _render_chat(template: str, messages: list[dict[str, Any]]) -> str:
+def _compile_chat_template(template: str) -> Template:
+    """The model's chat template, compiled once in a sandbox (it comes from a file, not from us)."""
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
 
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
 
     env.globals["raise_exception"] = raise_exception
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
+    return env.from_string(template)
 
 
 CropArg = Crop | Sequence[Crop | None] | None
@@ -149,12 +151,13 @@ class EdgeVLM:
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
+        self._chat = _compile_chat_template(self.chat_template)
 
     # -- prompt ---------------------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, n_images: int) -> str:
         """The chat-formatted prompt text for one user turn with `n_images` images before the text."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return _render_chat(self.chat_template, [{"role": "user", "content": content}])
+        return self._chat.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
 
     def _text_pieces(self, rendered: str) -> list[list[int]]:
         """Tokens of the text between image placeholders: one more piece than there are image spans."""
@@ -254,11 +257,8 @@ class EdgeVLM:
                 "use fewer or smaller images, or load with a larger n_ctx."
             )
 
-        embeddings = []
         t0 = time.perf_counter()
-        for span in spans:
-            if span.image is not None:
-                embeddings.append(self.vision.encode(span.image.pixel_patches, span.image.grid))
+        embeddings = self._encode_images(spans)
         timings.vision_ms = (time.perf_counter() - t0) * 1000
 
         t_prefill = time.perf_counter()
@@ -292,8 +292,11 @@ class EdgeVLM:
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
         spans, _ = self._prepare(prompt, images, 0, BudgetLimits(), None, None)
-        embeddings = [self.vision.encode(s.image.pixel_patches, s.image.grid) for s in spans if s.image is not None]
-        return self._prefill(spans, embeddings, logits="all")[1]
+        return self._prefill(spans, self._encode_images(spans), logits="all")[1]
+
+    def _encode_images(self, spans: list[_Span]) -> list[np.ndarray]:
+        """Vision embeddings of the image spans, in prompt order."""
+        return [self.vision.encode(s.image.pixel_patches, s.image.grid) for s in spans if s.image is not None]
 
     def _decode_loop(
         self, position: int, max_new_tokens: int, timings: Timings, t_begin: float
