@@ -155,6 +155,49 @@ def _verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_ints(text: str) -> list[int]:
+    """argparse type: "64,256,1024" -> [64, 256, 1024]."""
+    try:
+        values = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _at_least(minimum: int):
+    """argparse type: an integer >= minimum."""
+
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from .bench import markdown, plot, run_bench
+
+    result = run_bench(
+        args.bundle, image_tokens=args.image_tokens, runs=args.runs, max_new_tokens=args.max_new_tokens,
+        baseline=not args.no_baseline, vision_dtype=args.vision_dtype, n_threads=args.threads,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )  # fmt: skip
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"results written to {args.json}", file=sys.stderr)
+    if args.plot:
+        print(f"plot written to {plot(result, args.plot)}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgevlm", description="Vision-language models on devices.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (llama.cpp, onnxruntime)")
@@ -212,6 +255,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--question-type", choices=["shape", "color", "count", "position"], default=None)
     p.add_argument("--vision-dtype", choices=["fp32", "int8"], default=None, help="default: fp32")
     p.set_defaults(handler=_demo)
+
+    p = sub.add_parser("bench", help="measure every stage of an answer, next to plain llama-cpp-python decoding")
+    p.add_argument("bundle")
+    p.add_argument("--image-tokens", type=_positive_ints, default=[64, 256, 1024],
+                   help="image sizes to measure, as image token counts (default: 64,256,1024)")  # fmt: skip
+    p.add_argument("--runs", type=_at_least(1), default=3, help="measured runs per image size, after 1 warm-up (default: 3)")  # fmt: skip
+    p.add_argument("--max-new-tokens", type=_at_least(2), default=32)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
+    p.add_argument("--no-baseline", action="store_true", help="skip the plain llama-cpp-python decode baseline")
+    p.add_argument("--json", help="write the results to this JSON file")
+    p.add_argument("--plot", help="write a PNG of the stages to this file (needs matplotlib)")
+    p.set_defaults(handler=_bench)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     p.add_argument("bundle")

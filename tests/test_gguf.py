@@ -9,7 +9,6 @@ smallest top-1/top-2 gap on the greedy paths below is ~0.02, 8x the error, so gr
 
 from __future__ import annotations
 
-import contextlib
 import struct
 import unicodedata
 from pathlib import Path
@@ -30,6 +29,7 @@ from edgevlm.exporters.gguf import (  # noqa: E402
 )
 from edgevlm.exporters.qwen2_vl_llm import gguf_tensor_name, qwen2_vl_hparams, write_qwen2_vl_llm_gguf  # noqa: E402
 from edgevlm.exporters.synthetic import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_TINY, build_qwen2_vl  # noqa: E402
+from edgevlm.runtimes.llm import plain_llama  # noqa: E402
 
 INIT_STD = 0.05
 # llama.cpp vs transformers, f32 weights, default context (f16 KV cache): measured 0.0019-0.0025 on logits of
@@ -74,38 +74,9 @@ TOKENIZER_CASES = [
 DECOMPOSED_CASES = ["cafe\u0301 au lait", "Hangul \u1100\u1161\u11a8"]
 
 
-@contextlib.contextmanager
-def _no_extra_buffer_types():
-    """Load llama.cpp models without extra CPU buffer types (AMX, repacked weights).
-
-    On this CI's Sapphire Rapids VM, llama.cpp's AMX kernels segfault in the first decode of any Q8_0/Q4_K
-    model (F32/F16 are not AMX-handled and are fine); `use_extra_bufts=False` avoids them. `Llama` does not
-    expose the flag, so the default model params are patched while it is constructed.
-    """
-    module = llama_cpp.llama_cpp
-    original = module.llama_model_default_params
-
-    def params():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    module.llama_model_default_params = params
-    try:
-        yield
-    finally:
-        module.llama_model_default_params = original
-
-
-def _cpu_has_amx() -> bool:
-    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
-
-
 def load_llama(path: Path, **kwargs):
-    """`llama_cpp.Llama` on `path`, working around llama.cpp's AMX crash where the CPU has AMX."""
-    guard = _no_extra_buffer_types() if _cpu_has_amx() else contextlib.nullcontext()
-    with guard:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, verbose=False, **kwargs)
+    """`llama_cpp.Llama` on `path`, with the runtime's rule for llama.cpp's AMX kernels (they crash on this CPU)."""
+    return plain_llama(path, n_ctx=512, n_threads=2, verbose=False, **kwargs)
 
 
 @pytest.fixture(scope="module")

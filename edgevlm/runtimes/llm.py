@@ -67,9 +67,10 @@ class LlamaSettings:
     n_threads_batch: int | None = None
     n_gpu_layers: int = 0
     flash_attn: bool | None = None  # None: llama.cpp decides
-    # llama.cpp's extra CPU buffer types (AMX / repacked weights) segfault in llama_decode on multi-token batches of
-    # Q8_0/Q4_K_M models with llama-cpp-python 0.3.36 on AMX Xeons (reproduced with plain `llama_cpp.Llama`).
-    repack_weights: bool = False
+    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
+    # with AMX, where they segfault in llama_decode on multi-token batches of Q8_0/Q4_K_M models with
+    # llama-cpp-python 0.3.36 (reproduced with plain `llama_cpp.Llama` on a Sapphire Rapids Xeon).
+    repack_weights: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,31 @@ def _default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def cpu_has_amx() -> bool:
+    """Whether llama.cpp's CPU backend was built for and runs on a CPU with AMX int8 tiles."""
+    return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
+
+
+def plain_llama(gguf_path: str | os.PathLike, *, repack_weights: bool | None = None, **llama_kwargs) -> llama_cpp.Llama:  # fmt: skip
+    """llama-cpp-python's high-level `Llama` on a GGUF, with `LlamaLM`'s rule for extra buffer types (a baseline,
+    and a check that bundles work in stock llama.cpp). `Llama` does not expose the flag, so its default model
+    parameters are patched while it loads."""
+    use_extra_bufts = repack_weights if repack_weights is not None else not cpu_has_amx()
+    module = llama_cpp.llama_cpp
+    default_params = module.llama_model_default_params
+
+    def params():
+        p = default_params()
+        p.use_extra_bufts = use_extra_bufts
+        return p
+
+    module.llama_model_default_params = params
+    try:
+        return llama_cpp.Llama(model_path=str(gguf_path), **llama_kwargs)
+    finally:
+        module.llama_model_default_params = default_params
+
+
 class LlamaLM:
     """One GGUF model with one context (KV cache) and a sampler. Not thread-safe: one generation at a time."""
 
@@ -101,7 +127,8 @@ class LlamaLM:
         self.settings = settings
         model_params = llama_cpp.llama_model_default_params()
         model_params.n_gpu_layers = settings.n_gpu_layers
-        model_params.use_extra_bufts = settings.repack_weights
+        self.repack_weights = settings.repack_weights if settings.repack_weights is not None else not cpu_has_amx()
+        model_params.use_extra_bufts = self.repack_weights
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise BundleError(f"llama.cpp could not load {self.path}: the GGUF is corrupt or of an architecture this "
@@ -128,6 +155,7 @@ class LlamaLM:
         # llama.cpp rounds n_ctx up (to 256 at least) and clamps n_batch to it: use what it really made
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self.n_threads = ctx_params.n_threads
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_past = 0  # number of cache slots filled (not the RoPE position, which M-RoPE advances differently)
         self._sampler = None

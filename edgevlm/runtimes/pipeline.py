@@ -37,6 +37,7 @@ class Timings:
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
     prefill_ms: float = 0.0  # decoding prompt tokens and image embeddings into the KV cache
+    image_prefill_ms: float = 0.0  # the part of prefill_ms spent on image embeddings
     time_to_first_token_ms: float = 0.0
     decode_ms: float = 0.0
     n_prompt_tokens: int = 0  # text tokens of the prompt
@@ -51,6 +52,11 @@ class Timings:
     def prefill_tokens_per_s(self) -> float:
         n = self.n_prompt_tokens + self.n_image_tokens
         return n / (self.prefill_ms / 1000) if self.prefill_ms else 0.0
+
+    @property
+    def text_prefill_tokens_per_s(self) -> float:
+        text_ms = self.prefill_ms - self.image_prefill_ms
+        return self.n_prompt_tokens / (text_ms / 1000) if text_ms > 0 else 0.0
 
 
 @dataclass
@@ -262,14 +268,16 @@ class EdgeVLM:
         timings.vision_ms = (time.perf_counter() - t0) * 1000
 
         t_prefill = time.perf_counter()
-        position, _ = self._prefill(spans, embeddings)
+        position, _ = self._prefill(spans, embeddings, timings=timings)
         timings.prefill_ms = (time.perf_counter() - t_prefill) * 1000
 
         self.llm.set_sampling(SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed))
         yield from self._decode_loop(position, max_new_tokens, timings, t_begin)
 
-    def _prefill(self, spans: list[_Span], embeddings: list[np.ndarray], logits: str = "last") -> tuple[int, np.ndarray | None]:  # fmt: skip
-        """Decode the prompt into a fresh KV cache; returns the next text position (and all logits if asked)."""
+    def _prefill(self, spans: list[_Span], embeddings: list[np.ndarray], logits: str = "last", timings: Timings | None = None) -> tuple[int, np.ndarray | None]:  # fmt: skip
+        """Decode the prompt into a fresh KV cache; returns the next text position (and all logits if asked).
+
+        `timings.image_prefill_ms` receives the time spent decoding image embeddings."""
         self.llm.reset()
         position = 0
         image_index = 0
@@ -286,7 +294,10 @@ class EdgeVLM:
                     raise RuntimeError(f"the vision graph returned {len(embeds)} embeddings for an image the "
                                        f"preprocessor planned as {span.image.n_tokens} tokens")  # fmt: skip
                 positions, position = image_positions(self.manifest.positions, position, span.image.grid)
+                t_image = time.perf_counter()
                 rows.append(self.llm.decode_embeddings(embeds, positions, logits=span_logits))
+                if timings is not None:
+                    timings.image_prefill_ms += (time.perf_counter() - t_image) * 1000
         return position, (np.concatenate(rows) if logits == "all" else None)
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:

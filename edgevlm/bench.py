@@ -1,0 +1,254 @@
+"""`edgevlm bench`: where the time and memory of one answer go, stage by stage, next to plain llama.cpp.
+
+One process loads the bundle once, then for each image size (given as the number of image tokens it should cost)
+generates once to warm up and `runs` more times from a synthetic image, reading the runtime's own `Timings`.
+In the same run, llama-cpp-python's high-level `Llama` decodes the same prompt as plain text from the same GGUF
+with the same threads: the runtime's decode speed is reported as a ratio to it, so its overhead shows whatever
+the machine's speed. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .bundle import Bundle
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_IMAGE_TOKENS = (64, 256, 1024)
+DEFAULT_PROMPT = "Describe this picture in detail."
+# Timings fields (and properties) reported per image size, with the unit shown in tables.
+STAGES = {
+    "preprocess_ms": "ms",
+    "vision_ms": "ms",
+    "image_prefill_ms": "ms",
+    "text_prefill_tokens_per_s": "tok/s",
+    "time_to_first_token_ms": "ms",
+    "decode_tokens_per_s": "tok/s",
+}
+
+
+@dataclass(frozen=True)
+class Spread:
+    """Median and range of one measurement over the runs."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Spread:
+        return cls(statistics.median(values), min(values), max(values))
+
+
+@dataclass
+class ImageCase:
+    """The measurements of one image size."""
+
+    requested_tokens: int
+    image_size: tuple[int, int]  # (width, height) of the synthetic image
+    n_image_tokens: int  # what the runtime really encoded
+    n_prompt_tokens: int
+    n_generated: list[int]
+    stages: dict[str, Spread]
+
+
+def image_side_blocks(n_tokens: int) -> tuple[int, int]:
+    """(rows, cols) of merged-token blocks, as square as possible, with rows * cols <= n_tokens (and close to it)."""
+    if n_tokens < 1:
+        raise ValueError(f"image token counts must be positive, got {n_tokens}")
+    rows = math.isqrt(n_tokens)
+    return rows, n_tokens // rows
+
+
+def synthetic_image(n_tokens: int, block_pixels: int):
+    """A deterministic image whose size costs about `n_tokens` image tokens at `block_pixels` pixels per token."""
+    from .exporters.verify import sample_image  # numpy + Pillow only
+
+    rows, cols = image_side_blocks(n_tokens)
+    return sample_image(rows * block_pixels, cols * block_pixels, seed=n_tokens)
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def plain_llama_decode(gguf: Path, prompt: str, *, n_threads: int, n_ctx: int, max_new_tokens: int, runs: int,
+                       repack_weights: bool) -> Spread:  # fmt: skip
+    """Decode tok/s of llama-cpp-python's `Llama` on the GGUF: `prompt` as plain text, greedy, after one warm-up."""
+    from .runtimes.llm import plain_llama
+
+    llm = plain_llama(gguf, repack_weights=repack_weights, n_ctx=n_ctx, n_threads=n_threads,
+                      n_threads_batch=n_threads, verbose=False)  # fmt: skip
+    speeds = []
+    try:
+        for _ in range(1 + runs):
+            llm.reset()
+            first = last = None
+            n = 0
+            for _chunk in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+                last = time.perf_counter()
+                first = first or last
+                n += 1
+            speeds.append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
+    finally:
+        llm.close()
+    return Spread.of(speeds[1:])
+
+
+def run_bench(
+    bundle: str | Path,
+    *,
+    profile: str | None = None,
+    image_tokens: Sequence[int] = DEFAULT_IMAGE_TOKENS,
+    runs: int = 3,
+    max_new_tokens: int = 32,
+    prompt: str = DEFAULT_PROMPT,
+    baseline: bool = True,
+    progress: Callable[[str], None] | None = None,
+    **load_options,
+) -> dict:
+    """Measure `bundle` (see the module docstring); returns a JSON-ready dict. `progress` gets one line per step."""
+    import edgevlm
+
+    if runs < 1:
+        raise ValueError(f"runs must be at least 1, got {runs}")
+    if max_new_tokens < 2:
+        raise ValueError(f"max_new_tokens must be at least 2 to measure decoding, got {max_new_tokens}")
+    for n in image_tokens:
+        image_side_blocks(n)
+    say = progress or (lambda line: None)
+    opened = Bundle.open(bundle)
+    if profile is not None:
+        load_options["profile"] = profile
+    say(f"loading {opened.path}")
+    start = time.perf_counter()
+    vlm = edgevlm.load(opened, **load_options)
+    load_s = time.perf_counter() - start
+    preprocessing = vlm.preprocessing
+    block_pixels = preprocessing.patch_size * preprocessing.merge_size
+    cases = []
+    try:
+        for n_tokens in image_tokens:
+            image = synthetic_image(n_tokens, block_pixels)
+            say(f"{n_tokens} image tokens ({image.width}x{image.height}): 1 warm-up + {runs} runs")
+            measured = []
+            for _ in range(1 + runs):
+                *_, last = vlm.generate(prompt, [image], max_new_tokens=max_new_tokens, max_image_tokens=n_tokens)
+                measured.append(last.timings)
+            measured = measured[1:]
+            cases.append(ImageCase(
+                requested_tokens=n_tokens, image_size=image.size, n_image_tokens=measured[0].n_image_tokens,
+                n_prompt_tokens=measured[0].n_prompt_tokens, n_generated=[t.n_generated for t in measured],
+                stages={stage: Spread.of([getattr(t, stage) for t in measured]) for stage in STAGES},
+            ))  # fmt: skip
+        peak_rss = peak_rss_bytes()  # before the baseline loads a second copy of the language model
+        llm = vlm.llm
+        text_prompt = vlm.render_prompt(prompt, 0)
+        settings = llm.settings
+        n_threads, n_ctx, repack = llm.n_threads, llm.n_ctx, llm.repack_weights
+        gguf = llm.path
+    finally:
+        vlm.close()
+    result = {
+        "bundle": str(opened.path),
+        "files": {name: entry.size for name, entry in opened.manifest.files.items()},
+        "llm_settings": asdict(settings),
+        "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
+        "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
+        "load_s": load_s,
+        "peak_rss_bytes": peak_rss,
+        "cases": [asdict(case) for case in cases],
+    }  # fmt: skip
+    if baseline:
+        say(f"baseline: plain llama-cpp-python Llama text decode of {gguf.name}, {n_threads} threads")
+        plain = plain_llama_decode(gguf, text_prompt, n_threads=n_threads, n_ctx=n_ctx,
+                                   max_new_tokens=max_new_tokens, runs=runs, repack_weights=repack)  # fmt: skip
+        ours = statistics.median(
+            s for case in cases for s in [case.stages["decode_tokens_per_s"].median] if s > 0
+        ) if cases else 0.0  # fmt: skip
+        result["baseline"] = {
+            "plain_llama_decode_tokens_per_s": asdict(plain),
+            "runtime_decode_tokens_per_s": ours,
+            "decode_ratio": ours / plain.median if plain.median else None,
+        }
+    return result
+
+
+def markdown(result: dict) -> str:
+    """The results as Markdown tables (what `edgevlm bench` prints)."""
+    mb = 1e6
+    vision = result["vision"]
+    summary = (f"bundle {result['bundle']}: load {result['load_s']:.2f} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
+               f"GiB, vision {vision['dtype']} on {', '.join(vision['providers'])}")  # fmt: skip
+    lines = [summary, ""]
+    lines += ["| file | MB |", "|---|---:|"]
+    lines += [f"| {name} | {size / mb:.1f} |" for name, size in result["files"].items()]
+    header = " | ".join(f"{stage.removesuffix('_ms').removesuffix('_tokens_per_s').replace('_', ' ')} {unit}" for stage, unit in STAGES.items())  # fmt: skip
+    lines += ["", f"median (min–max) of {result['runs']} runs, {result['max_new_tokens']} new tokens:", "",
+              f"| image tokens | image | {header} |", "|---:|---|" + "---:|" * len(STAGES)]  # fmt: skip
+    for case in result["cases"]:
+        cells = []
+        for stage in STAGES:
+            s = case["stages"][stage]
+            digits = 0 if stage.endswith("_ms") else 1
+            cells.append(f"{s['median']:.{digits}f} ({s['low']:.{digits}f}–{s['high']:.{digits}f})")
+        width, height = case["image_size"]
+        lines.append(f"| {case['n_image_tokens']} | {width}x{height} | " + " | ".join(cells) + " |")
+    if "baseline" in result:
+        b = result["baseline"]
+        plain = b["plain_llama_decode_tokens_per_s"]
+        ratio = f"{b['decode_ratio']:.2f}x" if b["decode_ratio"] else "n/a"
+        lines += ["", (f"decode: runtime {b['runtime_decode_tokens_per_s']:.1f} tok/s, plain llama-cpp-python "
+                       f"{plain['median']:.1f} tok/s ({plain['low']:.1f}–{plain['high']:.1f}): ratio {ratio}")]  # fmt: skip
+    return "\n".join(lines)
+
+
+def plot(result: dict, out: str | Path) -> Path:
+    """A PNG: time to first token per image size, stacked by stage, and decode speed next to the baseline."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
+    cases = result["cases"]
+    labels = [f"{c['n_image_tokens']} tok\n{c['image_size'][0]}x{c['image_size'][1]}" for c in cases]
+    parts = {
+        "preprocess": [c["stages"]["preprocess_ms"]["median"] / 1000 for c in cases],
+        "vision encoder": [c["stages"]["vision_ms"]["median"] / 1000 for c in cases],
+        "image prefill": [c["stages"]["image_prefill_ms"]["median"] / 1000 for c in cases],
+    }
+    ttft = [c["stages"]["time_to_first_token_ms"]["median"] / 1000 for c in cases]
+    parts["text prefill + first token"] = [max(0.0, t - sum(p[i] for p in parts.values())) for i, t in enumerate(ttft)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    bottom = [0.0] * len(cases)
+    for name, values in parts.items():
+        left.bar(labels, values, bottom=bottom, label=name)
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
+    left.set_ylabel("seconds")
+    left.set_title("time to first token, by stage (median)")
+    left.legend()
+    decode = {f"{c['n_image_tokens']} tok": c["stages"]["decode_tokens_per_s"]["median"] for c in cases}
+    if "baseline" in result:
+        decode["plain Llama"] = result["baseline"]["plain_llama_decode_tokens_per_s"]["median"]
+    right.bar(list(decode), list(decode.values()), color=["C0"] * len(cases) + ["C3"] * ("baseline" in result))
+    right.set_ylabel("tokens / s")
+    right.set_title("decode speed")
+    fig.suptitle(Path(result["bundle"]).name)
+    fig.tight_layout()
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out

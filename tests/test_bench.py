@@ -1,0 +1,73 @@
+"""`edgevlm bench` on a real tiny bundle: every stage measured, the plain llama-cpp-python baseline, the outputs."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from edgevlm.bench import image_side_blocks, markdown, plot, run_bench
+
+
+def test_image_side_blocks_stay_within_the_requested_tokens():
+    assert image_side_blocks(64) == (8, 8)
+    assert image_side_blocks(1024) == (32, 32)
+    assert image_side_blocks(300) == (17, 17)  # 289 tokens: as square as possible, never above the request
+    assert image_side_blocks(2) == (1, 2)
+    with pytest.raises(ValueError, match="positive"):
+        image_side_blocks(0)
+
+
+@pytest.fixture(scope="module")
+def bench_result(tiny_bundles):
+    lines = []
+    result = run_bench(tiny_bundles["Q8_0"], image_tokens=(4, 16), runs=2, max_new_tokens=4, progress=lines.append)
+    assert any("baseline" in line for line in lines)
+    return result
+
+
+def test_bench_measures_every_stage_per_image_size(bench_result):
+    assert [case["n_image_tokens"] for case in bench_result["cases"]] == [4, 16]
+    assert [case["image_size"] for case in bench_result["cases"]] == [(56, 56), (112, 112)]
+    for case in bench_result["cases"]:
+        stages = case["stages"]
+        assert all(1 <= n <= 4 for n in case["n_generated"])  # a random model may end early
+        for name in ("vision_ms", "image_prefill_ms", "time_to_first_token_ms", "text_prefill_tokens_per_s"):
+            assert 0 < stages[name]["low"] <= stages[name]["median"] <= stages[name]["high"], name
+        # the image part of the prefill and the vision encoder happen before the first token
+        assert stages["vision_ms"]["median"] + stages["image_prefill_ms"]["median"] < stages["time_to_first_token_ms"]["high"]  # fmt: skip
+    assert bench_result["load_s"] > 0
+    assert bench_result["peak_rss_bytes"] > sum(bench_result["files"].values()) / 10
+    assert set(bench_result["files"]) == {"llm-Q8_0.gguf", "vision.onnx", "vision-int8.onnx"}
+
+
+def test_bench_baseline_is_plain_llama_cpp_on_the_same_gguf(bench_result):
+    baseline = bench_result["baseline"]
+    assert baseline["plain_llama_decode_tokens_per_s"]["median"] > 0
+    assert baseline["decode_ratio"] == pytest.approx(
+        baseline["runtime_decode_tokens_per_s"] / baseline["plain_llama_decode_tokens_per_s"]["median"]
+    )
+
+
+def test_bench_reports_as_markdown_json_and_plot(bench_result, tmp_path):
+    table = markdown(bench_result)
+    assert "| 4 | 56x56 |" in table and "| 16 | 112x112 |" in table and "ratio" in table
+    json.dumps(bench_result)  # JSON-ready as it is
+    pytest.importorskip("matplotlib")
+    png = plot(bench_result, tmp_path / "bench.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_cli_checks_its_flags_before_loading(tiny_bundles):
+    def bench(*args):
+        return subprocess.run([sys.executable, "-m", "edgevlm.cli", "bench", str(tiny_bundles["F32"]), *args],
+                              check=False, capture_output=True, text=True, timeout=120)  # fmt: skip
+
+    result = bench("--image-tokens", "64,abc")
+    assert result.returncode == 2 and "comma-separated integers" in result.stderr
+    result = bench("--runs", "0")
+    assert result.returncode == 2 and "at least 1" in result.stderr
+    result = bench("--image-tokens", "0")
+    assert result.returncode == 2 and "positive" in result.stderr
