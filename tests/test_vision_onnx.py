@@ -113,6 +113,16 @@ def test_variants_agree_with_fp32(exported, dtype):
             assert cosines.mean() >= FP16_MEAN_COSINE, cosines
 
 
+def test_int8_quantizes_the_weight_matmuls_but_not_the_patch_embedding(exported):
+    """The patch embedding is a MatMul on raw pixels (not onnxruntime's slow 5-D Conv) and stays float in int8."""
+    graph = onnx.load(str(exported[0] / "vision-int8.onnx")).graph
+    pixel_readers = [node.op_type for node in graph.node if "pixel_patches" in node.input]
+    assert pixel_readers == ["MatMul"]
+    ops = [node.op_type for node in graph.node]
+    assert "Conv" not in ops
+    assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 4 * 2  # qkv, proj, fc1, fc2 per block
+
+
 def test_fp16_keeps_rotary_angles_float32(exported):
     """Angles of far-away patches (~64 rad) lose ~0.016 rad in fp16; the fp16 graph must keep them float32."""
     model = onnx.load(str(exported[0] / "vision-fp16.onnx"))

@@ -212,18 +212,23 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
     """Dynamic int8 quantization of the weight MatMuls (per output channel); everything else stays float.
 
     Only MatMuls with a constant weight are quantized: attention's activation-by-activation MatMuls and the patch
-    Conv stay float, which keeps the accuracy loss to the weights' rounding. Activations are quantized per call.
+    embedding on raw pixels stay float, which keeps the accuracy loss to the weights' rounding. Activations are
+    quantized per call.
     """
     quantization = _require("onnxruntime.quantization")
+    onnx = _require("onnx")
     fp32_path, out_path = Path(fp32_path), Path(out_path)
     onnx_data_path(out_path).unlink(missing_ok=True)
+    graph = onnx.load(str(fp32_path), load_external_data=False).graph
+    graph_inputs = {i.name for i in graph.input}
+    float_matmuls = [n.name for n in graph.node if n.op_type == "MatMul" and graph_inputs & set(n.input)]
     with _without_log_records(logging.getLogger(), "consider to run pre-processing"):  # advice for static quantization
         quantization.quantize_dynamic(
             fp32_path, out_path, op_types_to_quantize=["MatMul"], per_channel=True,
             weight_type=quantization.QuantType.QInt8,
             # int8 weights are a quarter of fp32 ones; only a huge graph still needs external data.
             use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES,
-            extra_options={"MatMulConstBOnly": True},
+            extra_options={"MatMulConstBOnly": True}, nodes_to_exclude=float_matmuls,
         )  # fmt: skip
     logger.info("quantized %s -> %s (%.1f MB)", fp32_path, out_path, onnx_file_bytes(out_path) / 1e6)
 

@@ -60,7 +60,12 @@ class Qwen2VLVisionForExport(nn.Module):
 
     def forward(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
         visual = self.visual
-        hidden = visual.patch_embed(pixel_patches)[None]  # (1, n, embed)
+        # The patch embedding is a Conv3d whose kernel is one whole patch: a MatMul on the flattened patch, which
+        # onnxruntime runs ~10x faster than its 5-D Conv (and which stays float: it reads raw pixels).
+        proj = visual.patch_embed.proj
+        hidden = (pixel_patches @ proj.weight.reshape(proj.out_channels, -1).T)[None]  # (1, n, embed)
+        if proj.bias is not None:
+            hidden = hidden + proj.bias
         n_patches = hidden.shape[1]
         # Axial rope: angles of the row then the column over head_dim / 2, repeated to rotate the whole head.
         angles = (patch_positions.float()[..., None] * visual.rotary_pos_emb.inv_freq).flatten(1)
