@@ -4,6 +4,11 @@
     vlm = edgevlm.load("bundle/")
     for step in vlm.generate("What is in this picture?", images=["photo.jpg"]):
         print(step.text, end="", flush=True)
+
+    # OpenAI-style conversations: follow-ups reuse the KV cache and the image embeddings
+    answer = vlm.chat([{"role": "user", "content": [{"type": "image", "image": frame},
+                                                    {"type": "text", "text": "What is on the table?"}]}])
+    print(answer.text, answer.finish_reason, answer.timings)
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import os
 from typing import TYPE_CHECKING
 
 from .bundle import Bundle
+from .chat import ChatChunk, ChatResult, ImagePolicy
 from .errors import BundleError, ContextOverflowError, EdgeVLMError, ImageError, UnsupportedModelError
 
 if TYPE_CHECKING:
@@ -19,7 +25,7 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "Bundle", "EdgeVLM", "EdgeVLMError", "BundleError", "ImageError", "ContextOverflowError",
+    "load", "Bundle", "EdgeVLM", "ChatResult", "ChatChunk", "ImagePolicy", "EdgeVLMError", "BundleError", "ImageError", "ContextOverflowError",
     "UnsupportedModelError", "__version__",
 ]  # fmt: skip
 

@@ -145,6 +145,37 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import edgevlm
+
+    from .chat import ImagePolicy
+    from .server import ServerSettings, serve
+
+    local_dir = None
+    if args.allow_local_images is not None:
+        local_dir = Path(args.allow_local_images).resolve()
+        if not local_dir.is_dir():
+            raise EdgeVLMError(f"--allow-local-images {args.allow_local_images}: not a directory")
+    if args.max_body_mb <= 0 or args.queue < 0:
+        raise EdgeVLMError("--max-body-mb must be > 0 and --queue >= 0")
+    max_body = int(args.max_body_mb * 2**20)
+    policy = ImagePolicy(allow_local=local_dir is not None, local_root=local_dir,
+                         allow_remote=args.allow_remote_images, max_bytes=max_body)  # fmt: skip
+    settings = ServerSettings(model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key,
+                              image_policy=policy, max_body_bytes=max_body, max_queue=args.queue)  # fmt: skip
+    vlm = edgevlm.load(
+        args.bundle, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
+        max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
+    )  # fmt: skip
+    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
+        print(f"edgevlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    print(f"serving {settings.model_id} at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
+    serve(vlm, settings, host=args.host, port=args.port)
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
@@ -268,6 +299,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG of the stages to this file (needs matplotlib)")
     p.set_defaults(handler=_bench)
+
+    p = sub.add_parser("serve", help="serve a bundle over an OpenAI-compatible HTTP API (/v1/chat/completions)")
+    p.add_argument("bundle")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
+    p.add_argument("--model-id", default=None, help="model name in the API (default: the bundle directory's name)")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    p.add_argument("--allow-local-images", metavar="DIR", default=None,
+                   help="accept image paths and file:// URLs inside DIR (default: refused)")  # fmt: skip
+    p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default: 20 MB)")
+    p.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (default: 16)")
+    p.add_argument("--n-ctx", type=int, default=4096)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
+    p.add_argument("--max-image-tokens", type=int, help="most visual tokens per image (default: the bundle's)")
+    p.add_argument("--min-image-tokens", type=int, help="fewest visual tokens per image (default: the model's)")
+    p.add_argument("--image-budget", type=int, help="most visual tokens for all images of a request")
+    p.set_defaults(handler=_serve)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     p.add_argument("bundle")

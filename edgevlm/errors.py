@@ -31,3 +31,15 @@ class BudgetError(EdgeVLMError, ValueError):
 
 class ContextOverflowError(EdgeVLMError, ValueError):
     """Prompt, image tokens and requested new tokens do not fit in the context window."""
+
+
+class RequestError(EdgeVLMError, ValueError):
+    """A chat request that is malformed: messages, parameters or response_format of the wrong shape or value."""
+
+
+class GrammarError(RequestError):
+    """A grammar (raw GBNF, or one made from a JSON schema) that llama.cpp cannot parse."""
+
+
+class ImageNotAllowedError(ImageError):
+    """An image source the caller's policy refuses: a remote URL, or a local path outside the allowed directory."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from ..errors import BundleError, ContextOverflowError
+from ..errors import BundleError, ContextOverflowError, GrammarError
 
 logger = logging.getLogger(__name__)
 _llama_logger = logging.getLogger("edgevlm.llama_cpp")
@@ -79,6 +79,7 @@ class SamplingParams:
     top_k: int = 40
     top_p: float = 0.95
     seed: int = 0xFFFFFFFF  # llama.cpp's LLAMA_DEFAULT_SEED: random
+    grammar: str | None = None  # GBNF, root rule `root`: only tokens the grammar allows are sampled
 
 
 def _outputs(logits: str, is_last_chunk: bool) -> str:
@@ -206,6 +207,16 @@ class LlamaLM:
         llama_cpp.llama_memory_clear(self._memory, True)
         self.n_past = 0
 
+    def truncate(self, position: int, n_kept: int) -> None:
+        """Remove every cache cell at `position` or later; `n_kept` cells remain (the caller counts them: under
+        M-RoPE an image's cells share one position, so positions are not cell counts)."""
+        if n_kept == 0:
+            self.reset()
+            return
+        if not llama_cpp.llama_memory_seq_rm(self._memory, 0, position, -1):
+            raise RuntimeError(f"llama.cpp could not remove the KV cache from position {position} on")
+        self.n_past = n_kept
+
     def _check_room(self, n_new: int) -> None:
         if self.n_past + n_new > self.n_ctx:
             raise ContextOverflowError(
@@ -278,12 +289,29 @@ class LlamaLM:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
     # -- sampling -------------------------------------------------------------------------------------------------
+    def _grammar_sampler(self, grammar: str):
+        with collect_llama_errors() as errors:
+            sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            detail = "; ".join(line for line in errors if line) or "see the llama.cpp log"
+            raise GrammarError(f"the grammar does not parse ({detail}); it must be GBNF with a `root` rule.")
+        return sampler
+
+    def check_grammar(self, grammar: str) -> None:
+        """Raise `GrammarError` if llama.cpp cannot parse `grammar` (GBNF)."""
+        llama_cpp.llama_sampler_free(self._grammar_sampler(grammar))
+
     def set_sampling(self, params: SamplingParams) -> None:
+        """Replace the sampler chain: the grammar first (if any), then greedy or top-k, top-p, temperature, seed."""
+        grammar = self._grammar_sampler(params.grammar) if params.grammar is not None else None
         if self._sampler is not None:
             llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(chain_params)
+        if grammar is not None:
+            llama_cpp.llama_sampler_chain_add(chain, grammar)  # the chain owns it from here
         if params.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:

@@ -5,14 +5,15 @@ from __future__ import annotations
 import codecs
 import logging
 import os
+import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from jinja2 import Template
+from jinja2 import Template, TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
@@ -21,27 +22,37 @@ from ..budget import (
     vision_tower_size,
 )  # fmt: skip
 from ..bundle import Bundle
-from ..errors import BundleError, ContextOverflowError
+from ..chat import ChatChunk, ChatResult, ImagePolicy, check_sampling, collect, grammar_for, parse_messages, parse_stop, resolve_image, stop_at  # fmt: skip
+from ..errors import BundleError, ContextOverflowError, RequestError
 from ..images import PreparedImage, Qwen2VLPreprocessing, image_size, load_image, preprocess
 from .llm import LlamaLM, LlamaSettings, SamplingParams
 from .positions import image_positions, text_positions
+from .reuse import EmbeddingCache, KVRecord, Unit, image_key
 from .vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
+# Vision embeddings kept for repeated images: a 448x448 frame of a 2B model is 1.5 MB, so about 40 frames.
+EMBEDDING_CACHE_BYTES = 64 * 2**20
+
 
 @dataclass
 class Timings:
-    """Where the time of one generation went."""
+    """Where the time of one generation went, and how much work earlier requests saved it."""
 
+    queue_ms: float = 0.0  # waiting for the model while other requests ran
     preprocess_ms: float = 0.0
     vision_ms: float = 0.0
     prefill_ms: float = 0.0  # decoding prompt tokens and image embeddings into the KV cache
     image_prefill_ms: float = 0.0  # the part of prefill_ms spent on image embeddings
-    time_to_first_token_ms: float = 0.0
+    time_to_first_token_ms: float = 0.0  # from the model's turn to the first sampled token (queue excluded)
     decode_ms: float = 0.0
     n_prompt_tokens: int = 0  # text tokens of the prompt
     n_image_tokens: int = 0
+    n_encoded_image_tokens: int = 0  # image tokens run through the vision encoder for this request
+    n_cached_image_tokens: int = 0  # image tokens whose embeddings came from the embedding cache
+    n_reused_tokens: int = 0  # prompt cells (text and image) already in the KV cache from the previous request
+    n_prefill_tokens: int = 0  # prompt cells decoded for this request
     n_generated: int = 0
 
     @property
@@ -50,13 +61,14 @@ class Timings:
 
     @property
     def prefill_tokens_per_s(self) -> float:
-        n = self.n_prompt_tokens + self.n_image_tokens
-        return n / (self.prefill_ms / 1000) if self.prefill_ms else 0.0
+        return self.n_prefill_tokens / (self.prefill_ms / 1000) if self.prefill_ms else 0.0
 
     @property
     def text_prefill_tokens_per_s(self) -> float:
         text_ms = self.prefill_ms - self.image_prefill_ms
-        return self.n_prompt_tokens / (text_ms / 1000) if text_ms > 0 else 0.0
+        # every image decoded here got its embeddings from the encoder or the cache
+        n_text = self.n_prefill_tokens - self.n_encoded_image_tokens - self.n_cached_image_tokens
+        return n_text / (text_ms / 1000) if text_ms > 0 else 0.0
 
 
 @dataclass
@@ -64,7 +76,7 @@ class GenerationStep:
     """One streamed piece: the new text (may be empty while a UTF-8 character is incomplete) and its token.
 
     The last step has `finish_reason` set ("stop": end of generation token, "length": max_new_tokens or the
-    context is full) and complete `timings`.
+    context is full, "cancelled": the `cancel` event was set; then `token` is None) and complete `timings`.
     """
 
     text: str
@@ -75,10 +87,15 @@ class GenerationStep:
 
 @dataclass(frozen=True)
 class _Span:
-    """A piece of the prompt: text tokens, or one image."""
+    """A piece of the prompt: text tokens, or one image (with its content key for the caches)."""
 
     tokens: list[int] | None = None
     image: PreparedImage | None = None
+    key: str = ""
+
+    @property
+    def units(self) -> list[Unit]:
+        return list(self.tokens) if self.tokens is not None else [self.key]
 
 
 def _compile_chat_template(template: str) -> Template:
@@ -158,12 +175,26 @@ class EdgeVLM:
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
         self._chat = _compile_chat_template(self.chat_template)
+        self._lock = threading.Lock()  # one generation at a time; the others wait their turn
+        self._kv = KVRecord()  # what the KV cache holds, for reuse by the next request
+        self.embedding_cache = EmbeddingCache(EMBEDDING_CACHE_BYTES)
 
     # -- prompt ---------------------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, n_images: int) -> str:
         """The chat-formatted prompt text for one user turn with `n_images` images before the text."""
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
         return self._chat.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+
+    def render_messages(self, messages: list[dict[str, Any]]) -> str:
+        """The chat-formatted text of a conversation, ending where the assistant speaks next.
+
+        `messages` are in the template's form: role and content, a string or parts {"type": "text", "text": …} and
+        {"type": "image"} (`edgevlm.chat.parse_messages` makes them from OpenAI-style messages).
+        """
+        try:
+            return self._chat.render(messages=messages, add_generation_prompt=True)
+        except (TemplateError, ValueError) as err:
+            raise RequestError(f"the model's chat template refused these messages: {err}") from err
 
     def _text_pieces(self, rendered: str) -> list[list[int]]:
         """Tokens of the text between image placeholders: one more piece than there are image spans."""
@@ -190,11 +221,12 @@ class EdgeVLM:
         """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding)."""
         requests = _image_requests([image_size(image) for image in images], crop, tiles)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        return self._plan(prompt, requests, max_new_tokens, request_limits)[0]
+        return self._plan(lambda n: self.render_prompt(prompt, n), requests, max_new_tokens, request_limits)[0]
 
-    def _plan(self, prompt: str, requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
+    def _plan(self, render: Callable[[int], str], requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
+        """Plan the image spans; `render(n_spans)` gives the prompt text with one image placeholder per span."""
         n_spans = count_spans(requests, self.preprocessing)
-        pieces = self._text_pieces(self.render_prompt(prompt, n_spans))
+        pieces = self._text_pieces(render(n_spans))
         if len(pieces) - 1 != n_spans:
             raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {n_spans} image spans were planned "
                              f"(is {self.manifest.tokens.image_pad} in the prompt text?)")  # fmt: skip
@@ -204,12 +236,12 @@ class EdgeVLM:
         )  # fmt: skip
         return plan, pieces
 
-    def _prepare(self, prompt: str, images: Sequence[Any], max_new_tokens: int, request_limits: BudgetLimits,
-                 crop: CropArg, tiles: int | None) -> tuple[list[_Span], BudgetPlan]:  # fmt: skip
+    def _prepare(self, render: Callable[[int], str], images: Sequence[Any], max_new_tokens: int,
+                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> tuple[list[_Span], BudgetPlan]:  # fmt: skip
         """Decode the images, plan their spans, and cut/resize/patchify each span exactly as planned."""
         loaded = [load_image(image) for image in images]
         requests = _image_requests([image.size for image in loaded], crop, tiles)
-        plan, pieces = self._plan(prompt, requests, max_new_tokens, request_limits)
+        plan, pieces = self._plan(render, requests, max_new_tokens, request_limits)
         prepared = [
             preprocess(_region(loaded[span.image_index], span.box), self.preprocessing, resized_size=span.resized_size)
             for span in plan.spans
@@ -219,7 +251,7 @@ class EdgeVLM:
             if piece:
                 spans.append(_Span(tokens=piece))
             if i < len(prepared):
-                spans.append(_Span(image=prepared[i]))
+                spans.append(_Span(image=prepared[i], key=image_key(prepared[i], self.vision_dtype)))
         return spans, plan
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -238,6 +270,8 @@ class EdgeVLM:
         image_budget: int | None = None,
         crop: CropArg = None,
         tiles: int | None = None,
+        grammar: str | None = None,
+        cancel: threading.Event | None = None,
     ) -> Iterator[GenerationStep]:
         """Stream the answer to `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
 
@@ -245,76 +279,199 @@ class EdgeVLM:
         per image) encodes only that region; `tiles` = K encodes each image as a low-resolution global view plus up
         to K tiles, each its own image span (global view first, then tiles row by row). Images always leave room for
         the prompt and `max_new_tokens` in the context; `plan` shows the spans without encoding anything.
+        `grammar` (GBNF, rule `root`) restricts the answer; setting `cancel` (from any thread) ends the stream
+        before the next token with finish_reason "cancelled". Generations run one at a time (see `chat`).
+        """
+        sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
+        request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
+        yield from self._stream(lambda n: self.render_prompt(prompt, n), images, max_new_tokens, sampling,
+                                request_limits, crop, tiles, cancel)  # fmt: skip
+
+    def chat(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        *,
+        stream: bool = False,
+        max_tokens: int = 256,
+        temperature: float = 0.0,
+        top_p: float = 0.95,
+        top_k: int = 40,
+        seed: int | None = None,
+        stop: str | Sequence[str] | None = None,
+        response_format: Mapping[str, Any] | None = None,
+        max_image_tokens: int | None = None,
+        cancel: threading.Event | None = None,
+        image_policy: ImagePolicy | None = None,
+    ) -> ChatResult | Iterator[ChatChunk]:
+        """Answer an OpenAI-style conversation: the whole `ChatResult`, or with `stream=True` an iterator of
+        `ChatChunk`s (text pieces; the last one has finish_reason and complete timings).
+
+        `messages`: dicts with `role` (system, user, assistant) and `content`, a string or a list of parts:
+        {"type": "text", "text": …}, {"type": "image_url", "image_url": {"url": …}} with a `data:` URL, a file path
+        or a file:// URL, and {"type": "image", "image": …} with a path, bytes, a PIL image or an HxWx3 uint8 array.
+        `image_policy` says where images may come from (default: any local file, no remote URL).
+        `response_format`: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": …}} or
+        {"type": "gbnf", "grammar": …} constrains the answer through a llama.cpp grammar. `stop` strings end the
+        answer (they are not part of it). `cancel`, set from any thread, ends it before the next token
+        (finish_reason "cancelled").
+
+        Requests on one model run one at a time, in any thread; a follow-up that repeats the conversation so far
+        decodes only what is new (the KV cache is reused up to the longest common prefix) and does not re-encode
+        an image seen recently (see `Timings`). The request is checked and its images decoded before it waits for
+        the model, so a bad request fails at once (`edgevlm.EdgeVLMError`).
+        """
+        check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                       max_image_tokens=max_image_tokens)  # fmt: skip
+        template_messages, sources = parse_messages(messages)
+        images = [load_image(resolve_image(source, image_policy or ImagePolicy())) for source in sources]
+        grammar = grammar_for(response_format)
+        if grammar is not None:
+            self.llm.check_grammar(grammar)
+        stops = parse_stop(stop)
+        rendered = self.render_messages(template_messages)
+        sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
+        steps = self._stream(lambda n: rendered, images, max_tokens, sampling, BudgetLimits(max_image_tokens), None, None, cancel)  # fmt: skip
+        chunks = stop_at(steps, stops)
+        return chunks if stream else collect(chunks)
+
+    def _stream(self, render: Callable[[int], str], images: Sequence[Any], max_new_tokens: int, sampling: SamplingParams,
+                request_limits: BudgetLimits, crop: CropArg, tiles: int | None,
+                cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
+        """Wait for the model, then prepare, encode, prefill and stream one request.
+
+        The lock is held from the model's turn until the stream ends or is closed (a consumer that stops early
+        should close it; dropping the last reference does that in CPython).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        timings = Timings()
-        t_begin = time.perf_counter()
-        spans, _ = self._prepare(prompt, images, max_new_tokens, request_limits, crop, tiles)
-        timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
-        timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
-        timings.n_image_tokens = sum(s.image.n_tokens for s in spans if s.image is not None)
-        n_prompt = timings.n_prompt_tokens + timings.n_image_tokens
-        if n_prompt + 1 > self.llm.n_ctx:  # text only: the planner reserved room whenever there are images
-            raise ContextOverflowError(
-                f"the prompt needs {n_prompt} tokens ({timings.n_prompt_tokens} text + {timings.n_image_tokens} "
-                f"image) plus at least 1 to generate, but the context holds {self.llm.n_ctx}; shorten the prompt, "
-                "use fewer or smaller images, or load with a larger n_ctx."
-            )
+        t_queue = time.perf_counter()
+        while not self._lock.acquire(timeout=0.05):
+            if cancel is not None and cancel.is_set():
+                yield GenerationStep("", None, "cancelled", Timings(queue_ms=(time.perf_counter() - t_queue) * 1000))
+                return
+        try:
+            timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000)
+            t_begin = time.perf_counter()
+            spans, _ = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
+            timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
+            timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
+            timings.n_image_tokens = sum(s.image.n_tokens for s in spans if s.image is not None)
+            n_prompt = timings.n_prompt_tokens + timings.n_image_tokens
+            if n_prompt + 1 > self.llm.n_ctx:  # text only: the planner reserved room whenever there are images
+                raise ContextOverflowError(
+                    f"the prompt needs {n_prompt} tokens ({timings.n_prompt_tokens} text + {timings.n_image_tokens} "
+                    f"image) plus at least 1 to generate, but the context holds {self.llm.n_ctx}; shorten the prompt, "
+                    "use fewer or smaller images, or load with a larger n_ctx."
+                )
+            self.llm.set_sampling(sampling)
+            position = self._prefill(spans, timings, cancel)
+            if position is None:
+                yield GenerationStep("", None, "cancelled", timings)
+                return
+            yield from self._decode_loop(position, max_new_tokens, timings, t_begin, cancel)
+        finally:
+            self._lock.release()
 
-        t0 = time.perf_counter()
-        embeddings = self._encode_images(spans)
-        timings.vision_ms = (time.perf_counter() - t0) * 1000
+    def _prefill(self, spans: list[_Span], timings: Timings, cancel: threading.Event | None) -> int | None:
+        """Make the KV cache hold the prompt, decoding only what the previous request did not leave there.
 
-        t_prefill = time.perf_counter()
-        position, _ = self._prefill(spans, embeddings, timings=timings)
-        timings.prefill_ms = (time.perf_counter() - t_prefill) * 1000
-
-        self.llm.set_sampling(SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed))
-        yield from self._decode_loop(position, max_new_tokens, timings, t_begin)
-
-    def _prefill(self, spans: list[_Span], embeddings: list[np.ndarray], logits: str = "last", timings: Timings | None = None) -> tuple[int, np.ndarray | None]:  # fmt: skip
-        """Decode the prompt into a fresh KV cache; returns the next text position (and all logits if asked).
-
-        `timings.image_prefill_ms` receives the time spent decoding image embeddings."""
-        self.llm.reset()
-        position = 0
-        image_index = 0
-        rows = []
-        for i, span in enumerate(spans):
-            span_logits = logits if logits == "all" or i == len(spans) - 1 else "none"
-            if span.tokens is not None:
-                rows.append(self.llm.decode_tokens(span.tokens, text_positions(position, len(span.tokens)), logits=span_logits))  # fmt: skip
-                position += len(span.tokens)
-            else:
-                embeds = embeddings[image_index]
-                image_index += 1
-                if len(embeds) != span.image.n_tokens:
-                    raise RuntimeError(f"the vision graph returned {len(embeds)} embeddings for an image the "
-                                       f"preprocessor planned as {span.image.n_tokens} tokens")  # fmt: skip
-                positions, position = image_positions(self.manifest.positions, position, span.image.grid)
-                t_image = time.perf_counter()
-                rows.append(self.llm.decode_embeddings(embeds, positions, logits=span_logits))
-                if timings is not None:
+        Returns the next text position, or None when cancelled (the cache then holds a prefix the record knows).
+        At least the last unit is decoded, so the last logits are this prompt's.
+        """
+        units = [unit for span in spans for unit in span.units]
+        n_reused = min(self._kv.common_prefix(units), len(units) - 1)
+        position, timings.n_reused_tokens = self._kv.truncate(n_reused)
+        pending: list[tuple[_Span, int]] = []  # spans (or their tails) to decode, with the units to skip
+        index = 0
+        for span in spans:
+            if index + len(span.units) > n_reused:
+                pending.append((span, max(0, n_reused - index)))
+            index += len(span.units)
+        try:
+            self.llm.truncate(position, timings.n_reused_tokens)
+            t0 = time.perf_counter()
+            embeddings = {span.key: self._embed(span, timings) for span, _ in pending if span.image is not None}
+            timings.vision_ms = (time.perf_counter() - t0) * 1000
+            t_prefill = time.perf_counter()
+            for i, (span, skip) in enumerate(pending):
+                if cancel is not None and cancel.is_set():
+                    return None
+                logits = "last" if i == len(pending) - 1 else "none"
+                if span.tokens is not None:
+                    tokens = span.tokens[skip:]
+                    self.llm.decode_tokens(tokens, text_positions(position, len(tokens)), logits=logits)
+                    for token in tokens:
+                        self._kv.append(token, position, 1, position + 1)
+                        position += 1
+                    timings.n_prefill_tokens += len(tokens)
+                else:
+                    embeds = embeddings[span.key]
+                    positions, next_position = image_positions(self.manifest.positions, position, span.image.grid)
+                    t_image = time.perf_counter()
+                    self.llm.decode_embeddings(embeds, positions, logits=logits)
                     timings.image_prefill_ms += (time.perf_counter() - t_image) * 1000
-        return position, (np.concatenate(rows) if logits == "all" else None)
+                    self._kv.append(span.key, position, len(embeds), next_position)
+                    position = next_position
+                    timings.n_prefill_tokens += len(embeds)
+            timings.prefill_ms = (time.perf_counter() - t_prefill) * 1000
+            return position
+        except BaseException:
+            self._forget()  # a failed or interrupted decode may leave cells the record does not know
+            raise
+
+    def _embed(self, span: _Span, timings: Timings) -> np.ndarray:
+        """Vision embeddings of one image span, from the cache when this image was encoded recently."""
+        embeds = self.embedding_cache.get(span.key)
+        if embeds is not None:
+            timings.n_cached_image_tokens += len(embeds)
+            return embeds
+        embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
+        if len(embeds) != span.image.n_tokens:
+            raise RuntimeError(f"the vision graph returned {len(embeds)} embeddings for an image the "
+                               f"preprocessor planned as {span.image.n_tokens} tokens")  # fmt: skip
+        timings.n_encoded_image_tokens += len(embeds)
+        self.embedding_cache.put(span.key, embeds)
+        return embeds
+
+    def _forget(self) -> None:
+        self.llm.reset()
+        self._kv.clear()
+
+    def clear_caches(self) -> None:
+        """Forget the reusable KV prefix and the cached image embeddings: the next request starts cold."""
+        with self._lock:
+            self._forget()
+            self.embedding_cache.clear()
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
-        spans, _ = self._prepare(prompt, images, 0, BudgetLimits(), None, None)
-        return self._prefill(spans, self._encode_images(spans), logits="all")[1]
+        spans, _ = self._prepare(lambda n: self.render_prompt(prompt, n), images, 0, BudgetLimits(), None, None)
+        with self._lock:
+            self._forget()  # every position's logits: decode from scratch; the cache is not recorded for reuse
+            position = 0
+            rows = []
+            for span in spans:
+                if span.tokens is not None:
+                    rows.append(self.llm.decode_tokens(span.tokens, text_positions(position, len(span.tokens)), logits="all"))  # fmt: skip
+                    position += len(span.tokens)
+                else:
+                    embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
+                    positions, position = image_positions(self.manifest.positions, position, span.image.grid)
+                    rows.append(self.llm.decode_embeddings(embeds, positions, logits="all"))
+            return np.concatenate(rows)
 
-    def _encode_images(self, spans: list[_Span]) -> list[np.ndarray]:
-        """Vision embeddings of the image spans, in prompt order."""
-        return [self.vision.encode(s.image.pixel_patches, s.image.grid) for s in spans if s.image is not None]
-
-    def _decode_loop(
-        self, position: int, max_new_tokens: int, timings: Timings, t_begin: float
-    ) -> Iterator[GenerationStep]:
+    def _decode_loop(self, position: int, max_new_tokens: int, timings: Timings, t_begin: float,
+                     cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         t_first = None
+        token = None
         for i in range(max_new_tokens):
+            if cancel is not None and cancel.is_set():
+                yield GenerationStep(utf8.decode(b"", final=True), None, "cancelled", timings)
+                return
+            if token is not None:  # the previous token goes into the cache only when another one is wanted
+                self._decode_generated(token, position)
+                position += 1
             token = self.llm.sample()
             now = time.perf_counter()
             if t_first is None:
@@ -330,8 +487,14 @@ class EdgeVLM:
                 yield GenerationStep(text + utf8.decode(b"", final=True), token, "length", timings)
                 return
             yield GenerationStep(text, token, None, timings)
+
+    def _decode_generated(self, token: int, position: int) -> None:
+        try:
             self.llm.decode_tokens([token], text_positions(position, 1))
-            position += 1
+        except BaseException:
+            self._forget()
+            raise
+        self._kv.append(token, position, 1, position + 1)
 
     def close(self) -> None:
         self.llm.close()

@@ -1,0 +1,332 @@
+"""OpenAI-style chat requests for `EdgeVLM.chat` and the server: messages → the chat template's messages plus
+images, where images may come from (`ImagePolicy`), response formats → llama.cpp grammars, stop strings, and the
+typed results.
+
+Everything here checks a request before it waits for the model, and raises `edgevlm.errors.RequestError` (or
+`ImageError`) with a message that names the bad field.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import os
+import urllib.error
+import urllib.request
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.request import url2pathname
+
+from .errors import GrammarError, ImageError, ImageNotAllowedError, RequestError
+
+if TYPE_CHECKING:
+    from .runtimes.pipeline import GenerationStep, Timings
+
+ROLES = ("system", "user", "assistant")
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a streamed answer; the last one has `finish_reason` ("stop", "length" or "cancelled")."""
+
+    text: str
+    finish_reason: str | None
+    timings: Timings
+
+
+@dataclass
+class ChatResult:
+    """A whole answer: its text, why it ended, and where the time went (`Timings`: vision ms, image tokens,
+    prefill and decode tokens per second, and what earlier requests saved)."""
+
+    text: str
+    finish_reason: str
+    timings: Timings
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """OpenAI-style token counts: prompt (text and image tokens), completion, total."""
+        prompt = self.timings.n_prompt_tokens + self.timings.n_image_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": self.timings.n_generated,
+                "total_tokens": prompt + self.timings.n_generated}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------------ messages
+
+
+def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+    """OpenAI-style `messages` → (messages for the chat template, image sources in prompt order).
+
+    Content is a string or a list of parts: {"type": "text", "text": str}, {"type": "image_url", "image_url":
+    {"url": str}} (or the URL string itself) and edgevlm's {"type": "image", "image": path, bytes, PIL image or
+    array}. Images go in user messages only. The role "developer" (newer OpenAI clients) counts as "system".
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    rendered: list[dict[str, Any]] = []
+    images: list[Any] = []
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, Mapping):
+            raise RequestError(f"{where} must be an object with 'role' and 'content', got {type(message).__name__}")
+        role = "system" if message.get("role") == "developer" else message.get("role")
+        if role not in ROLES:
+            raise RequestError(f"{where}.role is {message.get('role')!r}; expected one of {', '.join(ROLES)}")
+        content = message.get("content")
+        if content is None and role == "assistant":
+            content = ""
+        if isinstance(content, str):
+            rendered.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, Sequence) or isinstance(content, bytes):
+            raise RequestError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
+        parts = []
+        for j, part in enumerate(content):
+            parts.append(_parse_part(part, f"{where}.content[{j}]", role, images))
+        rendered.append({"role": role, "content": parts})
+    return rendered, images
+
+
+def _parse_part(part: Any, where: str, role: str, images: list[Any]) -> dict[str, Any]:
+    if not isinstance(part, Mapping):
+        raise RequestError(f"{where} must be an object with a 'type', got {type(part).__name__}")
+    kind = part.get("type")
+    if kind == "text":
+        if not isinstance(part.get("text"), str):
+            raise RequestError(f"{where}.text must be a string")
+        return {"type": "text", "text": part["text"]}
+    if kind in ("image_url", "image"):
+        if role != "user":
+            raise RequestError(f"{where}: images go in user messages, not in {role} messages")
+        if kind == "image_url":
+            url = part.get("image_url")
+            url = url.get("url") if isinstance(url, Mapping) else url
+            if not isinstance(url, str) or not url:
+                raise RequestError(f"{where}.image_url.url must be a data: URL, a path or a URL string")
+            images.append(url)
+        else:
+            if part.get("image") is None:
+                raise RequestError(f"{where}.image is missing: give a path, bytes, a PIL image or an HxWx3 array")
+            images.append(part["image"])
+        return {"type": "image"}
+    raise RequestError(f"{where}.type is {kind!r}; expected 'text', 'image_url' or 'image'")
+
+
+# -------------------------------------------------------------------------------------------------------- images
+
+
+@dataclass(frozen=True)
+class ImagePolicy:
+    """Where image parts may come from. `EdgeVLM.chat` allows any local file and no remote URL by default; the
+    server allows local files only under `--allow-local-images DIR` and remote URLs only with `--allow-remote-images`.
+    """
+
+    allow_local: bool = True
+    local_root: Path | None = None  # when set, a local path must resolve (symlinks, ..) to a file inside it
+    allow_remote: bool = False
+    max_bytes: int = 20 * 2**20  # most bytes fetched from a remote URL
+    fetch_timeout_s: float = 10.0
+
+
+def resolve_image(source: Any, policy: ImagePolicy) -> Any:
+    """An image part's source as `load_image` takes it: a `data:` URL becomes bytes, a remote URL is fetched (if
+    allowed), a path or file:// URL is checked against the policy; bytes, PIL images and arrays pass through."""
+    if isinstance(source, str):
+        if source[:5].lower() == "data:":
+            return decode_data_url(source)
+        scheme = urlsplit(source).scheme.lower()
+        if scheme in ("http", "https"):
+            if not policy.allow_remote:
+                raise ImageNotAllowedError(f"remote image URLs are not allowed here ({source[:80]}); send the image "
+                                           "as a data: URL (a server allows them with --allow-remote-images)")  # fmt: skip
+            return _fetch(source, policy)
+        if scheme == "file":
+            return _local_path(url2pathname(urlsplit(source).path), policy)
+        if len(scheme) > 1:  # one letter: a Windows drive
+            raise ImageError(f"image URL scheme {scheme!r} is not supported; use a data: URL, http(s) or a path")
+        return _local_path(source, policy)
+    if isinstance(source, os.PathLike):
+        return _local_path(source, policy)
+    return source
+
+
+def decode_data_url(url: str) -> bytes:
+    """The bytes of a `data:[<mediatype>][;base64],<data>` URL."""
+    header, comma, payload = url.partition(",")
+    if not comma:
+        raise RequestError("the data: URL has no ',' before its data; expected data:image/png;base64,<base64 bytes>")
+    if header.lower().endswith(";base64"):
+        try:
+            return base64.b64decode(payload, validate=True)
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(f"the data: URL's base64 does not decode ({err}); send the image file's bytes "
+                             "base64-encoded, e.g. data:image/png;base64,iVBORw0...") from err  # fmt: skip
+    return unquote_to_bytes(payload)
+
+
+def _local_path(path: str | os.PathLike, policy: ImagePolicy) -> Path:
+    if not policy.allow_local:
+        raise ImageNotAllowedError("local image paths are not allowed here; send the image as a data: URL "
+                                   "(a server allows a directory with --allow-local-images DIR)")  # fmt: skip
+    if policy.local_root is None:
+        return Path(path)
+    root = Path(policy.local_root).resolve()
+    resolved = (root / path).resolve()
+    if not resolved.is_relative_to(root):
+        raise ImageNotAllowedError(f"image path {str(path)[:200]!r} is outside the directory this server allows "
+                                   "images from; give a path inside it, relative to it, or a data: URL")  # fmt: skip
+    return resolved
+
+
+def _fetch(url: str, policy: ImagePolicy) -> bytes:
+    request = urllib.request.Request(url, headers={"User-Agent": "edgevlm"})
+    try:
+        with urllib.request.urlopen(request, timeout=policy.fetch_timeout_s) as response:
+            data = response.read(policy.max_bytes + 1)
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise ImageError(f"could not fetch the image {url[:200]} ({err}); check the URL or send a data: URL") from err
+    if len(data) > policy.max_bytes:
+        raise ImageError(f"the image at {url[:200]} is larger than {policy.max_bytes} bytes; send a smaller image")
+    return data
+
+
+# ------------------------------------------------------------------------------------------- sampling and format
+
+
+def check_sampling(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any, max_image_tokens: Any) -> None:  # fmt: skip
+    """Refuse sampling parameters of the wrong type or range (they often come straight from JSON)."""
+    _number("max_tokens", max_tokens, int, 1)
+    _number("temperature", temperature, float, 0.0)
+    _number("top_p", top_p, float, 0.0, 1.0)
+    _number("top_k", top_k, int, 0)
+    if seed is not None:
+        _number("seed", seed, int, 0)
+    if max_image_tokens is not None:
+        _number("max_image_tokens", max_image_tokens, int, 1)
+
+
+def _number(name: str, value: Any, kind: type, low: float, high: float | None = None) -> None:
+    ok_type = (int,) if kind is int else (int, float)
+    if isinstance(value, bool) or not isinstance(value, ok_type) or not math.isfinite(value):
+        raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    if value < low or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise RequestError(f"{name} must be {bounds}, got {value!r}")
+
+
+def parse_stop(stop: Any) -> tuple[str, ...]:
+    """`stop` as a tuple of non-empty strings (None: none)."""
+    if stop is None:
+        return ()
+    stops = (stop,) if isinstance(stop, str) else stop
+    if not isinstance(stops, Sequence) or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    return tuple(stops)
+
+
+def grammar_for(response_format: Any) -> str | None:
+    """The GBNF grammar a `response_format` asks for, or None for free text.
+
+    {"type": "text"}; {"type": "json_object"}: any JSON object; {"type": "json_schema", "json_schema": {"schema":
+    {...}}}: JSON valid against the schema (llama.cpp's converter: types, properties, required, enum, const,
+    bounded arrays and integers, patterns, $ref); edgevlm's {"type": "gbnf", "grammar": "root ::= ..."}.
+    """
+    if response_format is None:
+        return None
+    if not isinstance(response_format, Mapping):
+        raise RequestError(f"response_format must be an object with a 'type', got {response_format!r}")
+    kind = response_format.get("type")
+    if kind == "text":
+        return None
+    from llama_cpp import llama_grammar
+
+    if kind == "json_object":
+        return llama_grammar.JSON_GBNF
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, Mapping) else None
+        if not isinstance(schema, Mapping):
+            raise RequestError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        _refuse_unenforced(schema, "schema")
+        try:
+            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+        except Exception as err:  # the converter raises bare ValueError/KeyError/... on what it cannot handle
+            raise GrammarError(f"response_format json_schema: cannot turn this schema into a grammar "
+                               f"({type(err).__name__}: {err})") from err  # fmt: skip
+    if kind == "gbnf":
+        grammar = response_format.get("grammar")
+        if not isinstance(grammar, str) or not grammar.strip():
+            raise RequestError("response_format gbnf needs {'type': 'gbnf', 'grammar': 'root ::= ...'}")
+        return grammar
+    raise RequestError(f"response_format type {kind!r} is not supported; use 'text', 'json_object', "
+                       "'json_schema' or 'gbnf'")  # fmt: skip
+
+
+# Keywords llama-cpp-python's schema converter ignores: a grammar made without them lets invalid output through.
+_UNENFORCED = (
+    "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf", "uniqueItems", "contains",
+    "minContains", "maxContains", "minProperties", "maxProperties", "patternProperties", "propertyNames",
+    "dependentRequired", "dependentSchemas", "not", "if", "then", "else",
+)  # fmt: skip
+_NAMED_SCHEMAS = ("properties", "$defs", "definitions")  # their keys are names, their values schemas
+
+
+def _refuse_unenforced(schema: Any, where: str) -> None:
+    if isinstance(schema, Sequence) and not isinstance(schema, str):
+        for i, item in enumerate(schema):
+            _refuse_unenforced(item, f"{where}[{i}]")
+        return
+    if not isinstance(schema, Mapping):
+        return
+    for key, value in schema.items():
+        if key in _UNENFORCED:
+            raise GrammarError(f"response_format json_schema: {key!r} at {where} cannot be enforced by the grammar, "
+                               "so answers could break it; use an enum or a pattern instead")  # fmt: skip
+        if key in _NAMED_SCHEMAS and isinstance(value, Mapping):
+            for name, sub in value.items():
+                _refuse_unenforced(sub, f"{where}.{key}.{name}")
+        elif key not in ("enum", "const", "default", "examples"):
+            _refuse_unenforced(value, f"{where}.{key}")
+
+
+# --------------------------------------------------------------------------------------------------- results
+
+
+def stop_at(steps: Iterator[GenerationStep], stops: tuple[str, ...]) -> Iterator[ChatChunk]:
+    """Chunks of the generated text, ending before the first stop string (finish_reason "stop").
+
+    Text that could be the start of a stop string is held back until it is known not to be one. Closing this
+    iterator, or reaching a stop string, closes `steps` (which frees the model for the next request).
+    """
+    pending = ""
+    try:
+        for step in steps:
+            pending += step.text
+            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
+            if hits:
+                yield ChatChunk(pending[: min(hits)], "stop", step.timings)
+                return
+            held = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
+            if step.finish_reason is not None:
+                yield ChatChunk(pending, step.finish_reason, step.timings)
+                return
+            if len(pending) > held:
+                yield ChatChunk(pending[: len(pending) - held], None, step.timings)
+                pending = pending[len(pending) - held :]
+    finally:
+        steps.close()
+
+
+def collect(chunks: Iterator[ChatChunk]) -> ChatResult:
+    """The whole answer of a chunk stream."""
+    text = []
+    for chunk in chunks:
+        text.append(chunk.text)
+        if chunk.finish_reason is not None:
+            return ChatResult("".join(text), chunk.finish_reason, chunk.timings)
+    raise RuntimeError("the generation ended without a finish reason")
