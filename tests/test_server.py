@@ -1,0 +1,289 @@
+"""edgevlm serve: a real uvicorn server on a free loopback port, real clients (the official `openai` package and
+httpx), the tiny random Qwen2-VL bundle behind it."""
+
+from __future__ import annotations
+
+import base64
+import gc
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+import uvicorn
+from PIL import Image
+
+import edgevlm
+from edgevlm.chat import ImagePolicy
+from edgevlm.server import ServerSettings, create_app
+
+API_KEY = "test-key"
+MODEL = "tiny-qwen2-vl"
+ENDLESS = {"type": "gbnf", "grammar": 'root ::= "a"+'}  # never ends by itself: only max_tokens or a cancel stop it
+
+
+@contextmanager
+def running(app):
+    """Serve `app` with uvicorn in a thread on a free loopback port; yields the base URL."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
+        time.sleep(0.02)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_bundles):
+    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048)
+    yield model
+    model.close()
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("allowed-images")
+    Image.fromarray(frame(0)).save(root / "frame.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def served(vlm, image_dir):
+    """(base URL, ChatServer) of a server with an API key, a 1 MB body limit and one allowed image directory."""
+    settings = ServerSettings(model_id=MODEL, api_key=API_KEY, max_body_bytes=2**20,
+                              image_policy=ImagePolicy(allow_local=True, local_root=image_dir))  # fmt: skip
+    app = create_app(vlm, settings)
+    with running(app) as url:
+        yield url, app.state.server
+
+
+@pytest.fixture(scope="module")
+def client(served):
+    return openai.OpenAI(base_url=served[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
+
+
+def frame(seed: int, size: tuple[int, int] = (56, 84)) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def data_url(array: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def ask(url: str, text: str = "What is in the picture?") -> list[dict]:
+    return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": text}]}]  # fmt: skip
+
+
+def post(base: str, body, *, key: str | None = API_KEY, timeout: float = 60) -> httpx.Response:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if isinstance(body, bytes):
+        return httpx.post(f"{base}/v1/chat/completions", content=body, headers=headers, timeout=timeout)
+    return httpx.post(f"{base}/v1/chat/completions", json=body, headers=headers, timeout=timeout)
+
+
+def test_openai_client_streamed_and_not(client):
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    messages = ask(data_url(frame(1)))
+    whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
+    choice = whole.choices[0]
+    assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
+    assert isinstance(choice.message.content, str) and choice.message.content
+    assert whole.usage.completion_tokens >= 1 and whole.usage.prompt_tokens > 6  # 6 image tokens + the text
+    assert whole.model_extra["timings"]["n_image_tokens"] == 6
+
+    stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0, stream=True,
+                                            stream_options={"include_usage": True})  # fmt: skip
+    chunks = list(stream)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert text == choice.message.content and finishes == [choice.finish_reason]
+    assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
+
+
+def test_sse_stream_ends_with_done(served):
+    base, _ = served
+    body = {"model": MODEL, "messages": ask(data_url(frame(2))), "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:  # fmt: skip
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]"
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events[:-1]]
+    assert payloads[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert payloads[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_eight_concurrent_clients_get_complete_answers(client):
+    requests = [ask(data_url(frame(10 + i)), f"Question {i}: what is it?") for i in range(8)]
+
+    def call(messages):
+        return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(call, requests))
+    sequential = [call(messages) for messages in requests]
+    for concurrent, alone in zip(answers, sequential, strict=True):
+        assert concurrent.choices[0].finish_reason in ("stop", "length")
+        assert concurrent.usage.completion_tokens >= 1
+        assert concurrent.choices[0].message.content == alone.choices[0].message.content
+
+
+def test_follow_up_reuses_the_image_embedding_and_the_kv_prefix(served):
+    base, _ = served
+    messages = [{"role": "system", "content": "You watch a kiosk camera."}, *ask(data_url(frame(20)))]
+    first = post(base, {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0}).json()
+    t1 = first["timings"]
+    assert t1["n_encoded_image_tokens"] == t1["n_image_tokens"] == 6
+    follow_up = [*messages, first["choices"][0]["message"], {"role": "user", "content": "Is anyone there?"}]
+    second = post(base, {"model": MODEL, "messages": follow_up, "max_tokens": 6, "temperature": 0}).json()
+    t2 = second["timings"]
+    assert t2["n_encoded_image_tokens"] == 0  # no vision encoder run
+    assert t2["n_reused_tokens"] >= t1["n_prompt_tokens"] + t1["n_image_tokens"]  # the first prompt's cells
+    assert t2["n_prefill_tokens"] < t2["n_prompt_tokens"] + t2["n_image_tokens"] - t1["n_prompt_tokens"]
+    # a new session with the same frame: the prefix differs before the image, its embeddings are cached
+    other = [{"role": "system", "content": "You guard a warehouse."}, *ask(data_url(frame(20)))]
+    third = post(base, {"model": MODEL, "messages": other, "max_tokens": 2}).json()["timings"]
+    assert third["n_cached_image_tokens"] == 6 and third["n_encoded_image_tokens"] == 0
+
+
+def _error(response: httpx.Response, status: int) -> dict:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert isinstance(error["message"], str) and error["message"] and "type" in error and "code" in error
+    return error
+
+
+def test_bad_requests_get_json_errors_and_the_server_keeps_serving(served, image_dir):
+    base, _ = served
+    good = {"model": MODEL, "messages": ask(data_url(frame(3))), "max_tokens": 2}
+    not_an_image = "data:image/png;base64," + base64.b64encode(b"GIF89a but not really an image").decode()
+    oversized = {"model": MODEL, "messages": ask("data:image/png;base64," + "A" * (2**20 + 100))}
+    cases = [
+        (post(base, b'{"model": "tiny", "messages": [}'), 400, "invalid_json"),
+        (post(base, {"model": MODEL, "messages": ask("data:image/png;base64,**not base64**")}), 400, "invalid_request"),
+        (post(base, {"model": MODEL, "messages": ask(not_an_image)}), 422, "invalid_image"),
+        (post(base, oversized), 413, "request_too_large"),
+        (post(base, good, key="wrong-key"), 401, "invalid_api_key"),
+        (post(base, good, key=None), 401, "invalid_api_key"),
+        (post(base, {"model": MODEL, "messages": ask("/etc/hostname")}), 403, "image_not_allowed"),
+        (post(base, {"model": MODEL, "messages": ask("../" + image_dir.name + "/../x.png")}), 403, "image_not_allowed"),
+        (post(base, {"model": MODEL, "messages": ask("https://example.com/cat.jpg")}), 403, "image_not_allowed"),
+        (post(base, {"model": "gpt-4o", "messages": ask(data_url(frame(3)))}), 404, "model_not_found"),
+        (post(base, {"model": MODEL, "messages": "hello"}), 400, "invalid_request"),
+        (post(base, {"model": MODEL, "messages": ask(data_url(frame(3))), "temperature": "hot"}), 400, "invalid_request"),
+        (httpx.get(f"{base}/v1/nothing-here"), 404, "not_found"),
+    ]  # fmt: skip
+    for response, status, code in cases:
+        assert _error(response, status)["code"] == code
+        assert post(base, good).status_code == 200  # still serving
+    assert post(base, {"model": MODEL, "messages": ask("frame.png"), "max_tokens": 1}).status_code == 200
+    assert post(base, {"model": MODEL, "messages": ask((image_dir / "frame.png").as_uri()), "max_tokens": 1}).status_code == 200  # fmt: skip
+    assert httpx.get(f"{base}/health").json()["status"] == "ok"
+
+
+def _wait_idle(server, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while server.stats.in_flight:
+        assert time.monotonic() < deadline, f"{server.stats.in_flight} requests still in flight"
+        time.sleep(0.05)
+
+
+def test_full_queue_is_503_and_disconnects_cancel_generation(vlm):
+    app = create_app(vlm, ServerSettings(model_id=MODEL, max_queue=0))
+    server = app.state.server
+    with running(app) as base:
+        endless = {"model": MODEL, "messages": [{"role": "user", "content": "a"}], "max_tokens": 1500,
+                   "response_format": ENDLESS, "stream": True}  # fmt: skip
+        with httpx.stream("POST", f"{base}/v1/chat/completions", json=endless, timeout=60) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")  # generating now
+            busy = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "b"}]})
+            assert _error(busy, 503)["code"] == "queue_full" and busy.headers["Retry-After"] == "1"
+        # the client went away mid-stream: its generation stops and frees the model
+        _wait_idle(server)
+        assert server.stats.cancelled == 1
+
+        # a non-streamed request whose client gives up is cancelled too
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{base}/v1/chat/completions", json={**endless, "stream": False}, timeout=1.0)
+        _wait_idle(server)
+        assert server.stats.cancelled == 2
+        done = httpx.post(f"{base}/v1/chat/completions", json={"messages": [{"role": "user", "content": "c"}], "max_tokens": 2})  # fmt: skip
+        assert done.status_code == 200
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads RSS from /proc")
+def test_soak_300_image_requests_do_not_grow_memory(served):
+    base, _ = served
+    rng = np.random.default_rng(99)
+    rss = {}
+    with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
+        for i in range(1, 301):
+            image = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
+            body = {"model": MODEL, "messages": ask(data_url(image), "What?"), "max_tokens": 1}
+            response = http.post("/v1/chat/completions", json=body)
+            assert response.status_code == 200, response.text
+            if i in (20, 300):
+                gc.collect()
+                rss[i] = _rss_bytes()
+    print(f"RSS after request 20: {rss[20] / 2**20:.1f} MiB, after 300: {rss[300] / 2**20:.1f} MiB")
+    assert rss[300] <= rss[20] * 1.05
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_edgevlm_serve_command(tiny_bundles, tmp_path):
+    bad = subprocess.run([sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]),
+                          "--allow-local-images", str(tmp_path / "missing")], capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "not a directory" in bad.stderr
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]), "--port", str(port),
+                             "--api-key", "k", "--n-ctx", "1024"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "edgevlm serve did not come up"
+                time.sleep(0.2)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0)
+        model = client.models.list().data[0].id
+        assert model == Path(tiny_bundles["Q8_0"]).name
+        reply = client.chat.completions.create(model=model, messages=ask(data_url(frame(5))), max_tokens=3)
+        assert reply.choices[0].finish_reason in ("stop", "length")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
