@@ -53,7 +53,7 @@ def running(app):
 
 @pytest.fixture(scope="module")
 def vlm(tiny_bundles):
-    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048)
+    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048, n_threads=1)  # 1 thread: fast even on a busy machine
     yield model
     model.close()
 
@@ -267,7 +267,7 @@ def test_edgevlm_serve_command(tiny_bundles, tmp_path):
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     proc = subprocess.Popen([sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]), "--port", str(port),
-                             "--api-key", "k", "--n-ctx", "1024"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                             "--api-key", "k", "--n-ctx", "1024", "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 60

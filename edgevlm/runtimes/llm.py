@@ -91,6 +91,10 @@ def _outputs(logits: str, is_last_chunk: bool) -> str:
     return logits
 
 
+# llama_token_data as a numpy record: candidates for a sampler, built from the logits without a Python loop
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
 def _default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
@@ -159,7 +163,8 @@ class LlamaLM:
         self.n_threads = ctx_params.n_threads
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_past = 0  # number of cache slots filled (not the RoPE position, which M-RoPE advances differently)
-        self._sampler = None
+        self._sampler = None  # greedy or top-k/top-p/temperature/dist chain
+        self._grammar = None  # the request's grammar sampler, applied as in `sample`
 
     # -- metadata -------------------------------------------------------------------------------------------------
     def metadata(self, key: str) -> str | None:
@@ -302,16 +307,12 @@ class LlamaLM:
         llama_cpp.llama_sampler_free(self._grammar_sampler(grammar))
 
     def set_sampling(self, params: SamplingParams) -> None:
-        """Replace the sampler chain: the grammar first (if any), then greedy or top-k, top-p, temperature, seed."""
+        """Replace the sampler: greedy, or top-k, top-p, temperature and seed; and the grammar, if any."""
         grammar = self._grammar_sampler(params.grammar) if params.grammar is not None else None
-        if self._sampler is not None:
-            llama_cpp.llama_sampler_free(self._sampler)
-            self._sampler = None
+        self._free_samplers()
         chain_params = llama_cpp.llama_sampler_chain_default_params()
         chain_params.no_perf = True
         chain = llama_cpp.llama_sampler_chain_init(chain_params)
-        if grammar is not None:
-            llama_cpp.llama_sampler_chain_add(chain, grammar)  # the chain owns it from here
         if params.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
@@ -322,17 +323,54 @@ class LlamaLM:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(params.seed & 0xFFFFFFFF))
         self._sampler = chain
+        self._grammar = grammar
 
     def sample(self) -> int:
-        """Sample the next token from the last logits and tell the sampler it was chosen."""
+        """Sample the next token from the last logits and tell the samplers it was chosen."""
         if self._sampler is None:
             self.set_sampling(SamplingParams())
-        return int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
+        if self._grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self._sampler, self._ctx, -1))
+        # Checking every vocabulary entry against the grammar costs ~0.1 s per token with Qwen2's 151k tokens. Like
+        # llama.cpp's own samplers, pick a token without the grammar first, and apply the grammar to all entries
+        # only when the grammar refuses that one.
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self._ctx, -1), shape=(self.n_vocab,))
+        token = self._apply(self._sampler, logits)
+        if self._apply(self._grammar, None, token=token) is None:
+            token = self._apply(self._sampler, logits, grammar_first=True)
+        llama_cpp.llama_sampler_accept(self._grammar, token)
+        llama_cpp.llama_sampler_accept(self._sampler, token)
+        return token
+
+    def _apply(self, sampler, logits: np.ndarray | None, *, token: int | None = None, grammar_first: bool = False) -> int | None:  # fmt: skip
+        """Run `sampler` over candidates (all of `logits`, or the one `token`); the selected token, or None when
+        the sampler ruled every candidate out."""
+        if logits is None:
+            candidates = np.array([(token, 0.0, 0.0)], dtype=_TOKEN_DATA)
+        else:
+            candidates = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
+            candidates["id"] = np.arange(self.n_vocab)
+            candidates["logit"] = logits
+            candidates["p"] = 0.0
+        array = llama_cpp.llama_token_data_array(
+            candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)), len(candidates), -1, False
+        )
+        if grammar_first:
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+        llama_cpp.llama_sampler_apply(sampler, ctypes.byref(array))
+        if logits is None:
+            return None if np.isneginf(array.data[0].logit) else token
+        return int(array.data[array.selected].id)
+
+    def _free_samplers(self) -> None:
+        for name in ("_sampler", "_grammar"):
+            sampler = getattr(self, name, None)
+            if sampler is not None:
+                llama_cpp.llama_sampler_free(sampler)
+            setattr(self, name, None)
 
     def close(self) -> None:
-        if self._sampler is not None:
-            llama_cpp.llama_sampler_free(self._sampler)
-            self._sampler = None
+        self._free_samplers()
         if getattr(self, "_ctx", None):
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
