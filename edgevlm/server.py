@@ -52,7 +52,7 @@ _CHAT_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "response_forma
 class ServerSettings:
     model_id: str
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1 when set
-    image_policy: ImagePolicy = ImagePolicy(allow_local=False)
+    image_policy: ImagePolicy = field(default_factory=lambda: ImagePolicy(allow_local=False))
     max_body_bytes: int = 20 * 2**20
     max_queue: int = 16  # requests waiting for the model besides the one it is answering
 
