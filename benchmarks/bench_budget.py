@@ -131,6 +131,7 @@ def budget_worker(bundle: str, image: str, budget: str, vision_dtype: str, max_n
     rss_loaded = peak_rss_bytes()
     runs_out = []
     for _ in range(1 + int(runs)):
+        vlm.clear_caches()  # every run cold: no KV prefix or embedding reused from the previous one
         *_, last = vlm.generate(PROMPT, [image], max_new_tokens=int(max_new_tokens), max_image_tokens=int(budget))
         t = last.timings
         runs_out.append({

@@ -96,6 +96,7 @@ def edgevlm_worker(bundle: str, image: str, photo_path: str, profile: str, runs:
     for name, path in (("image", image), ("photo", photo_path)):
         timings = []
         for _ in range(1 + int(runs)):
+            vlm.clear_caches()  # every run cold: no KV prefix or embedding reused from the previous one
             *_, last = vlm.generate(PROMPT, [path], max_new_tokens=1)
             timings.append(last.timings)
         result[name] = {

@@ -125,6 +125,7 @@ def generate_worker(bundle: str, vision_dtype: str, image: str, max_new_tokens: 
     measured = []
     for _ in range(1 + int(runs)):  # the first generation is the warm-up
         others = OtherProcessesCPU()
+        vlm.clear_caches()  # every run cold: no KV prefix or embedding reused from the previous one
         *_, last = vlm.generate(PROMPT, images=[image], max_new_tokens=int(max_new_tokens))
         timings = last.timings
         measured.append(

@@ -144,6 +144,7 @@ def run_bench(
             say(f"{n_tokens} image tokens ({image.width}x{image.height}): 1 warm-up + {runs} runs")
             measured = []
             for _ in range(1 + runs):
+                vlm.clear_caches()  # every run cold: no KV prefix or embedding reused from the previous one
                 *_, last = vlm.generate(prompt, [image], max_new_tokens=max_new_tokens, max_image_tokens=n_tokens)
                 measured.append(last.timings)
             measured = measured[1:]

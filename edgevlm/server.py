@@ -35,8 +35,13 @@ from starlette.routing import Route
 
 from .chat import ChatChunk, ChatResult, ImagePolicy
 from .errors import (
-    BudgetError, ContextOverflowError, EdgeVLMError, ImageError, ImageNotAllowedError, RequestError,
-)  # fmt: skip
+    BudgetError,
+    ContextOverflowError,
+    EdgeVLMError,
+    ImageError,
+    ImageNotAllowedError,
+    RequestError,
+)
 
 if TYPE_CHECKING:
     from .runtimes.pipeline import EdgeVLM, Timings
@@ -189,7 +194,9 @@ class ChatServer:
         if self.settings.api_key is None:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.settings.api_key.encode()):
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), self.settings.api_key.encode()
+        ):
             raise ApiError(401, "invalid or missing API key: send 'Authorization: Bearer <key>' with the key the "
                                 "server was started with (--api-key)", code="invalid_api_key",
                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip

@@ -205,7 +205,9 @@ def test_bad_requests_raise_clear_errors(vlm):
     with pytest.raises(RequestError, match="max_tokens"):
         vlm.chat([{"role": "user", "content": "hi"}], max_tokens=0)
     with pytest.raises(RequestError, match="base64"):
-        vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}])
+        vlm.chat(
+            [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,@@"}}]}]
+        )
     with pytest.raises(ImageError, match="not an image|cannot identify|Cannot"):
         url = "data:image/png;base64," + base64.b64encode(b"hello, not a picture").decode()
         vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}])
@@ -264,8 +266,8 @@ def test_remote_images_are_fetched_only_when_allowed_and_within_the_size_limit(v
 
 def test_cancel_from_another_thread_stops_within_one_token(vlm):
     cancel = threading.Event()
-    steps = vlm.generate("Count to one hundred.", max_new_tokens=200, cancel=cancel,
-                         grammar='root ::= "a"+')  # fmt: skip  (never ends by itself)
+    never_ends = 'root ::= "a"+'
+    steps = vlm.generate("Count to one hundred.", max_new_tokens=200, cancel=cancel, grammar=never_ends)
     seen = [next(steps) for _ in range(3)]
     setter = threading.Thread(target=cancel.set)
     setter.start()
