@@ -109,6 +109,23 @@ def test_follow_up_reuses_the_kv_prefix_and_matches_a_cold_run(vlm):
     assert cold.text == warm.text  # reuse changes the work, not the answer
 
 
+def test_prefixes_cut_anywhere_give_the_cold_answers(vlm):
+    image, other_image = frame(30), frame(31)
+    requests = [
+        [ask(image, "What is on the table?")],
+        [ask(image, "What is under the table?")],  # cut inside the text after the image
+        [ask(image, "Why?")],  # cut right after the image
+        [ask(other_image, "What is on the table?")],  # cut right before the image
+        [{"role": "system", "content": "Short answers."}, ask(image, "What is on the table?")],  # cut early
+        [ask(image, "What is on the table?"), {"role": "assistant", "content": "A cup."}, ask(other_image, "Now?")],
+    ]
+    warm = [vlm.chat(messages, max_tokens=6) for messages in requests]
+    assert all(r.timings.n_reused_tokens > 0 for r in warm[1:])
+    for messages, reused in zip(requests, warm, strict=True):
+        vlm.clear_caches()
+        assert vlm.chat(messages, max_tokens=6).text == reused.text
+
+
 def test_repeated_request_redecodes_one_token(vlm):
     messages = [ask(frame(3), "Hi")]
     a = vlm.chat(messages, max_tokens=1)
