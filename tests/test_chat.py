@@ -8,6 +8,7 @@ import http.server
 import io
 import json
 import threading
+import time
 
 import jsonschema
 import numpy as np
@@ -313,6 +314,42 @@ def test_threads_share_one_model_and_get_the_sequential_answers(vlm):
     for t in threads:
         t.join(timeout=60)
     assert results == expected
+
+
+def _wait_for(condition, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_waiting_requests_run_first_come_first_served_and_can_give_up(vlm):
+    holder = vlm.chat([{"role": "user", "content": "hold"}], max_tokens=50, stream=True,
+                      response_format={"type": "gbnf", "grammar": 'root ::= "h"+'})  # fmt: skip
+    next(holder)  # this stream has the model until it is closed
+    order: list[int] = []
+    gave_up = threading.Event()
+    cancelled: list[str] = []
+
+    def request(i: int, cancel: threading.Event | None = None) -> None:
+        result = vlm.chat([{"role": "user", "content": f"q{i}"}], max_tokens=1, cancel=cancel)
+        (cancelled if result.finish_reason == "cancelled" else order).append(i if cancel is None else "quitter")
+
+    threads = []
+    for i in range(4):
+        threads.append(threading.Thread(target=request, args=(i,)))
+        threads[-1].start()
+        _wait_for(lambda n=i + 1: vlm.turns.n_waiting == n)  # in line before the next one comes
+        if i == 1:
+            threads.append(threading.Thread(target=request, args=(99, gave_up)))
+            threads[-1].start()
+            _wait_for(lambda: vlm.turns.n_waiting == 3)
+            gave_up.set()  # leaves the line without running
+            _wait_for(lambda: vlm.turns.n_waiting == 2)
+    holder.close()
+    for t in threads:
+        t.join(timeout=60)
+    assert order == [0, 1, 2, 3] and cancelled == ["quitter"]
 
 
 def test_closing_a_stream_early_frees_the_model(vlm):

@@ -28,6 +28,7 @@ from ..images import PreparedImage, Qwen2VLPreprocessing, image_size, load_image
 from .llm import LlamaLM, LlamaSettings, SamplingParams
 from .positions import image_positions, text_positions
 from .reuse import EmbeddingCache, KVRecord, Unit, image_key
+from .turns import Turns
 from .vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class EdgeVLM:
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
         self._chat = _compile_chat_template(self.chat_template)
-        self._lock = threading.Lock()  # one generation at a time; the others wait their turn
+        self.turns = Turns()  # one generation at a time; the others wait, first come, first served
         self._kv = KVRecord()  # what the KV cache holds, for reuse by the next request
         self.embedding_cache = EmbeddingCache(EMBEDDING_CACHE_BYTES)
 
@@ -339,16 +340,15 @@ class EdgeVLM:
                 cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
         """Wait for the model, then prepare, encode, prefill and stream one request.
 
-        The lock is held from the model's turn until the stream ends or is closed (a consumer that stops early
+        The turn is held from the model's turn until the stream ends or is closed (a consumer that stops early
         should close it; dropping the last reference does that in CPython).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         t_queue = time.perf_counter()
-        while not self._lock.acquire(timeout=0.05):
-            if cancel is not None and cancel.is_set():
-                yield GenerationStep("", None, "cancelled", Timings(queue_ms=(time.perf_counter() - t_queue) * 1000))
-                return
+        if not self.turns.take(cancel):
+            yield GenerationStep("", None, "cancelled", Timings(queue_ms=(time.perf_counter() - t_queue) * 1000))
+            return
         try:
             timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000)
             t_begin = time.perf_counter()
@@ -370,7 +370,7 @@ class EdgeVLM:
                 return
             yield from self._decode_loop(position, max_new_tokens, timings, t_begin, cancel)
         finally:
-            self._lock.release()
+            self.turns.give_back()
 
     def _prefill(self, spans: list[_Span], timings: Timings, cancel: threading.Event | None) -> int | None:
         """Make the KV cache hold the prompt, decoding only what the previous request did not leave there.
@@ -439,14 +439,14 @@ class EdgeVLM:
 
     def clear_caches(self) -> None:
         """Forget the reusable KV prefix and the cached image embeddings: the next request starts cold."""
-        with self._lock:
+        with self.turns.hold():
             self._forget()
             self.embedding_cache.clear()
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
         spans, _ = self._prepare(lambda n: self.render_prompt(prompt, n), images, 0, BudgetLimits(), None, None)
-        with self._lock:
+        with self.turns.hold():
             self._forget()  # every position's logits: decode from scratch; the cache is not recorded for reuse
             position = 0
             rows = []
