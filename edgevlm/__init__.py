@@ -18,25 +18,31 @@ from typing import TYPE_CHECKING
 
 from .bundle import Bundle
 from .chat import ChatChunk, ChatResult, ImagePolicy
-from .errors import BundleError, ContextOverflowError, EdgeVLMError, ImageError, UnsupportedModelError
+from .errors import BundleError, ContextOverflowError, EdgeVLMError, ImageError, ProfileError, UnsupportedModelError
 
 if TYPE_CHECKING:
+    from .profiles import Profile
     from .runtimes.pipeline import EdgeVLM
 
 __version__ = "0.1.0"
 __all__ = [
     "load", "Bundle", "EdgeVLM", "ChatResult", "ChatChunk", "ImagePolicy", "EdgeVLMError", "BundleError", "ImageError", "ContextOverflowError",
-    "UnsupportedModelError", "__version__",
+    "ProfileError", "UnsupportedModelError", "__version__",
 ]  # fmt: skip
 
 
-def load(bundle: str | os.PathLike | Bundle, **options) -> EdgeVLM:
-    """Load a bundle for generation. Options: n_ctx, n_threads, n_gpu_layers, vision_dtype, providers."""
+def load(bundle: str | os.PathLike | Bundle, profile: str | os.PathLike | Profile = "auto", **overrides) -> EdgeVLM:
+    """Load a bundle for generation with a hardware profile: "auto" (detect this machine), a shipped name ("cpu",
+    "cuda", "jetson-orin-nano", ...; `edgevlm profiles` lists them), a TOML file or a `edgevlm.profiles.Profile`.
+
+    Overrides beat the profile: n_ctx, n_threads, n_gpu_layers, vision_dtype, providers (onnxruntime names or
+    (name, options) pairs), max_image_tokens, min_image_tokens, image_budget.
+    """
     from .runtimes.pipeline import EdgeVLM
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
-    return EdgeVLM(bundle, **options)
+    return EdgeVLM(bundle, profile=profile, **overrides)
 
 
 def __getattr__(name: str):

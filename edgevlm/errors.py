@@ -17,6 +17,10 @@ class UnsupportedModelError(EdgeVLMError, ValueError):
     """A model whose architecture no exporter supports."""
 
 
+class ProfileError(EdgeVLMError, ValueError):
+    """A hardware profile that is unknown, invalid, asks for what this machine lacks (`strict`), or does not fit."""
+
+
 class ExportValidationError(EdgeVLMError):
     """An exported graph or file disagrees with the PyTorch reference beyond its tolerance."""
 

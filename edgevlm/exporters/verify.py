@@ -72,7 +72,7 @@ def verify_bundle(bundle: Bundle, family, loaded, cases=PARITY_CASES, n_greedy: 
     from ..runtimes.pipeline import EdgeVLM
 
     loaded.model.float()  # the reference runs in fp32, whatever dtype the checkpoint was loaded in
-    vlm = EdgeVLM(bundle, n_ctx=2048)
+    vlm = EdgeVLM(bundle, n_ctx=2048, vision_dtype=bundle.manifest.vision.default)  # not a profile's preference
     try:
         report = {case.name: compare_case(vlm, family, loaded, case, n_greedy) for case in cases}
     finally:

@@ -67,6 +67,9 @@ class LlamaSettings:
     n_threads_batch: int | None = None
     n_gpu_layers: int = 0
     flash_attn: bool | None = None  # None: llama.cpp decides
+    kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
+    mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
+    mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
     # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
     # with AMX, where they segfault in llama_decode on multi-token batches of Q8_0/Q4_K_M models with
     # llama-cpp-python 0.3.36 (reproduced with plain `llama_cpp.Llama` on a Sapphire Rapids Xeon).
@@ -93,6 +96,33 @@ def _outputs(logits: str, is_last_chunk: bool) -> str:
 
 # llama_token_data as a numpy record: candidates for a sampler, built from the logits without a Python loop
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def _ggml_type(name: str) -> int:
+    ggml_type = getattr(llama_cpp, f"GGML_TYPE_{name.upper()}", None)
+    if ggml_type is None:
+        raise ValueError(f"KV cache type {name!r} is not a ggml type this llama-cpp-python knows")
+    return ggml_type
+
+
+def _set_load_mode(model_params, mmap: bool | None, mlock: bool) -> None:
+    """mmap/mlock as llama.cpp's `load_mode` (llama-cpp-python >= 0.3.36; older ones have use_mmap/use_mlock).
+
+    Assigning a name that is not a ctypes field would be silently ignored, so the fields are checked first.
+    """
+    fields = {name for name, *_ in type(model_params)._fields_}
+    if "load_mode" in fields:
+        if mmap is None and not mlock:
+            return  # LLAMA_LOAD_MODE_AUTO, the default
+        mode = {(True, False): "MMAP", (True, True): "MMAP_MLOCK", (False, True): "MLOCK", (False, False): "NONE"}
+        model_params.load_mode = getattr(llama_cpp, f"LLAMA_LOAD_MODE_{mode[bool(mmap is None or mmap), mlock]}")
+    elif {"use_mmap", "use_mlock"} <= fields:
+        if mmap is not None:
+            model_params.use_mmap = mmap
+        model_params.use_mlock = mlock
+    elif mmap is not None or mlock:
+        raise RuntimeError("this llama-cpp-python exposes neither load_mode nor use_mmap/use_mlock; "
+                           "leave mmap and mlock unset in the profile")  # fmt: skip
 
 
 def _default_threads() -> int:
@@ -134,6 +164,7 @@ class LlamaLM:
         model_params.n_gpu_layers = settings.n_gpu_layers
         self.repack_weights = settings.repack_weights if settings.repack_weights is not None else not cpu_has_amx()
         model_params.use_extra_bufts = self.repack_weights
+        _set_load_mode(model_params, settings.mmap, settings.mlock)
         self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise BundleError(f"llama.cpp could not load {self.path}: the GGUF is corrupt or of an architecture this "
@@ -151,6 +182,7 @@ class LlamaLM:
         ctx_params.n_threads_batch = settings.n_threads_batch or ctx_params.n_threads
         if settings.flash_attn is not None:
             ctx_params.flash_attn_type = 1 if settings.flash_attn else 0
+        ctx_params.type_k = ctx_params.type_v = _ggml_type(settings.kv_cache_type)
         ctx_params.no_perf = False
         self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:

@@ -23,9 +23,10 @@ from ..budget import (
 )  # fmt: skip
 from ..bundle import Bundle
 from ..chat import ChatChunk, ChatResult, ImagePolicy, check_sampling, collect, grammar_for, parse_messages, parse_stop, resolve_image, stop_at  # fmt: skip
-from ..errors import BundleError, ContextOverflowError, RequestError
+from ..errors import BundleError, ContextOverflowError, ProfileError, RequestError
 from ..images import PreparedImage, Qwen2VLPreprocessing, image_size, load_image, preprocess
-from .llm import LlamaLM, LlamaSettings, SamplingParams
+from ..profiles import Overrides, Profile, resolve_settings
+from .llm import LlamaLM, SamplingParams
 from .positions import image_positions, text_positions
 from .reuse import EmbeddingCache, KVRecord, Unit, image_key
 from .turns import Turns
@@ -129,25 +130,28 @@ class EdgeVLM:
     """A loaded bundle: the vision graph in onnxruntime and the language model in llama.cpp.
 
     Token limits for images come in layers (`edgevlm.budget.resolve_limits`): arguments of `generate`/`plan`
-    (request) > the ones given here (cli: `edgevlm run` flags) > `profile_limits` (a hardware profile) > the
-    bundle's manifest `budget` section.
+    (request) > the ones given here (cli: `edgevlm run` flags) > `profile_limits` (the hardware profile's, after
+    fitting its memory ceiling) > the bundle's manifest `budget` section. `settings` is everything the bundle was
+    loaded with (`edgevlm.profiles.RuntimeSettings`).
     """
 
     def __init__(
         self,
         bundle: Bundle,
         *,
-        n_ctx: int = 4096,
+        profile: str | os.PathLike | Profile = "auto",
+        n_ctx: int | None = None,
         n_threads: int | None = None,
-        n_gpu_layers: int = 0,
+        n_gpu_layers: int | None = None,
         vision_dtype: str | None = None,
-        providers: Sequence[str] | None = None,
+        providers: Sequence[Any] | None = None,
         max_image_tokens: int | None = None,
         min_image_tokens: int | None = None,
         image_budget: int | None = None,
     ):
+        """Load `bundle` with a hardware profile ("auto", a shipped name, a TOML path or a `Profile`); every other
+        argument given beats the profile's value (`edgevlm.profiles.resolve_settings`)."""
         self.cli_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)  # checked before loading
-        self.profile_limits: BudgetLimits | None = None  # hardware profiles will set this layer
         self.bundle = bundle
         manifest = bundle.manifest
         self.manifest = manifest
@@ -155,23 +159,26 @@ class EdgeVLM:
             raise BundleError(f"preprocessing kind {manifest.preprocessing.get('kind')!r} is not known to this "
                               "edgevlm; upgrade edgevlm.")  # fmt: skip
         self.preprocessing = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+        overrides = Overrides(n_ctx, n_threads, n_gpu_layers, vision_dtype, tuple(providers) if providers else None, self.cli_limits)  # fmt: skip
+        self.settings = resolve_settings(profile, bundle, overrides)
+        self.profile = self.settings.profile
+        self.profile_limits: BudgetLimits | None = self.settings.limits
         plan_images([], self.preprocessing, self.resolve_limits())  # contradicting limits fail before any loading
-        vision_dtype = vision_dtype or manifest.vision.default
+        vision_dtype = self.settings.vision_dtype
         if vision_dtype not in manifest.vision.variants:
             raise BundleError(f"bundle {bundle.path} has no {vision_dtype} vision graph; it has "
                               f"{', '.join(sorted(manifest.vision.variants))}.")  # fmt: skip
-        threads = n_threads or max(1, os.cpu_count() or 1)
         self.vision_dtype = vision_dtype
         self.vision_tower = vision_tower_size(manifest, vision_dtype)
         self.vision = VisionEncoder(
             bundle.file(manifest.vision.variants[vision_dtype].file),
-            providers=list(providers) if providers else None,
-            intra_op_threads=threads,
-            allow_spinning=False,  # llama.cpp works on the same cores right after
+            providers=list(self.settings.providers),
+            intra_op_threads=self.settings.intra_op_threads,
+            allow_spinning=self.settings.allow_spinning,
             merge_size=self.preprocessing.merge_size,
         )
-        n_ctx = min(n_ctx, manifest.llm.n_ctx_train)
-        self.llm = LlamaLM(bundle.file(manifest.llm.file), LlamaSettings(n_ctx=n_ctx, n_threads=threads, n_gpu_layers=n_gpu_layers))  # fmt: skip
+        self._check_vision_providers()
+        self.llm = LlamaLM(bundle.file(manifest.llm.file), self.settings.llama)
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
@@ -179,6 +186,17 @@ class EdgeVLM:
         self.turns = Turns()  # one generation at a time; the others wait, first come, first served
         self._kv = KVRecord()  # what the KV cache holds, for reuse by the next request
         self.embedding_cache = EmbeddingCache(EMBEDDING_CACHE_BYTES)
+
+    def _check_vision_providers(self) -> None:
+        """onnxruntime drops a provider it cannot start (no CUDA libraries, say) without failing: say so."""
+        asked = [p if isinstance(p, str) else p[0] for p in self.settings.providers]
+        dropped = [p for p in asked if p not in self.vision.providers]
+        if dropped:
+            message = (f"onnxruntime could not start {', '.join(dropped)} (is the CUDA/TensorRT runtime installed?): "
+                       f"the vision graph runs on {', '.join(self.vision.providers)}")  # fmt: skip
+            if self.profile.strict:
+                raise ProfileError(f"{message} (profile {self.profile.name!r} is strict)")
+            logger.warning("%s", message)
 
     # -- prompt ---------------------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, n_images: int) -> str:

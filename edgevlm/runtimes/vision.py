@@ -51,6 +51,15 @@ def default_providers() -> list[str]:
     return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
+def _make_cache_dirs(providers: list) -> None:
+    """TensorRT writes its engine and timing caches into folders that must exist."""
+    for provider in providers:
+        if isinstance(provider, (tuple, list)) and len(provider) == 2:
+            for key in ("trt_engine_cache_path", "trt_timing_cache_path"):
+                if key in provider[1]:
+                    Path(provider[1][key]).mkdir(parents=True, exist_ok=True)
+
+
 class VisionEncoder:
     """Turns an image's pixel patches into the embeddings the language model receives, with onnxruntime."""
 
@@ -85,6 +94,7 @@ class VisionEncoder:
         if intra_op_threads is not None:
             options.intra_op_num_threads = intra_op_threads
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if allow_spinning else "0")
+        _make_cache_dirs(providers or [])
         self.vision_session = ort.InferenceSession(
             str(onnx_path), options, providers=providers if providers is not None else default_providers()
         )

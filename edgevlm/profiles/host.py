@@ -1,0 +1,117 @@
+"""What this machine is, and which shipped profile `auto` picks for it (and why).
+
+Everything read from the system goes through `probe_host(root=...)` with the GPU checks injectable, so tests fake a
+Jetson or a CUDA desktop with a folder of files and a list of provider names.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 2**30
+LOWMEM_BELOW_BYTES = 12 * GIB  # `auto` picks cpu-lowmem under this much RAM
+# /proc/device-tree/model substrings (lower case) -> profile; NVIDIA's names, e.g. "NVIDIA Jetson Orin Nano Developer Kit"
+JETSON_MODELS = (("orin nano", "jetson-orin-nano"), ("orin nx", "jetson-orin-nx"), ("agx orin", "jetson-agx-orin"))
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """The facts auto-detection and thread counts use."""
+
+    device_model: str | None  # /proc/device-tree/model (ARM boards)
+    tegra_release: str | None  # first line of /etc/nv_tegra_release (Jetson Linux)
+    onnxruntime_providers: tuple[str, ...]
+    llama_gpu_offload: bool
+    ram_bytes: int | None  # MemTotal
+    physical_cores: int  # of the CPUs this process may run on
+    logical_cpus: int
+
+    @property
+    def is_jetson(self) -> bool:
+        return self.tegra_release is not None or "jetson" in (self.device_model or "").lower()
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        return path.read_bytes().decode("utf-8", errors="replace").replace("\0", "").strip() or None
+    except OSError:
+        return None
+
+
+def _ram_bytes(meminfo: str | None) -> int | None:
+    match = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo or "", re.MULTILINE)
+    return int(match.group(1)) * 1024 if match else None
+
+
+def _cpu_topology(root: Path, cpus: set[int] | None) -> tuple[int, int]:
+    """(physical cores, logical CPUs) among `cpus` (None: every CPU under root/sys), from each CPU's sibling list."""
+    cpu_dir = root / "sys/devices/system/cpu"
+    if cpus is None:
+        cpus = {int(p.name[3:]) for p in cpu_dir.glob("cpu[0-9]*") if p.name[3:].isdigit()}
+    cores = set()
+    for cpu in cpus:
+        topology = cpu_dir / f"cpu{cpu}/topology"
+        siblings = _read_text(topology / "core_cpus_list") or _read_text(topology / "thread_siblings_list")
+        cores.add(siblings or f"cpu{cpu}")  # no topology (some containers): count the CPU as a core
+    logical = max(1, len(cpus))
+    return max(1, min(len(cores), logical)), logical
+
+
+def _onnxruntime_providers() -> tuple[str, ...]:
+    import onnxruntime as ort
+
+    return tuple(ort.get_available_providers())
+
+
+def _llama_gpu_offload() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def probe_host(
+    root: str | os.PathLike = "/",
+    *,
+    onnxruntime_providers: tuple[str, ...] | None = None,
+    llama_gpu_offload: bool | None = None,
+) -> HostInfo:
+    """Read this machine's facts under `root` (tests pass a fake tree); GPU checks ask onnxruntime and llama.cpp
+    unless given."""
+    root = Path(root)
+    real = root.resolve() == Path("/").resolve()
+    affinity = set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
+    physical, logical = _cpu_topology(root, affinity)
+    tegra_release = _read_text(root / "etc/nv_tegra_release")
+    return HostInfo(
+        device_model=_read_text(root / "proc/device-tree/model"),
+        tegra_release=tegra_release.splitlines()[0] if tegra_release else None,
+        onnxruntime_providers=tuple(onnxruntime_providers) if onnxruntime_providers is not None else _onnxruntime_providers(),  # fmt: skip
+        llama_gpu_offload=llama_gpu_offload if llama_gpu_offload is not None else _llama_gpu_offload(),
+        ram_bytes=_ram_bytes(_read_text(root / "proc/meminfo")),
+        physical_cores=physical,
+        logical_cpus=logical,
+    )
+
+
+def choose_profile(host: HostInfo) -> tuple[str, str]:
+    """The shipped profile `auto` picks for `host`, and why (one sentence)."""
+    ram = f"{host.ram_bytes / GIB:.1f} GiB of RAM" if host.ram_bytes else "unknown RAM"
+    if host.is_jetson:
+        model = host.device_model or "unknown model"
+        seen = f"/proc/device-tree/model says {model!r}" + (f", /etc/nv_tegra_release says {host.tegra_release!r}" if host.tegra_release else "")  # fmt: skip
+        for needle, name in JETSON_MODELS:
+            if needle in model.lower():
+                return name, f"a Jetson: {seen}"
+        ram_bytes = host.ram_bytes or 0
+        name = "jetson-orin-nano" if ram_bytes < LOWMEM_BELOW_BYTES else "jetson-orin-nx" if ram_bytes < 24 * GIB else "jetson-agx-orin"  # fmt: skip
+        return name, f"a Jetson that is not a known Orin ({seen}): picked by its {ram}"
+    cuda = "CUDAExecutionProvider" in host.onnxruntime_providers
+    if cuda or host.llama_gpu_offload:
+        found = [what for what, ok in (("onnxruntime has CUDAExecutionProvider", cuda), ("llama.cpp can offload layers to a GPU", host.llama_gpu_offload)) if ok]  # fmt: skip
+        return "cuda", " and ".join(found)
+    if host.ram_bytes is not None and host.ram_bytes < LOWMEM_BELOW_BYTES:
+        return "cpu-lowmem", f"no GPU support in onnxruntime or llama.cpp, and {ram} (under {LOWMEM_BELOW_BYTES // GIB} GiB)"  # fmt: skip
+    return "cpu", f"no GPU support in onnxruntime or llama.cpp; {ram}"

@@ -1,0 +1,281 @@
+"""One function turns (profile, bundle, the user's explicit arguments, this machine) into concrete settings.
+
+Explicit arguments always beat the profile. What the profile asks for and the machine lacks (an onnxruntime
+provider, llama.cpp GPU offload, a vision precision the bundle does not have) falls back with one warning, or
+raises `ProfileError` under `strict = true`. When the estimated memory (`memory.py`) is above the profile's
+ceiling, the profile's own n_ctx and max_image_tokens are halved (the larger cost first) until it fits, or the load
+is refused with the numbers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..budget import BudgetLimits, model_token_range, resolve_limits
+from ..bundle import Bundle
+from ..errors import ProfileError
+from ..images import Qwen2VLPreprocessing
+from ..runtimes.llm import LlamaSettings
+from .host import GIB, HostInfo, choose_profile, probe_host
+from .memory import MemoryEstimate, estimate_memory, kv_values_per_token
+from .schema import AUTO, PHYSICAL, PROVIDER_NAMES, Profile, load_profile
+
+logger = logging.getLogger(__name__)
+
+MIN_SHRUNK_CTX = 1024  # shrinking to fit a memory ceiling stops here
+ProviderSpec = tuple[str, dict[str, str]]  # what onnxruntime's `providers=` takes
+
+
+@dataclass(frozen=True)
+class Overrides:
+    """The user's explicit settings (`edgevlm.load` keywords, CLI flags): each beats the profile; None leaves it."""
+
+    n_ctx: int | None = None
+    n_threads: int | None = None
+    n_gpu_layers: int | None = None
+    vision_dtype: str | None = None
+    providers: tuple | None = None  # onnxruntime provider names or (name, options) pairs, used as given
+    limits: BudgetLimits = field(default_factory=BudgetLimits)  # the "cli" layer of token limits
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Everything a bundle is loaded with, and where it came from."""
+
+    profile: Profile
+    reason: str  # why this profile
+    providers: tuple[ProviderSpec, ...]
+    vision_dtype: str | None  # None only without a bundle when the profile leaves it to the bundle
+    intra_op_threads: int
+    allow_spinning: bool
+    llama: LlamaSettings
+    limits: BudgetLimits  # the profile layer of token limits (after any shrinking)
+    vision_gflops: float | None
+    ceiling_bytes: int | None
+    memory: MemoryEstimate | None  # with a bundle and a ceiling
+    notes: tuple[str, ...] = ()  # fallbacks and adjustments, each also logged as a warning
+
+
+def select_profile(profile: str | os.PathLike | Profile, host_info: HostInfo | None) -> tuple[Profile, str]:
+    """The profile object for a name, path, `auto` or `Profile`, and why it was chosen."""
+    if isinstance(profile, Profile):
+        return profile, "given"
+    if str(profile) == AUTO:
+        name, why = choose_profile(host_info or probe_host())
+        return load_profile(name), f"auto: {why}"
+    return load_profile(profile), "asked for"
+
+
+def _threads(value: int | str, host: HostInfo) -> int:
+    """A profile's thread count: physical cores, or its number capped at the CPUs this process has (no oversubscription)."""  # fmt: skip
+    return host.physical_cores if value == PHYSICAL else min(int(value), host.logical_cpus)
+
+
+def _flag(value: bool) -> str:
+    return "True" if value else "False"
+
+
+def _patch_shapes(patches: int, patch_dim: int) -> str:
+    return f"pixel_patches:{patches}x{patch_dim},patch_positions:{patches}x2"
+
+
+def provider_options(profile: Profile, provider: str, token_range: tuple[int, int] | None, patch_dim: int | None,
+                     merge_size: int | None) -> dict[str, str]:  # fmt: skip
+    """onnxruntime options of one provider ("tensorrt", "cuda", "cpu"); TensorRT's shape profile needs the bundle's
+    patch geometry and the image-token range (without them its shapes are left to TensorRT)."""
+    vision = profile.vision
+    if provider == "tensorrt":
+        from .schema import TensorRTOptions
+
+        trt = vision.tensorrt or TensorRTOptions()
+        cache = str(Path(trt.cache_dir).expanduser())
+        options = {
+            "device_id": str(trt.device_id), "trt_fp16_enable": _flag(trt.fp16),
+            "trt_engine_cache_enable": "True", "trt_engine_cache_path": cache,
+            "trt_timing_cache_enable": "True", "trt_timing_cache_path": cache,
+        }  # fmt: skip
+        if token_range is not None and patch_dim is not None and merge_size is not None:
+            low, high = token_range
+            opt = min(max(trt.opt_image_tokens or high, low), high)
+            per_token = merge_size**2
+            options["trt_profile_min_shapes"] = _patch_shapes(low * per_token, patch_dim)
+            options["trt_profile_opt_shapes"] = _patch_shapes(opt * per_token, patch_dim)
+            options["trt_profile_max_shapes"] = _patch_shapes(high * per_token, patch_dim)
+        return options
+    if provider == "cuda":
+        from .schema import CUDAOptions
+
+        cuda = vision.cuda or CUDAOptions()
+        options = {"device_id": str(cuda.device_id), "arena_extend_strategy": cuda.arena_extend_strategy,
+                   "cudnn_conv_algo_search": cuda.conv_algo_search}  # fmt: skip
+        if cuda.gpu_mem_limit_gib is not None:
+            options["gpu_mem_limit"] = str(int(cuda.gpu_mem_limit_gib * GIB))
+        return options
+    return {}  # CPU: threads and spinning are session options
+
+
+class _Notes:
+    """Collects fallbacks (errors under strict) and adjustments; each is logged once as a warning."""
+
+    def __init__(self, profile: Profile):
+        self.profile, self.items = profile, []
+
+    def fallback(self, message: str) -> None:
+        if self.profile.strict:
+            raise ProfileError(f"{message} (profile {self.profile.name!r} is strict: fix the machine or set strict = false)")  # fmt: skip
+        self.adjust(message)
+
+    def adjust(self, message: str) -> None:
+        logger.warning("%s", message)
+        self.items.append(message)
+
+
+def _providers(profile: Profile, host: HostInfo, notes: _Notes, geometry: tuple) -> tuple[tuple[ProviderSpec, ...], bool]:  # fmt: skip
+    """The profile's providers this onnxruntime has, with options, CPU last; and whether a GPU one is among them."""
+    wanted = [*profile.vision.providers, *(["cpu"] if "cpu" not in profile.vision.providers else [])]
+    missing = [p for p in wanted if PROVIDER_NAMES[p] not in host.onnxruntime_providers and p != "cpu"]
+    kept = [p for p in wanted if p not in missing]
+    if missing:
+        notes.fallback(
+            f"profile {profile.name!r} asks for {', '.join(PROVIDER_NAMES[p] for p in missing)}, which this onnxruntime "
+            f"lacks (it has {', '.join(host.onnxruntime_providers)}): the vision graph runs on {', '.join(PROVIDER_NAMES[p] for p in kept)}. "
+            "For a GPU install onnxruntime-gpu (Jetson: the JetPack wheel; see the README)."
+        )  # fmt: skip
+    specs = tuple((PROVIDER_NAMES[p], provider_options(profile, p, *geometry)) for p in kept)
+    return specs, any(p != "cpu" for p in kept)
+
+
+def _vision_dtype(profile: Profile, bundle: Bundle | None, on_gpu: bool, notes: _Notes) -> str | None:
+    preference = list(profile.vision.precision)
+    if not on_gpu and "fp16" in preference[:-1]:  # onnxruntime's CPU kernels run fp16 graphs slowly
+        preference = [p for p in preference if p != "fp16"] + ["fp16"]
+    if bundle is None:
+        return preference[0] if preference else None
+    variants = bundle.manifest.vision.variants
+    chosen = next((p for p in preference if p in variants), None)
+    if chosen is None:
+        chosen = bundle.manifest.vision.default
+        if preference:
+            notes.fallback(f"profile {profile.name!r} loads a {' or '.join(preference)} vision graph, but the bundle has "
+                           f"only {', '.join(sorted(variants))}: using {chosen}. Export with --profile {profile.name} for its precision.")  # fmt: skip
+    return chosen
+
+
+def _ceiling(profile: Profile, host: HostInfo) -> tuple[int | None, str]:
+    memory = profile.memory
+    if memory.ceiling_gib is not None:
+        return int(memory.ceiling_gib * GIB), f"{memory.ceiling_gib:g} GiB"
+    if memory.ceiling_ram_fraction is not None and host.ram_bytes:
+        ceiling = int(memory.ceiling_ram_fraction * host.ram_bytes)
+        return ceiling, f"{memory.ceiling_ram_fraction:.0%} of {host.ram_bytes / GIB:.1f} GiB RAM"
+    return None, "none"
+
+
+def resolve_settings(
+    profile: str | os.PathLike | Profile = AUTO,
+    bundle: Bundle | None = None,
+    overrides: Overrides = Overrides(),
+    host: HostInfo | None = None,
+) -> RuntimeSettings:
+    """Concrete settings for loading `bundle` (None: what the profile itself says, for `edgevlm profiles show`)."""
+    host = host or probe_host()
+    profile, reason = select_profile(profile, host)
+    notes = _Notes(profile)
+    spec = Qwen2VLPreprocessing.from_dict(bundle.manifest.preprocessing) if bundle is not None else None
+    limits = profile.budget
+    in_force = resolve_limits(cli=overrides.limits, profile=limits, bundle=bundle.manifest.budget if bundle else None)
+    token_range = None
+    if spec is not None:
+        model_min, model_max = model_token_range(spec)
+        token_range = (max(in_force.min_image_tokens or model_min, model_min), min(in_force.max_image_tokens or model_max, model_max))
+
+    if overrides.providers is not None:
+        providers = tuple(overrides.providers)
+        names = [p if isinstance(p, str) else p[0] for p in providers]
+        on_gpu = any(name != PROVIDER_NAMES["cpu"] for name in names)
+    else:
+        patch_dim = 3 * spec.temporal_patch_size * spec.patch_size**2 if spec else None
+        providers, on_gpu = _providers(profile, host, notes, (token_range, patch_dim, spec.merge_size if spec else None))
+    vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, notes)
+
+    llm = profile.llm
+    n_gpu_layers = overrides.n_gpu_layers
+    if n_gpu_layers is None:
+        n_gpu_layers = llm.n_gpu_layers
+        if n_gpu_layers != 0 and not host.llama_gpu_offload:
+            notes.fallback(f"profile {profile.name!r} offloads LLM layers to a GPU, but this llama-cpp-python was built "
+                           "without GPU support: all layers run on the CPU. Reinstall it with CUDA (see the README).")  # fmt: skip
+            n_gpu_layers = 0
+    n_ctx = overrides.n_ctx or llm.n_ctx
+    if bundle is not None:
+        n_ctx = min(n_ctx, bundle.manifest.llm.n_ctx_train)
+    threads = overrides.n_threads
+    llama = LlamaSettings(
+        n_ctx=n_ctx, n_batch=llm.n_batch, n_ubatch=llm.n_ubatch,
+        n_threads=threads or _threads(llm.n_threads, host), n_threads_batch=threads or _threads(llm.n_threads_batch, host),
+        n_gpu_layers=n_gpu_layers, flash_attn=None if llm.flash_attn == "auto" else llm.flash_attn,
+        kv_cache_type=llm.kv_cache_type, mmap=llm.mmap, mlock=llm.mlock,
+    )  # fmt: skip
+
+    ceiling, ceiling_text = _ceiling(profile, host)
+    memory = None
+    if bundle is not None and ceiling is not None and vision_dtype in bundle.manifest.vision.variants:
+        llama, limits, memory = _fit_memory(profile, bundle, vision_dtype, llama, limits, token_range, overrides,
+                                            ceiling, ceiling_text, notes)  # fmt: skip
+    return RuntimeSettings(
+        profile=profile, reason=reason, providers=providers, vision_dtype=vision_dtype,
+        intra_op_threads=threads or _threads(profile.vision.intra_op_threads, host),
+        allow_spinning=profile.vision.allow_spinning, llama=llama, limits=limits,
+        vision_gflops=profile.vision.gflops, ceiling_bytes=ceiling, memory=memory, notes=tuple(notes.items),
+    )  # fmt: skip
+
+
+def _fit_memory(profile: Profile, bundle: Bundle, vision_dtype: str, llama: LlamaSettings, limits: BudgetLimits,
+                token_range: tuple[int, int], overrides: Overrides, ceiling: int, ceiling_text: str,
+                notes: _Notes) -> tuple[LlamaSettings, BudgetLimits, MemoryEstimate]:  # fmt: skip
+    """Shrink the profile's n_ctx / max_image_tokens until the estimate fits under the ceiling, or refuse."""
+    manifest = bundle.manifest
+    values_per_token = kv_values_per_token(bundle.file(manifest.llm.file), manifest.llm.arch)
+    low_tokens, max_tokens = token_range
+
+    def estimate(n_ctx: int, tokens: int) -> MemoryEstimate:
+        return estimate_memory(bundle, vision_dtype, n_ctx, llama.kv_cache_type, tokens, values_per_token)
+
+    n_ctx, tokens = llama.n_ctx, max_tokens
+    current = estimate(n_ctx, tokens)
+    if current.total_bytes <= ceiling:
+        return llama, limits, current
+    over = (f"the estimated memory ({current.describe()}) is above profile {profile.name!r}'s ceiling of "
+            f"{ceiling / GIB:.2f} GiB ({ceiling_text})")  # fmt: skip
+    if profile.memory.on_exceed == "refuse":
+        raise ProfileError(f"{over}; lower n_ctx or max_image_tokens, use a smaller quantization or vision precision, "
+                           "or raise the ceiling in a profile of your own.")  # fmt: skip
+    can_shrink_ctx = overrides.n_ctx is None
+    can_shrink_tokens = overrides.limits.max_image_tokens is None
+    while current.total_bytes > ceiling:
+        shrink_ctx = can_shrink_ctx and n_ctx > MIN_SHRUNK_CTX
+        shrink_tokens = can_shrink_tokens and tokens > low_tokens
+        if shrink_ctx and shrink_tokens:  # halve the larger cost first
+            shrink_ctx = current.kv_cache_bytes >= (current.vision_activation_bytes or 0)
+            shrink_tokens = not shrink_ctx
+        if shrink_ctx:
+            n_ctx = max(MIN_SHRUNK_CTX, n_ctx // 2)
+        elif shrink_tokens:
+            tokens = max(low_tokens, tokens // 2)
+        else:
+            fixed = [name for name, given in (("n_ctx", not can_shrink_ctx), ("max_image_tokens", not can_shrink_tokens)) if given]  # fmt: skip
+            raise ProfileError(
+                f"{over}, and even n_ctx={n_ctx}, max_image_tokens={tokens}"
+                f"{' (given explicitly: ' + ', '.join(fixed) + ')' if fixed else ''} need {current.total_bytes / GIB:.2f} GiB. "
+                "Use a smaller LLM quantization (--int4) or vision precision (int8), fewer image tokens or a smaller "
+                "context, or raise the ceiling in a profile of your own."
+            )  # fmt: skip
+        current = estimate(n_ctx, tokens)
+    changes = [f"{name} {old} -> {new}" for name, old, new in (("n_ctx", llama.n_ctx, n_ctx), ("max_image_tokens", max_tokens, tokens)) if old != new]  # fmt: skip
+    notes.adjust(f"{over}: shrank {' and '.join(changes)} to fit; estimate now {current.total_bytes / GIB:.2f} GiB")
+    if tokens != max_tokens:
+        limits = replace(limits, max_image_tokens=tokens)  # >= every min_image_tokens in force: it stopped there
+    return replace(llama, n_ctx=n_ctx), limits, current
