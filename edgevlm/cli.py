@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 import time
@@ -20,13 +21,21 @@ def _export(args: argparse.Namespace) -> int:
         args.model,
         args.output,
         quantization=quantization,
-        vision_dtypes=tuple(dict.fromkeys(args.vision_dtype or ["fp32"])),
+        vision_dtypes=_export_vision_dtypes(args.vision_dtype or [], args.profile or []),
         force=args.force,
         verify=args.verify,
         max_image_tokens=args.max_image_tokens,
     )
     print(f"bundle written to {out}")
     return 0
+
+
+def _export_vision_dtypes(flags: list[str], profile_names: list[str]) -> tuple[str, ...]:
+    """--vision-dtype flags first, then the precision each --profile loads (the first it prefers); fp32 if none."""
+    from .profiles.schema import load_profile
+
+    loaded = [load_profile(name).vision.precision[:1] for name in profile_names]
+    return tuple(dict.fromkeys([*flags, *(p for precision in loaded for p in precision)])) or ("fp32",)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -38,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
     _check_tiles(args.tiles)
     t0 = time.perf_counter()
     vlm = edgevlm.load(
-        args.bundle, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
+        args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
         max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
     )  # fmt: skip
     load_s = time.perf_counter() - t0
@@ -72,19 +81,22 @@ def _plan(args: argparse.Namespace) -> int:
     from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size  # fmt: skip
     from .bundle import Bundle
     from .images import Qwen2VLPreprocessing, image_size
+    from .profiles import Overrides, resolve_settings
 
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
     spec = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
     cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
-    limits = resolve_limits(cli=cli_limits, bundle=manifest.budget)
     crop = Crop.parse(args.crop) if args.crop else None
     _check_tiles(args.tiles)
+    settings = resolve_settings(args.profile, bundle, Overrides(n_ctx=args.n_ctx, vision_dtype=args.vision_dtype, limits=cli_limits))  # fmt: skip
+    limits = resolve_limits(cli=cli_limits, profile=settings.limits, bundle=manifest.budget)
     sizes = [image_size(path) for path in args.image]
     requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]
-    n_ctx = min(args.n_ctx, manifest.llm.n_ctx_train)
-    tower = vision_tower_size(manifest, args.vision_dtype)
-    gflops = args.gflops or DEFAULT_VISION_GFLOPS
+    n_ctx = settings.llama.n_ctx
+    tower = vision_tower_size(manifest, settings.vision_dtype)
+    gflops = args.gflops or settings.vision_gflops or DEFAULT_VISION_GFLOPS
+    gflops_source = "--gflops" if args.gflops else f"profile {settings.profile.name}" if settings.vision_gflops else "default; --gflops"  # fmt: skip
     plan = plan_images(requests, spec, limits, n_ctx=n_ctx, n_prompt_tokens=args.prompt_tokens,
                        max_new_tokens=args.max_new_tokens, tower=tower)  # fmt: skip
 
@@ -110,15 +122,23 @@ def _plan(args: argparse.Namespace) -> int:
     print("limits: " + (", ".join(in_force) or "none set (the model's own pixel limits)"))
     if tower:
         print(f"estimates: peak vision activations {plan.peak_activation_bytes / gib:.2f} GiB (weights excluded), "
-              f"encode {plan.encode_seconds(gflops):.1f} s at an assumed {gflops:g} GFLOP/s (--gflops)")  # fmt: skip
+              f"encode {plan.encode_seconds(gflops):.1f} s at an assumed {gflops:g} GFLOP/s ({gflops_source})")  # fmt: skip
     else:
         print("estimates: unavailable, the bundle does not record its vision tower's size (re-export it)")
+    print(f"profile: {settings.profile.name} ({settings.reason}); {settings.vision_dtype} vision graph, n_ctx {n_ctx}")
+    if settings.memory is not None:
+        print(f"memory: {settings.memory.describe()}, ceiling {settings.ceiling_bytes / gib:.2f} GiB")
     return 0
 
 
 def _check_tiles(tiles: int | None) -> None:
     if tiles is not None and tiles < 1:
         raise EdgeVLMError(f"--tiles {tiles}: give the most tiles per image, K >= 1 (leave it out for no tiling)")
+
+
+def _add_profile_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="auto", metavar="NAME|PATH",
+                   help="hardware profile: auto (default: detect), a name from `edgevlm profiles`, or a .toml file")  # fmt: skip
 
 
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
@@ -133,7 +153,8 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     quantization = next((q for flag, q in QUANT_FLAGS.items() if getattr(args, flag, False)), "Q4_K_M")
-    result = run_demo(quantization, seed=args.seed, question_type=args.question_type, vision_dtype=args.vision_dtype)
+    result = run_demo(quantization, seed=args.seed, question_type=args.question_type, vision_dtype=args.vision_dtype,
+                      profile=args.profile)  # fmt: skip
     t = result.timings
     print(f"bundle:   {result.bundle}" + (f" (exported in {result.export_s:.1f} s)" if result.export_s else ""))
     print(f"image:    {result.image_path}")
@@ -166,13 +187,72 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key,
                               image_policy=policy, max_body_bytes=max_body, max_queue=args.queue)  # fmt: skip
     vlm = edgevlm.load(
-        args.bundle, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
+        args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
         max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
     )  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"edgevlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
     print(f"serving {settings.model_id} at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
     serve(vlm, settings, host=args.host, port=args.port)
+    return 0
+
+
+def _profiles(args: argparse.Namespace) -> int:
+    """List the shipped profiles and auto's pick, or (`show NAME`) what one profile resolves to on this machine."""
+    from .profiles import choose_profile, load_profile, probe_host, shipped_profiles
+
+    host = probe_host()
+    if getattr(args, "name", None):
+        return _show_profile(args, host)
+    auto_name, reason = choose_profile(host)
+    width = max(map(len, shipped_profiles()))
+    for name in shipped_profiles():
+        print(f"{name:<{width}}  {'*' if name == auto_name else ' '} {load_profile(name).description}")
+    print(f"\nauto picks {auto_name}: {reason}")
+    ram = f"{host.ram_bytes / 2**30:.1f} GiB RAM" if host.ram_bytes else "RAM unknown"
+    print(f"this machine: {host.physical_cores} physical cores ({host.logical_cpus} CPUs), {ram}, "
+          f"onnxruntime providers {', '.join(host.onnxruntime_providers)}, llama.cpp GPU offload "
+          f"{'yes' if host.llama_gpu_offload else 'no'}{', ' + host.device_model if host.device_model else ''}")  # fmt: skip
+    print("details: edgevlm profiles show NAME|PATH [--bundle DIR]")
+    return 0
+
+
+def _show_profile(args: argparse.Namespace, host) -> int:
+    from .bundle import Bundle
+    from .profiles import resolve_settings
+
+    bundle = Bundle.open(args.bundle) if args.bundle else None
+    if args.assume_gpu:
+        host = dataclasses.replace(host, llama_gpu_offload=True, onnxruntime_providers=(
+            "TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"))  # fmt: skip
+    logging.getLogger("edgevlm.profiles.resolve").setLevel(logging.ERROR)  # the notes are printed below
+    settings = resolve_settings(args.name, bundle, host=host)
+    profile, llama = settings.profile, settings.llama
+    print(f"profile {profile.name} ({settings.reason}){' strict' if profile.strict else ''}: {profile.source}")
+    if profile.description:
+        print(f"  {profile.description}")
+    print("vision (onnxruntime):")
+    for name, options in settings.providers:
+        print(f"  {name}" + "".join(f"\n      {key} = {value}" for key, value in options.items()))
+    preference = ", ".join(profile.vision.precision) or "the bundle's default"
+    print(f"  precision {settings.vision_dtype or 'the bundle default'} (preference: {preference}"
+          f"{'' if bundle else '; the bundle decides among them'})")  # fmt: skip
+    print(f"  intra-op threads {settings.intra_op_threads}, spinning {'on' if settings.allow_spinning else 'off'}")
+    print("llm (llama.cpp):")
+    print(f"  n_gpu_layers {llama.n_gpu_layers} ({'all' if llama.n_gpu_layers < 0 else 'CPU only' if llama.n_gpu_layers == 0 else 'partial'}), "
+          f"n_threads {llama.n_threads}, n_threads_batch {llama.n_threads_batch}")  # fmt: skip
+    flash = "auto" if llama.flash_attn is None else "on" if llama.flash_attn else "off"
+    mmap = "auto" if llama.mmap is None else "on" if llama.mmap else "off"
+    print(f"  n_ctx {llama.n_ctx}, n_batch {llama.n_batch}, n_ubatch {llama.n_ubatch}, flash attention {flash}, "
+          f"KV cache {llama.kv_cache_type}, mmap {mmap}, mlock {'on' if llama.mlock else 'off'}")  # fmt: skip
+    limits = [f"{key}={value}" for key, value in settings.limits.to_dict().items() if value is not None]
+    print(f"image token limits (profile layer): {', '.join(limits) or 'none (the bundle decides)'}")
+    if settings.vision_gflops:
+        print(f"assumed vision throughput: {settings.vision_gflops:g} GFLOP/s")
+    ceiling = "none" if settings.ceiling_bytes is None else f"{settings.ceiling_bytes / 2**30:.2f} GiB"
+    print(f"memory ceiling: {ceiling}" + (f"; estimate {settings.memory.describe()}" if settings.memory else "" if bundle else " (give --bundle for an estimate)"))  # fmt: skip
+    for note in settings.notes:
+        print(f"note: {note}")
     return 0
 
 
@@ -248,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify", action="store_true", help="compare the bundle's logits with transformers after export")
     p.add_argument("--max-image-tokens", type=int,
                    help="the bundle's default cap of visual tokens per image (default: 1024)")  # fmt: skip
+    p.add_argument("--profile", action="append", metavar="NAME|PATH",
+                   help="also ship the vision precision this hardware profile loads; repeat for several")  # fmt: skip
     p.set_defaults(handler=_export)
 
     p = sub.add_parser("run", help="answer a prompt about images with a bundle")
@@ -257,9 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=256)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
+    _add_profile_flag(p)
+    p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the profile's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the profile's)")
+    p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None,
+                   help="vision graph precision (default: the profile's preference the bundle has)")  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     _add_budget_flags(p)
     p.set_defaults(handler=_run)
@@ -268,13 +352,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("--image", action="append", required=True, help="image file; repeat for several")
     _add_budget_flags(p)
-    p.add_argument("--n-ctx", type=int, default=4096, help="context size, as for run (default: 4096)")
+    _add_profile_flag(p)
+    p.add_argument("--n-ctx", type=int, default=None, help="context size, as for run (default: the profile's)")
     p.add_argument("--max-new-tokens", type=int, default=256, help="room kept for the answer (default: 256)")
     p.add_argument("--prompt-tokens", type=int, default=0,
                    help="text tokens of the prompt, template included (run counts them; default: 0)")  # fmt: skip
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
     p.add_argument("--gflops", type=float, default=None,
-                   help="assumed vision throughput in GFLOP/s for the time estimate (default: 200)")  # fmt: skip
+                   help="assumed vision throughput in GFLOP/s for the time estimate (default: the profile's, else 200)")  # fmt: skip
     p.set_defaults(handler=_plan)
 
     p = sub.add_parser("demo", help="ask the built-in demo model about a freshly drawn scene (offline)")
@@ -284,7 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--f16", action="store_true", help="LLM in F16")
     p.add_argument("--seed", type=int, default=None, help="scene number (default: a random one)")
     p.add_argument("--question-type", choices=["shape", "color", "count", "position"], default=None)
-    p.add_argument("--vision-dtype", choices=["fp32", "int8"], default=None, help="default: fp32")
+    p.add_argument("--vision-dtype", choices=["fp32", "int8"], default=None, help="default: the profile's preference")
+    _add_profile_flag(p)
     p.set_defaults(handler=_demo)
 
     p = sub.add_parser("bench", help="measure every stage of an answer, next to plain llama-cpp-python decoding")
@@ -311,13 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept image paths and file:// URLs inside DIR (default: refused)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default: 20 MB)")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (default: 16)")
-    p.add_argument("--n-ctx", type=int, default=4096)
-    p.add_argument("--threads", type=int, default=None)
+    _add_profile_flag(p)
+    p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the profile's)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the profile's)")
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
     p.add_argument("--max-image-tokens", type=int, help="most visual tokens per image (default: the bundle's)")
     p.add_argument("--min-image-tokens", type=int, help="fewest visual tokens per image (default: the model's)")
     p.add_argument("--image-budget", type=int, help="most visual tokens for all images of a request")
     p.set_defaults(handler=_serve)
+
+    p = sub.add_parser("profiles", help="list hardware profiles and which one auto picks here")
+    profiles_sub = p.add_subparsers(dest="profiles_command")
+    show = profiles_sub.add_parser("show", help="the settings a profile resolves to on this machine")
+    show.add_argument("name", metavar="NAME|PATH", help="a shipped profile, auto, or a .toml file")
+    show.add_argument("--bundle", help="resolve against this bundle (precision, TensorRT shapes, memory estimate)")
+    show.add_argument("--assume-gpu", action="store_true",
+                      help="resolve as if onnxruntime had TensorRT and CUDA and llama.cpp could offload (review a GPU profile anywhere)")  # fmt: skip
+    p.set_defaults(handler=_profiles)
 
     p = sub.add_parser("verify", help="check every bundle file against its sha256")
     p.add_argument("bundle")

@@ -76,8 +76,10 @@ def run_demo(
     question_type: str | None = None,
     vision_dtype: str | None = None,
     cache: Path | None = None,
+    profile: str = "auto",
 ) -> DemoResult:
-    """Export the demo model if needed, draw scene `seed` (random if None), ask its question, return the answer."""
+    """Export the demo model if needed, draw scene `seed` (random if None), ask its question, return the answer
+    (with hardware profile `profile`, see `edgevlm.load`)."""
     import edgevlm
 
     cache = cache or cache_root()
@@ -89,7 +91,7 @@ def run_demo(
     demo_scene.image.save(image_path)
 
     start = time.perf_counter()
-    vlm = edgevlm.load(bundle, n_ctx=512, vision_dtype=vision_dtype)
+    vlm = edgevlm.load(bundle, profile, n_ctx=512, vision_dtype=vision_dtype)
     load_s = time.perf_counter() - start
     try:
         answer, timings = ask(vlm, demo_scene)

@@ -190,7 +190,8 @@ def resolve_settings(
     token_range = None
     if spec is not None:
         model_min, model_max = model_token_range(spec)
-        token_range = (max(in_force.min_image_tokens or model_min, model_min), min(in_force.max_image_tokens or model_max, model_max))
+        high = min(in_force.max_image_tokens or model_max, model_max)
+        token_range = (min(max(in_force.min_image_tokens or model_min, model_min), high), high)
 
     if overrides.providers is not None:
         providers = tuple(overrides.providers)

@@ -311,7 +311,17 @@ def _resolved_document(path: Path, depth: int = 0) -> dict[str, Any]:
     parent_path = Path(parent).expanduser()
     if parent.endswith(".toml") and not parent_path.is_absolute():
         parent = str(path.parent / parent_path)
-    return _merge(_resolved_document(profile_path(parent), depth + 1), data)
+    try:
+        parent_file = profile_path(parent)
+    except ProfileError as e:
+        raise ProfileError(f"{path}: extends = {parent!r}: {e}") from None
+    base = _resolved_document(parent_file, depth + 1)
+    memory, base_memory = data.get("memory"), base.get("memory")
+    if isinstance(memory, dict) and isinstance(base_memory, dict):  # a ceiling replaces the inherited one, of either kind
+        for kind, other in (("ceiling_gib", "ceiling_ram_fraction"), ("ceiling_ram_fraction", "ceiling_gib")):
+            if kind in memory:
+                base_memory.pop(other, None)
+    return _merge(base, data)
 
 
 def load_profile(name_or_path: str | Path) -> Profile:
