@@ -234,6 +234,8 @@ def _show_profile(args: argparse.Namespace, host) -> int:
     print("vision (onnxruntime):")
     for name, options in settings.providers:
         print(f"  {name}" + "".join(f"\n      {key} = {value}" for key, value in options.items()))
+        if name == "TensorrtExecutionProvider" and "trt_profile_min_shapes" not in options:
+            print("      (the patch-axis shape profile needs --bundle)")
     preference = ", ".join(profile.vision.precision) or "the bundle's default"
     print(f"  precision {settings.vision_dtype or 'the bundle default'} (preference: {preference}"
           f"{'' if bundle else '; the bundle decides among them'})")  # fmt: skip

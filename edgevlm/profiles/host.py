@@ -88,8 +88,10 @@ def probe_host(
     return HostInfo(
         device_model=_read_text(root / "proc/device-tree/model"),
         tegra_release=tegra_release.splitlines()[0] if tegra_release else None,
-        onnxruntime_providers=tuple(onnxruntime_providers) if onnxruntime_providers is not None else _onnxruntime_providers(),  # fmt: skip
-        llama_gpu_offload=llama_gpu_offload if llama_gpu_offload is not None else _llama_gpu_offload(),
+        onnxruntime_providers=tuple(
+            _onnxruntime_providers() if onnxruntime_providers is None else onnxruntime_providers
+        ),
+        llama_gpu_offload=_llama_gpu_offload() if llama_gpu_offload is None else llama_gpu_offload,
         ram_bytes=_ram_bytes(_read_text(root / "proc/meminfo")),
         physical_cores=physical,
         logical_cpus=logical,

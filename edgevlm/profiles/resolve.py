@@ -198,8 +198,8 @@ def resolve_settings(
         names = [p if isinstance(p, str) else p[0] for p in providers]
         on_gpu = any(name != PROVIDER_NAMES["cpu"] for name in names)
     else:
-        patch_dim = 3 * spec.temporal_patch_size * spec.patch_size**2 if spec else None
-        providers, on_gpu = _providers(profile, host, notes, (token_range, patch_dim, spec.merge_size if spec else None))
+        geometry = (token_range, 3 * spec.temporal_patch_size * spec.patch_size**2, spec.merge_size) if spec else (None,) * 3  # fmt: skip
+        providers, on_gpu = _providers(profile, host, notes, geometry)
     vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, notes)
 
     llm = profile.llm

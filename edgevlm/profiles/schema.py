@@ -317,7 +317,8 @@ def _resolved_document(path: Path, depth: int = 0) -> dict[str, Any]:
         raise ProfileError(f"{path}: extends = {parent!r}: {e}") from None
     base = _resolved_document(parent_file, depth + 1)
     memory, base_memory = data.get("memory"), base.get("memory")
-    if isinstance(memory, dict) and isinstance(base_memory, dict):  # a ceiling replaces the inherited one, of either kind
+    # a ceiling replaces the inherited one, of either kind
+    if isinstance(memory, dict) and isinstance(base_memory, dict):
         for kind, other in (("ceiling_gib", "ceiling_ram_fraction"), ("ceiling_ram_fraction", "ceiling_gib")):
             if kind in memory:
                 base_memory.pop(other, None)
