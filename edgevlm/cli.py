@@ -298,7 +298,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     result = run_bench(
         args.bundle, image_tokens=args.image_tokens, runs=args.runs, max_new_tokens=args.max_new_tokens,
-        baseline=not args.no_baseline, vision_dtype=args.vision_dtype, n_threads=args.threads,
+        baseline=not args.no_baseline, vision_dtype=args.vision_dtype, n_threads=args.threads, profile=args.profile,
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )  # fmt: skip
     print(markdown(result))
@@ -384,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
     p.add_argument("--no-baseline", action="store_true", help="skip the plain llama-cpp-python decode baseline")
+    _add_profile_flag(p)
     p.add_argument("--json", help="write the results to this JSON file")
     p.add_argument("--plot", help="write a PNG of the stages to this file (needs matplotlib)")
     p.set_defaults(handler=_bench)
