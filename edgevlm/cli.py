@@ -199,12 +199,12 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _profiles(args: argparse.Namespace) -> int:
     """List the shipped profiles and auto's pick, or (`show NAME`) what one profile resolves to on this machine."""
-    from .profiles import choose_profile, load_profile, probe_host, shipped_profiles
+    from .profiles import auto_profile, load_profile, probe_host, shipped_profiles
 
     host = probe_host()
     if getattr(args, "name", None):
         return _show_profile(args, host)
-    auto_name, reason = choose_profile(host)
+    auto_name, reason = auto_profile(host)
     width = max(map(len, shipped_profiles()))
     for name in shipped_profiles():
         print(f"{name:<{width}}  {'*' if name == auto_name else ' '} {load_profile(name).description}")

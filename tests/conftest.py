@@ -3,9 +3,14 @@ built once per test session."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Every machine runs the suite with the same hardware profile (auto would pick cpu-lowmem under 12 GiB of RAM, with
+# other limits and a quantized KV cache); tests of auto-detection itself remove this.
+os.environ.setdefault("EDGEVLM_PROFILE", "cpu")
 
 from edgevlm.exporters.verify import sample_image as random_image  # noqa: F401  (tests import it from here)
 

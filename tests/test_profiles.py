@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -145,7 +146,8 @@ MACHINES = [
 
 
 @pytest.mark.parametrize("machine, providers, offload, expected, reason", MACHINES)
-def test_auto_detection_on_faked_machines(tmp_path, machine, providers, offload, expected, reason):
+def test_auto_detection_on_faked_machines(tmp_path, monkeypatch, machine, providers, offload, expected, reason):
+    monkeypatch.delenv("EDGEVLM_PROFILE", raising=False)  # conftest pins the test runs' profile
     root = fake_machine(tmp_path, **machine)
     host = probe_host(root, onnxruntime_providers=providers, llama_gpu_offload=offload)
     name, why = choose_profile(host)
@@ -356,9 +358,12 @@ def edgevlm_cli(*args: str) -> subprocess.CompletedProcess:
 def test_cli_lists_profiles_and_shows_one(tiny_bundles, tmp_path):
     result = edgevlm_cli("profiles")
     assert result.returncode == 0, result.stderr
-    auto_name, reason = choose_profile(probe_host())
     for name in shipped_profiles():
         assert name in result.stdout
+    assert "auto picks cpu: EDGEVLM_PROFILE=cpu" in result.stdout  # conftest pins it
+    result = subprocess.run([sys.executable, "-m", "edgevlm.cli", "profiles"], capture_output=True, text=True,
+                            timeout=300, check=False, env={k: v for k, v in os.environ.items() if k != "EDGEVLM_PROFILE"})  # fmt: skip
+    auto_name, reason = choose_profile(probe_host())
     assert f"auto picks {auto_name}: {reason}" in result.stdout
 
     result = edgevlm_cli("profiles", "show", "jetson-orin-nano", "--bundle", str(tiny_bundles["Q8_0"]), "--assume-gpu")

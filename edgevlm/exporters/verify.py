@@ -69,10 +69,14 @@ def compare_case(vlm, family, loaded, case: ParityCase, n_greedy: int = 24) -> d
 def verify_bundle(bundle: Bundle, family, loaded, cases=PARITY_CASES, n_greedy: int = 24) -> dict:
     """Compare a bundle with transformers on `cases`. For F32/F16 language models, logits beyond `LOGIT_ATOL` or a
     different greedy continuation raise ExportValidationError; quantized ones are reported, not judged."""
+    from ..profiles import Profile
     from ..runtimes.pipeline import EdgeVLM
 
     loaded.model.float()  # the reference runs in fp32, whatever dtype the checkpoint was loaded in
-    vlm = EdgeVLM(bundle, n_ctx=2048, vision_dtype=bundle.manifest.vision.default)  # not a profile's preference
+    # on the CPU with the bundle's own limits and default precision, whatever machine exports: what is compared
+    # with transformers is the bundle, not a hardware profile's choices
+    neutral = Profile("export-verify", __name__)
+    vlm = EdgeVLM(bundle, profile=neutral, n_ctx=2048, vision_dtype=bundle.manifest.vision.default)
     try:
         report = {case.name: compare_case(vlm, family, loaded, case, n_greedy) for case in cases}
     finally:

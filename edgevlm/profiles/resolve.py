@@ -25,6 +25,7 @@ from .schema import AUTO, PHYSICAL, PROVIDER_NAMES, Profile, load_profile
 
 logger = logging.getLogger(__name__)
 
+PROFILE_ENV = "EDGEVLM_PROFILE"  # pins what `auto` means on this machine (a deployment, a test run)
 MIN_SHRUNK_CTX = 1024  # shrinking to fit a memory ceiling stops here
 ProviderSpec = tuple[str, dict[str, str]]  # what onnxruntime's `providers=` takes
 
@@ -59,12 +60,20 @@ class RuntimeSettings:
     notes: tuple[str, ...] = ()  # fallbacks and adjustments, each also logged as a warning
 
 
+def auto_profile(host_info: HostInfo | None = None) -> tuple[str, str]:
+    """What `auto` means here: $EDGEVLM_PROFILE (a name or a path) when set, else the detected profile; and why."""
+    pinned = os.environ.get(PROFILE_ENV, "").strip()
+    if pinned and pinned != AUTO:
+        return pinned, f"{PROFILE_ENV}={pinned}"
+    return choose_profile(host_info or probe_host())
+
+
 def select_profile(profile: str | os.PathLike | Profile, host_info: HostInfo | None) -> tuple[Profile, str]:
     """The profile object for a name, path, `auto` or `Profile`, and why it was chosen."""
     if isinstance(profile, Profile):
         return profile, "given"
     if str(profile) == AUTO:
-        name, why = choose_profile(host_info or probe_host())
+        name, why = auto_profile(host_info)
         return load_profile(name), f"auto: {why}"
     return load_profile(profile), "asked for"
 
