@@ -316,6 +316,19 @@ def test_memory_ceiling_shrinks_the_profile_or_refuses(tiny_bundles, tmp_path, c
     with pytest.raises(ProfileError, match=r"given explicitly: max_image_tokens"):
         resolve_settings(tight, bundle, explicit, host=CPU_HOST)
 
+    # TensorRT's shape profile follows the shrunk image size
+    nano = write(tmp_path / "nano.toml", 'extends = "jetson-orin-nano"\n[memory]\nceiling_gib = 100\n')
+    full = resolve_settings(nano, bundle, host=GPU_HOST).memory
+    ceiling_gib = (full.total_bytes - full.vision_activation_bytes * 0.9) / GIB
+    nano = write(tmp_path / "nano.toml", f'extends = "jetson-orin-nano"\n[memory]\nceiling_gib = {ceiling_gib}\n')
+    settings = resolve_settings(nano, bundle, host=GPU_HOST)
+    patches = settings.limits.max_image_tokens * 4
+    assert patches < 512 * 4
+    assert (
+        settings.providers[0][1]["trt_profile_max_shapes"]
+        == f"pixel_patches:{patches}x1176,patch_positions:{patches}x2"
+    )
+
 
 # ------------------------------------------------------------------------------------------------ real bundles
 

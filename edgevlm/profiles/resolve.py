@@ -142,8 +142,8 @@ class _Notes:
         self.items.append(message)
 
 
-def _providers(profile: Profile, host: HostInfo, notes: _Notes, geometry: tuple) -> tuple[tuple[ProviderSpec, ...], bool]:  # fmt: skip
-    """The profile's providers this onnxruntime has, with options, CPU last; and whether a GPU one is among them."""
+def _available_providers(profile: Profile, host: HostInfo, notes: _Notes) -> list[str]:
+    """The profile's providers (short names) this onnxruntime has, CPU last."""
     wanted = [*profile.vision.providers, *(["cpu"] if "cpu" not in profile.vision.providers else [])]
     missing = [p for p in wanted if PROVIDER_NAMES[p] not in host.onnxruntime_providers and p != "cpu"]
     kept = [p for p in wanted if p not in missing]
@@ -153,8 +153,7 @@ def _providers(profile: Profile, host: HostInfo, notes: _Notes, geometry: tuple)
             f"lacks (it has {', '.join(host.onnxruntime_providers)}): the vision graph runs on {', '.join(PROVIDER_NAMES[p] for p in kept)}. "
             "For a GPU install onnxruntime-gpu (Jetson: the JetPack wheel; see the README)."
         )  # fmt: skip
-    specs = tuple((PROVIDER_NAMES[p], provider_options(profile, p, *geometry)) for p in kept)
-    return specs, any(p != "cpu" for p in kept)
+    return kept
 
 
 def _vision_dtype(profile: Profile, bundle: Bundle | None, on_gpu: bool, notes: _Notes) -> str | None:
@@ -183,6 +182,17 @@ def _ceiling(profile: Profile, host: HostInfo) -> tuple[int | None, str]:
     return None, "none"
 
 
+def _token_range(spec: Qwen2VLPreprocessing | None, bundle: Bundle | None, overrides: Overrides,
+                 profile_limits: BudgetLimits) -> tuple[int, int] | None:  # fmt: skip
+    """The fewest and most tokens an image span may get at load time (request limits can still change them)."""
+    if spec is None or bundle is None:
+        return None
+    in_force = resolve_limits(cli=overrides.limits, profile=profile_limits, bundle=bundle.manifest.budget)
+    model_min, model_max = model_token_range(spec)
+    high = min(in_force.max_image_tokens or model_max, model_max)
+    return min(max(in_force.min_image_tokens or model_min, model_min), high), high
+
+
 def resolve_settings(
     profile: str | os.PathLike | Profile = AUTO,
     bundle: Bundle | None = None,
@@ -195,20 +205,14 @@ def resolve_settings(
     notes = _Notes(profile)
     spec = Qwen2VLPreprocessing.from_dict(bundle.manifest.preprocessing) if bundle is not None else None
     limits = profile.budget
-    in_force = resolve_limits(cli=overrides.limits, profile=limits, bundle=bundle.manifest.budget if bundle else None)
-    token_range = None
-    if spec is not None:
-        model_min, model_max = model_token_range(spec)
-        high = min(in_force.max_image_tokens or model_max, model_max)
-        token_range = (min(max(in_force.min_image_tokens or model_min, model_min), high), high)
+    token_range = _token_range(spec, bundle, overrides, limits)
 
     if overrides.providers is not None:
-        providers = tuple(overrides.providers)
-        names = [p if isinstance(p, str) else p[0] for p in providers]
+        names = [p if isinstance(p, str) else p[0] for p in overrides.providers]
         on_gpu = any(name != PROVIDER_NAMES["cpu"] for name in names)
     else:
-        geometry = (token_range, 3 * spec.temporal_patch_size * spec.patch_size**2, spec.merge_size) if spec else (None,) * 3  # fmt: skip
-        providers, on_gpu = _providers(profile, host, notes, geometry)
+        kept = _available_providers(profile, host, notes)
+        on_gpu = kept != ["cpu"]
     vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, notes)
 
     llm = profile.llm
@@ -235,6 +239,12 @@ def resolve_settings(
     if bundle is not None and ceiling is not None and vision_dtype in bundle.manifest.vision.variants:
         llama, limits, memory = _fit_memory(profile, bundle, vision_dtype, llama, limits, token_range, overrides,
                                             ceiling, ceiling_text, notes)  # fmt: skip
+        token_range = _token_range(spec, bundle, overrides, limits)  # TensorRT's shapes follow a shrink
+    if overrides.providers is not None:
+        providers = tuple(overrides.providers)
+    else:
+        geometry = (token_range, 3 * spec.temporal_patch_size * spec.patch_size**2, spec.merge_size) if spec else (None,) * 3  # fmt: skip
+        providers = tuple((PROVIDER_NAMES[p], provider_options(profile, p, *geometry)) for p in kept)
     return RuntimeSettings(
         profile=profile, reason=reason, providers=providers, vision_dtype=vision_dtype,
         intra_op_threads=threads or _threads(profile.vision.intra_op_threads, host),
