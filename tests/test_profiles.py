@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from dataclasses import replace
@@ -152,7 +153,7 @@ def test_auto_detection_on_faked_machines(tmp_path, monkeypatch, machine, provid
     host = probe_host(root, onnxruntime_providers=providers, llama_gpu_offload=offload)
     name, why = choose_profile(host)
     assert name == expected
-    assert __import__("re").search(reason, why), why
+    assert re.search(reason, why), why
     settings = resolve_settings("auto", None, host=host)
     assert settings.profile.name == expected and settings.reason == f"auto: {why}"
 
@@ -293,6 +294,21 @@ def test_kv_cache_estimate_matches_the_model_config(tiny_bundles, tiny_qwen2vl_d
     assert kv_cache_bytes(expected, 1024, "q8_0") == 1024 * expected * 34 // 32
 
 
+@pytest.mark.parametrize("kv_cache_type", ["f16", "q8_0"])
+def test_kv_cache_estimate_equals_what_llama_cpp_allocates(tiny_bundles, caplog, kv_cache_type):
+    from edgevlm.runtimes.llm import LlamaLM
+
+    bundle = Bundle.open(tiny_bundles["Q8_0"])
+    gguf = bundle.file(bundle.manifest.llm.file)
+    settings = LlamaSettings(n_ctx=1000, n_threads=1, kv_cache_type=kv_cache_type, flash_attn=True)
+    with caplog.at_level(logging.INFO, logger="edgevlm.llama_cpp"):
+        LlamaLM(gguf, settings).close()
+    reported = re.search(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells", caplog.text)
+    assert reported, "llama.cpp did not log its KV cache size"
+    estimate = kv_cache_bytes(kv_values_per_token(gguf, bundle.manifest.llm.arch), 1000, kv_cache_type)
+    assert int(reported.group(2)) == 1024 and abs(estimate / 2**20 - float(reported.group(1))) < 0.01
+
+
 def test_memory_ceiling_shrinks_the_profile_or_refuses(tiny_bundles, tmp_path, caplog):
     bundle = Bundle.open(tiny_bundles["Q8_0"])
     roomy = write(tmp_path / "roomy.toml", 'extends = "cpu"\n[memory]\nceiling_gib = 100\n')
@@ -411,3 +427,17 @@ def test_export_ships_the_precisions_the_profiles_load(tiny_qwen2vl_dir, tmp_pat
     assert not (out / "vision.onnx").exists()  # fp32 is only the intermediate the variants derive from
     assert resolve_settings("cpu", Bundle.open(out), host=CPU_HOST).vision_dtype == "int8"
     assert resolve_settings("jetson-orin-nano", Bundle.open(out), host=GPU_HOST).vision_dtype == "fp16"
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in probe_host().onnxruntime_providers, reason="CUDA starts here")
+@pytest.mark.filterwarnings("ignore:Specified provider 'CUDAExecutionProvider' is not in available provider names")
+def test_a_provider_onnxruntime_cannot_start_is_reported(tiny_bundles, tmp_path, caplog):
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]  # explicit: used as given, no profile fallback
+    with caplog.at_level(logging.WARNING, logger="edgevlm.runtimes.pipeline"):
+        vlm = edgevlm.load(tiny_bundles["F32"], profile="cpu", providers=providers, n_ctx=256)
+    vlm.close()
+    assert vlm.vision.providers == ["CPUExecutionProvider"]
+    assert "onnxruntime could not start CUDAExecutionProvider" in caplog.text
+    strict = write(tmp_path / "strict.toml", 'extends = "cpu"\nstrict = true\n')
+    with pytest.raises(ProfileError, match=r"could not start CUDAExecutionProvider.*is strict"):
+        edgevlm.load(tiny_bundles["F32"], profile=strict, providers=providers, n_ctx=256)
