@@ -109,8 +109,8 @@ def resolve_limits(
     """Merge the layers limit by limit; precedence request > cli > profile > bundle (`LIMIT_LAYERS`).
 
     `cli` is what the process was started with (`edgevlm run` flags, `edgevlm.load(...)` arguments); `request` is
-    one call (`generate(...)` arguments, a server request's fields). Contradicting results (a minimum above a
-    maximum) raise `BudgetError` naming both layers.
+    one call (`generate(...)` arguments, a server request's fields). A minimum above the maximum of a lower layer
+    lifts that maximum; above a maximum of its own or a higher layer, it raises `BudgetError` naming both layers.
     """
     layers = dict(zip(LIMIT_LAYERS, (request, cli, profile, bundle), strict=True))
     values: dict[str, int | None] = {}
@@ -124,13 +124,23 @@ def resolve_limits(
                 sources.append((field.name, layer_name))
                 break
     low, high = values["min_image_tokens"], values["max_image_tokens"]
+    where = dict(sources)
+    if low is not None and high is not None and low > high and _outranks(where["min_image_tokens"], where["max_image_tokens"]):  # fmt: skip
+        # a minimum asked for explicitly lifts a default maximum of a lower layer (`--min-image-tokens 1000` on a
+        # profile that caps images at 256): the maximum becomes the minimum, noted as coming from that layer
+        values["max_image_tokens"] = high = low
+        sources = [(name, layer) for name, layer in sources if name != "max_image_tokens"]
+        sources.append(("max_image_tokens", where["min_image_tokens"]))
     if low is not None and high is not None and low > high:
-        where = dict(sources)
         raise BudgetError(
             f"min_image_tokens={low} (from {where['min_image_tokens']}) is above max_image_tokens={high} "
             f"(from {where['max_image_tokens']}); lower the minimum or raise the maximum"
         )
     return ResolvedLimits(**values, sources=tuple(sources))
+
+
+def _outranks(layer: str, other: str) -> bool:
+    return LIMIT_LAYERS.index(layer) < LIMIT_LAYERS.index(other)
 
 
 # --------------------------------------------------------------------------------------------------- requests

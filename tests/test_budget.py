@@ -193,8 +193,14 @@ def test_limits_resolve_by_precedence_and_name_their_layer():
     assert limits.describe("image_budget") == "image_budget=2000 (cli)"
     assert limits.describe("min_image_tokens") == "min_image_tokens=16 (profile)"
     assert resolve_limits(bundle=BudgetLimits(max_image_tokens=1024)).describe("max_image_tokens") == "max_image_tokens=1024 (bundle)"  # fmt: skip
-    with pytest.raises(BudgetError, match=r"min_image_tokens=2000 \(from request\) is above max_image_tokens=1024 \(from bundle\)"):  # fmt: skip
-        resolve_limits(request=BudgetLimits(min_image_tokens=2000), bundle=BudgetLimits(max_image_tokens=1024))
+    # a minimum lifts a lower layer's maximum, and is refused against its own layer's or a higher one's
+    lifted = resolve_limits(request=BudgetLimits(min_image_tokens=2000), profile=BudgetLimits(max_image_tokens=256))
+    assert (lifted.min_image_tokens, lifted.max_image_tokens) == (2000, 2000)
+    assert lifted.describe("max_image_tokens") == "max_image_tokens=2000 (request)"
+    with pytest.raises(BudgetError, match=r"min_image_tokens=2000 \(from profile\) is above max_image_tokens=1024 \(from cli\)"):  # fmt: skip
+        resolve_limits(cli=BudgetLimits(max_image_tokens=1024), profile=BudgetLimits(min_image_tokens=2000))
+    with pytest.raises(BudgetError, match=r"min_image_tokens=300 is above max_image_tokens=200"):  # one layer
+        resolve_limits(request=BudgetLimits(min_image_tokens=300, max_image_tokens=200))
     for bad in (0, -5, 1.5, True, "64"):
         with pytest.raises(BudgetError, match="positive whole number"):
             BudgetLimits(max_image_tokens=bad)
@@ -350,7 +356,10 @@ def test_contradicting_limits_fail_before_loading(tiny_bundles, monkeypatch):
 
     monkeypatch.setattr(pipeline, "VisionEncoder", no_loading)
     monkeypatch.setattr(pipeline, "LlamaLM", no_loading)
-    with pytest.raises(BudgetError, match=r"min_image_tokens=2000 \(from cli\) is above max_image_tokens=1024 \(from bundle\)"):  # fmt: skip
+    with pytest.raises(BudgetError, match=r"min_image_tokens=600 is above max_image_tokens=500"):
+        edgevlm.load(tiny_bundles["F32"], min_image_tokens=600, max_image_tokens=500)
+    # a minimum lifts the profile's and the bundle's default maximum, up to the model's own
+    with pytest.raises(BudgetError, match=r"min_image_tokens=2000 \(cli\) is above this model's maximum of 1280"):
         edgevlm.load(tiny_bundles["F32"], min_image_tokens=2000)
     with pytest.raises(BudgetError, match=r"min_image_tokens=1500 \(cli\) is above this model's maximum of 1280"):
         edgevlm.load(tiny_bundles["F32"], min_image_tokens=1500, max_image_tokens=1500)

@@ -179,7 +179,7 @@ EXPECTED = {  # on GPU_HOST (6 physical cores), without a bundle
     "cpu": (
         [("CPUExecutionProvider", {})], "int8",
         LlamaSettings(n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=None, kv_cache_type="f16", mmap=True, mlock=False),
-        BudgetLimits(),
+        BudgetLimits(max_image_tokens=256),
     ),
     "cpu-lowmem": (
         [("CPUExecutionProvider", {})], "int8",
@@ -311,21 +311,22 @@ def test_kv_cache_estimate_equals_what_llama_cpp_allocates(tiny_bundles, caplog,
 
 def test_memory_ceiling_shrinks_the_profile_or_refuses(tiny_bundles, tmp_path, caplog):
     bundle = Bundle.open(tiny_bundles["Q8_0"])
-    roomy = write(tmp_path / "roomy.toml", 'extends = "cpu"\n[memory]\nceiling_gib = 100\n')
+    cpu_1024 = 'extends = "cpu"\n[budget]\nmax_image_tokens = 1024\n'
+    roomy = write(tmp_path / "roomy.toml", cpu_1024 + '[memory]\nceiling_gib = 100\n')
     full = resolve_settings(roomy, bundle, host=CPU_HOST).memory
     assert full.vision_file == "vision-int8.onnx" and full.max_image_tokens == 1024 and full.n_ctx == 4096
     assert full.total_bytes == full.llm_file_bytes + full.vision_file_bytes + full.kv_cache_bytes + full.vision_activation_bytes  # fmt: skip
     assert full.llm_file_bytes == (tiny_bundles["Q8_0"] / "llm-Q8_0.gguf").stat().st_size
 
     ceiling_gib = (full.total_bytes - full.vision_activation_bytes * 0.9) / GIB  # the images must shrink
-    tight = write(tmp_path / "tight.toml", f'extends = "cpu"\n[memory]\nceiling_gib = {ceiling_gib}\n')
+    tight = write(tmp_path / "tight.toml", cpu_1024 + f'[memory]\nceiling_gib = {ceiling_gib}\n')
     with caplog.at_level(logging.WARNING, logger="edgevlm.profiles"):
         settings = resolve_settings(tight, bundle, host=CPU_HOST)
     assert settings.memory.total_bytes <= ceiling_gib * GIB
     assert settings.limits.max_image_tokens < 1024 and "shrank" in settings.notes[0]
     assert "max_image_tokens 1024 ->" in caplog.text
 
-    refuse = write(tmp_path / "refuse.toml", f'extends = "cpu"\n[memory]\nceiling_gib = {ceiling_gib}\non_exceed = "refuse"\n')  # fmt: skip
+    refuse = write(tmp_path / "refuse.toml", cpu_1024 + f'[memory]\nceiling_gib = {ceiling_gib}\non_exceed = "refuse"\n')  # fmt: skip
     with pytest.raises(ProfileError, match=r"estimated memory \(llm-Q8_0.gguf .* GiB\) is above profile .* ceiling"):
         resolve_settings(refuse, bundle, host=CPU_HOST)
     explicit = Overrides(limits=BudgetLimits(max_image_tokens=1024))
