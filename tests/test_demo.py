@@ -13,7 +13,7 @@ from PIL import Image
 
 from edgevlm.demo import MODEL_DIR, demo_bundle
 from edgevlm.demo.evaluate import bundle_answers, held_out_scenes, reference_answers, score
-from edgevlm.demo.scenes import COLORS, QUESTION_TYPES, SHAPES, scene
+from edgevlm.demo.scenes import COLORS, QUESTION_TYPES, SHAPES, label_map, scene
 
 N_SCENES = 100
 # The issue asks for >= 0.90; the shipped checkpoint does not reach it yet (see README, The demo model). This floor
@@ -51,6 +51,22 @@ def test_scenes_are_seeded_and_answerable():
     )
     with pytest.raises(ValueError, match="question type"):
         scene(0, "test", "size")
+
+
+def test_label_map_marks_the_drawn_shapes():
+    """The trainer's per-token targets come from `label_map`: its pixels must be where the shapes were drawn."""
+    names = list(COLORS)
+    for i in range(20):
+        s = scene(i, "train")
+        colors = label_map(s, s.image.size, "color")
+        kinds = label_map(s, s.image.size, "kind")
+        assert np.array_equal(colors > 0, kinds > 0)
+        pixels = np.asarray(s.image).astype(float)
+        for shape in s.shapes:
+            inside = pixels[colors == 1 + names.index(shape.color)]
+            assert len(inside) > 0.5 * shape.radius**2  # the shape's area, not a few edge pixels
+            assert np.abs(np.median(inside, axis=0) - COLORS[shape.color]).max() <= 21, (i, shape)
+        assert {SHAPES[k - 1] for k in np.unique(kinds) if k} == {shape.kind for shape in s.shapes}
 
 
 def test_checkpoint_is_small_and_has_qwen2_vl_special_tokens():

@@ -18,7 +18,7 @@ uses "train", its early stopping "val", tests and the benchmark "test", `edgevlm
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -43,6 +43,7 @@ class Shape:
     color: str
     center: tuple[float, float]  # (x, y) in pixels
     radius: float  # half the side of the shape's bounding square
+    rotation: float = 0.0  # radians, triangles and stars
 
 
 @dataclass(frozen=True)
@@ -136,10 +137,23 @@ def _render(
 ) -> Scene:  # fmt: skip
     image = Image.fromarray(_background(rng, width, height))
     draw = ImageDraw.Draw(image)
+    drawn = []
     for shape in shapes:
         fill = tuple(int(np.clip(c + rng.integers(-20, 21), 0, 255)) for c in COLORS[shape.color])
-        _draw(draw, shape, fill, rotation=float(rng.uniform(-0.3, 0.3)))
-    return Scene(image, shapes, question_type, question, answer)
+        drawn.append(replace(shape, rotation=float(rng.uniform(-0.3, 0.3))))
+        _draw(draw, drawn[-1], fill)
+    return Scene(image, tuple(drawn), question_type, question, answer)
+
+
+def label_map(s: Scene, size: tuple[int, int], key: str) -> np.ndarray:
+    """Per pixel of `s.image` resized to `size` (width, height): 0 for background, else 1 + the index of the shape's
+    `key` ("kind" in SHAPES, "color" in COLORS). What the trainer's auxiliary per-token targets are made of."""
+    names = SHAPES if key == "kind" else tuple(COLORS)
+    mask = Image.new("L", s.image.size, 0)
+    draw = ImageDraw.Draw(mask)
+    for shape in s.shapes:
+        _draw(draw, shape, 1 + names.index(getattr(shape, key)))
+    return np.asarray(mask.resize(size, Image.NEAREST))
 
 
 def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray:
@@ -152,8 +166,8 @@ def _background(rng: np.random.Generator, width: int, height: int) -> np.ndarray
     return np.clip(pixels, 0, 255).astype(np.uint8)
 
 
-def _draw(draw: ImageDraw.ImageDraw, shape: Shape, fill: tuple[int, ...], rotation: float) -> None:
-    (x, y), r = shape.center, shape.radius
+def _draw(draw: ImageDraw.ImageDraw, shape: Shape, fill: tuple[int, ...] | int) -> None:
+    (x, y), r, rotation = shape.center, shape.radius, shape.rotation
     if shape.kind == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif shape.kind == "square":

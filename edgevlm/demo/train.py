@@ -29,7 +29,7 @@ from ..exporters.synthetic import (
     qwen2_vl_config,
     qwen2_vl_tokenizer,
 )
-from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, scene
+from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, label_map, scene
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +150,24 @@ class Batcher:
         )  # fmt: skip
 
 
+def token_targets(scenes: list[Scene], grids, merge_size: int = 2, patch_size: int = 14, cover: float = 0.2):
+    """Auxiliary targets for the vision tower's output tokens, in its order (row-major over merged blocks): the kind
+    and the color (1 + index; 0 for background) of the shape covering at least `cover` of the token's pixels."""
+    import torch
+
+    block = merge_size * patch_size
+    targets = {"kind": [], "color": []}
+    for s, (_, grid_h, grid_w) in zip(scenes, grids.tolist(), strict=True):
+        for key, names in (("kind", SHAPES), ("color", COLORS)):
+            labels = label_map(s, (grid_w * patch_size, grid_h * patch_size), key)
+            blocks = labels.reshape(grid_h // merge_size, block, grid_w // merge_size, block).transpose(0, 2, 1, 3)
+            blocks = blocks.reshape(-1, block * block)
+            counts = np.stack([(blocks == k).sum(-1) for k in range(1, len(names) + 1)], -1)
+            target = np.where(counts.max(-1) >= cover * block * block, counts.argmax(-1) + 1, 0)
+            targets[key].append(torch.from_numpy(target))
+    return {key: torch.cat(parts) for key, parts in targets.items()}
+
+
 def answer_accuracy(model, batcher: Batcher, scenes: list[Scene], batch_size: int = 32) -> dict[str, float]:
     """Exact-match accuracy per question type. Teacher-forced argmax on every answer token equals what greedy
     decoding would generate, so this is greedy accuracy at the cost of one forward pass."""
@@ -193,7 +211,16 @@ def train(args: argparse.Namespace) -> Path:
     logger.info("model: %.2fM parameters, vocab %d", n_params / 1e6, model.config.text_config.vocab_size)
 
     val = [scene(i, "val") for i in range(args.val_scenes)]
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    # Auxiliary heads on the vision tower's output tokens (not saved): which shape kind and color each token shows.
+    # They give the vision tower a target per token instead of one answer per image.
+    aux_heads = torch.nn.ModuleDict({
+        "kind": torch.nn.Linear(SHAPE.hidden_size, len(SHAPES) + 1),
+        "color": torch.nn.Linear(SHAPE.hidden_size, len(COLORS) + 1),
+    })  # fmt: skip
+    vision_tokens = {}
+    model.model.visual.register_forward_hook(lambda _m, _i, out: vision_tokens.__setitem__("out", out.pooler_output))
+    params = [*model.parameters(), *aux_heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))  # fmt: skip
@@ -205,9 +232,15 @@ def train(args: argparse.Namespace) -> Path:
         chosen = type_rng.choice(len(types), size=args.batch_size, p=weights)
         scenes = [scene(index + j, "train", types[k]) for j, k in enumerate(chosen)]
         index += args.batch_size
-        loss = model(**batcher(scenes)).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        inputs = batcher(scenes)
+        loss = model(**inputs).loss
+        if args.aux_weight:
+            targets = token_targets(scenes, inputs["image_grid_thw"])
+            aux = sum(torch.nn.functional.cross_entropy(aux_heads[k](vision_tokens["out"]), t) for k, t in targets.items())
+            (loss + args.aux_weight * aux).backward()
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
@@ -242,9 +275,10 @@ def save(model, tokenizer, processor, out: Path, training: dict) -> Path:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=str(Path(__file__).parent / "model"))
-    parser.add_argument("--steps", type=int, default=3000, help="length of the cosine schedule")
+    parser.add_argument("--steps", type=int, default=2800, help="length of the cosine schedule")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--aux-weight", type=float, default=1.0, help="weight of the per-token kind/color loss")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--init-from", help="continue training this saved model instead of a new one")
     parser.add_argument("--first-scene", type=int, default=0, help="index of the first training scene")
@@ -254,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--eval-every", type=int, default=250)
     parser.add_argument("--val-scenes", type=int, default=200)
     parser.add_argument("--target", type=float, default=0.99, help="stop once val accuracy reaches this")
-    parser.add_argument("--max-minutes", type=float, default=25.0, help="stop after this much wall time")
+    parser.add_argument("--max-minutes", type=float, default=28.0, help="stop after this much wall time")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     train(args)
