@@ -16,9 +16,10 @@ from edgevlm.demo.evaluate import bundle_answers, held_out_scenes, reference_ans
 from edgevlm.demo.scenes import COLORS, QUESTION_TYPES, SHAPES, label_map, scene
 
 N_SCENES = 100
-# The issue asks for >= 0.90; the shipped checkpoint does not reach it yet (see README, The demo model). This floor
-# sits just under what it measures, so that a regression still fails.
-REFERENCE_MIN_ACCURACY = 0.50  # measured: 0.57 on these 100 scenes
+# The issue asks for >= 0.90; the shipped checkpoint does not reach it (see README, The demo model: shapes and
+# left/right are barely learned in 30 CPU minutes). This floor sits just under what it measures, so that a regression
+# still fails; the F16 and Q4_K_M margins below are the issue's.
+REFERENCE_MIN_ACCURACY = 0.55  # measured: 0.57 on these 100 scenes (F16 0.57, Q4_K_M + int8 vision 0.54)
 
 
 @pytest.fixture(scope="session")
@@ -82,8 +83,9 @@ def test_checkpoint_is_small_and_has_qwen2_vl_special_tokens():
 
 
 def test_llama_cpp_tokenizes_like_the_hf_tokenizer(demo_cache):
-    import edgevlm
     from transformers import AutoTokenizer
+
+    import edgevlm
 
     tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
     texts = [s.question for s in held_out_scenes(40)] + ["What is 12 + 7?\n\nÉtoile, 星, 🙂 and  two  spaces"]

@@ -5,8 +5,10 @@
 The model has Qwen2-VL's architecture (so the exporter and runtime treat it like the real thing) with a 4-layer,
 256-wide language model (row lengths multiples of 256: llama.cpp's K-quants apply), a 4-block vision tower and a
 byte-level BPE vocabulary of a few hundred tokens learned from the question/answer text, with Qwen2-VL's special
-tokens and chat template. The loss covers the answer and its <|im_end|> only. Accuracy is measured on the "val"
-split every few hundred steps; training stops at `--target` accuracy or at the end of the schedule.
+tokens and chat template. The loss covers the answer and its <|im_end|> only, plus an auxiliary per-token loss on
+the vision tower's output (which shape kind and color each image token shows, from the scene's own geometry; its two
+linear heads are dropped at save). Accuracy is measured on the "val" split every few hundred steps; training stops
+at `--target` accuracy, at the end of the schedule or at `--max-minutes`.
 """
 
 from __future__ import annotations
@@ -33,10 +35,13 @@ from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, label_map, scene
 
 logger = logging.getLogger(__name__)
 
+# vocab_size is set from the tokenizer.
+# fmt: off
 SHAPE = Qwen2VLShape(
     vision_depth=4, vision_embed_dim=128, vision_heads=4, hidden_size=256, intermediate_size=768,
     layers=4, heads=4, kv_heads=2, mrope_section=[8, 12, 12], vocab_size=0, max_position_embeddings=2048,
-)  # fmt: skip  (vocab_size is set from the tokenizer)
+)
+# fmt: on
 # 16 to 36 image tokens per scene (larger scenes are scaled down): training time on 2 CPU cores goes with the number
 # of patches, and 64 tokens per scene left too few steps in 30 minutes for the model to learn counting.
 MIN_PIXELS, MAX_PIXELS = 112 * 112, 168 * 168
@@ -143,11 +148,11 @@ class Batcher:
             input_ids[i, : len(row)] = torch.tensor(row)
             labels[i, : len(row)] = torch.tensor(label_row)
             attention_mask[i, : len(row)] = 1
-        return dict(
-            input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-            pixel_values=pixels["pixel_values"], image_grid_thw=pixels["image_grid_thw"],
-            mm_token_type_ids=(input_ids == self.image_pad_id).to(torch.int32),
-        )  # fmt: skip
+        return {
+            "input_ids": input_ids, "attention_mask": attention_mask, "labels": labels,
+            "pixel_values": pixels["pixel_values"], "image_grid_thw": pixels["image_grid_thw"],
+            "mm_token_type_ids": (input_ids == self.image_pad_id).to(torch.int32),
+        }  # fmt: skip
 
 
 def token_targets(scenes: list[Scene], grids, merge_size: int = 2, patch_size: int = 14, cover: float = 0.2):
@@ -222,9 +227,11 @@ def train(args: argparse.Namespace) -> Path:
     params = [*model.parameters(), *aux_heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     warmup = max(1, args.steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))  # fmt: skip
-    )
+
+    def lr_factor(step: int) -> float:  # linear warmup, then cosine decay to 0 at args.steps
+        return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     types, weights = list(TRAIN_MIX), list(TRAIN_MIX.values())
     type_rng = np.random.default_rng(args.seed)
     t0, history, index = time.perf_counter(), [], args.first_scene
@@ -236,7 +243,8 @@ def train(args: argparse.Namespace) -> Path:
         loss = model(**inputs).loss
         if args.aux_weight:
             targets = token_targets(scenes, inputs["image_grid_thw"])
-            aux = sum(torch.nn.functional.cross_entropy(aux_heads[k](vision_tokens["out"]), t) for k, t in targets.items())
+            tokens = vision_tokens["out"]
+            aux = sum(torch.nn.functional.cross_entropy(aux_heads[k](tokens), t) for k, t in targets.items())
             (loss + args.aux_weight * aux).backward()
         else:
             loss.backward()
