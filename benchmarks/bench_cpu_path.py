@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         f"image embeddings vs transformers fp32: cosine mean {cosine['mean']:.5f}, min {cosine['min']:.5f}",
         (
-            f"decode {baseline['runtime_decode_tokens_per_s']:.1f} tok/s vs plain llama-cpp-python "
+            f"decode {baseline['runtime_decode_tokens_per_s']['median']:.1f} tok/s vs plain llama-cpp-python "
             f"{baseline['plain_llama_decode_tokens_per_s']['median']:.1f} tok/s"
         ),
         f"edgevlm run peak RSS {results['run_peak_rss_bytes'] / 2**30:.2f} GiB, budget {budget_bytes / 2**30:.2f} GiB",

@@ -2,9 +2,10 @@
 
 One process loads the bundle once, then for each image size (given as the number of image tokens it should cost)
 generates once to warm up and `runs` more times from a synthetic image, reading the runtime's own `Timings`.
-In the same run, llama-cpp-python's high-level `Llama` decodes the same prompt as plain text from the same GGUF
-with the same threads: the runtime's decode speed is reported as a ratio to it, so its overhead shows whatever
-the machine's speed. Nothing here imports torch.
+In the same run, llama-cpp-python's high-level `Llama` on the same GGUF with the same threads and the runtime take
+turns decoding the same text-only prompt: the runtime's decode speed is reported as a ratio to it, so its overhead
+shows whatever the machine's speed (and a machine whose speed drifts affects both alike). Nothing here imports
+torch.
 """
 
 from __future__ import annotations
@@ -83,27 +84,41 @@ def peak_rss_bytes() -> int:
     return peak if sys.platform == "darwin" else peak * 1024
 
 
-def plain_llama_decode(gguf: Path, prompt: str, *, n_threads: int, n_ctx: int, max_new_tokens: int, runs: int,
-                       repack_weights: bool) -> Spread:  # fmt: skip
-    """Decode tok/s of llama-cpp-python's `Llama` on the GGUF: `prompt` as plain text, greedy, after one warm-up."""
+def plain_decode_speed(llm, prompt: str, max_new_tokens: int) -> float:
+    """Decode tok/s of one greedy completion of `prompt` by llama-cpp-python's `Llama`, from a cleared cache."""
+    llm.reset()
+    first = last = None
+    n = 0
+    for _chunk in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stream=True):
+        last = time.perf_counter()
+        first = first or last
+        n += 1
+    return (n - 1) / (last - first) if n > 1 and last > first else 0.0
+
+
+def decode_against_baseline(vlm, prompt: str, max_new_tokens: int, runs: int) -> dict:
+    """The runtime's and plain `Llama`'s decode of the same text prompt from the same GGUF, run after run in turn
+    (a machine whose speed drifts affects both alike), after one warm-up each."""
     from .runtimes.llm import plain_llama
 
-    llm = plain_llama(gguf, repack_weights=repack_weights, n_ctx=n_ctx, n_threads=n_threads,
-                      n_threads_batch=n_threads, verbose=False)  # fmt: skip
-    speeds = []
+    llm = vlm.llm
+    plain = plain_llama(llm.path, repack_weights=llm.repack_weights, n_ctx=llm.n_ctx, n_threads=llm.n_threads,
+                        n_threads_batch=llm.settings.n_threads_batch or llm.n_threads, verbose=False)  # fmt: skip
+    ours, theirs = [], []
     try:
         for _ in range(1 + runs):
-            llm.reset()
-            first = last = None
-            n = 0
-            for _chunk in llm.create_completion(prompt, max_tokens=max_new_tokens, temperature=0.0, stream=True):
-                last = time.perf_counter()
-                first = first or last
-                n += 1
-            speeds.append((n - 1) / (last - first) if n > 1 and last > first else 0.0)
+            vlm.clear_caches()
+            *_, last = vlm.generate(prompt, max_new_tokens=max_new_tokens)
+            ours.append(last.timings.decode_tokens_per_s)
+            theirs.append(plain_decode_speed(plain, vlm.render_prompt(prompt, 0), max_new_tokens))
     finally:
-        llm.close()
-    return Spread.of(speeds[1:])
+        plain.close()
+    runtime, baseline = Spread.of(ours[1:]), Spread.of(theirs[1:])
+    return {
+        "runtime_decode_tokens_per_s": asdict(runtime),
+        "plain_llama_decode_tokens_per_s": asdict(baseline),
+        "decode_ratio": runtime.median / baseline.median if baseline.median else None,
+    }
 
 
 def run_bench(
@@ -153,36 +168,22 @@ def run_bench(
                 n_prompt_tokens=measured[0].n_prompt_tokens, n_generated=[t.n_generated for t in measured],
                 stages={stage: Spread.of([getattr(t, stage) for t in measured]) for stage in STAGES},
             ))  # fmt: skip
-        peak_rss = peak_rss_bytes()  # before the baseline loads a second copy of the language model
-        llm = vlm.llm
-        text_prompt = vlm.render_prompt(prompt, 0)
-        settings = llm.settings
-        n_threads, n_ctx, repack = llm.n_threads, llm.n_ctx, llm.repack_weights
-        gguf = llm.path
+        peak_rss = peak_rss_bytes()  # before the baseline loads a second context on the language model
+        result = {
+            "bundle": str(opened.path),
+            "files": {name: entry.size for name, entry in opened.manifest.files.items()},
+            "llm_settings": asdict(vlm.llm.settings),
+            "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
+            "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
+            "load_s": load_s,
+            "peak_rss_bytes": peak_rss,
+            "cases": [asdict(case) for case in cases],
+        }  # fmt: skip
+        if baseline:
+            say(f"baseline: plain llama-cpp-python Llama on {vlm.llm.path.name}, text only, in turn with the runtime")
+            result["baseline"] = decode_against_baseline(vlm, prompt, max_new_tokens, runs)
     finally:
         vlm.close()
-    result = {
-        "bundle": str(opened.path),
-        "files": {name: entry.size for name, entry in opened.manifest.files.items()},
-        "llm_settings": asdict(settings),
-        "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
-        "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
-        "load_s": load_s,
-        "peak_rss_bytes": peak_rss,
-        "cases": [asdict(case) for case in cases],
-    }  # fmt: skip
-    if baseline:
-        say(f"baseline: plain llama-cpp-python Llama text decode of {gguf.name}, {n_threads} threads")
-        plain = plain_llama_decode(gguf, text_prompt, n_threads=n_threads, n_ctx=n_ctx,
-                                   max_new_tokens=max_new_tokens, runs=runs, repack_weights=repack)  # fmt: skip
-        ours = statistics.median(
-            s for case in cases for s in [case.stages["decode_tokens_per_s"].median] if s > 0
-        ) if cases else 0.0  # fmt: skip
-        result["baseline"] = {
-            "plain_llama_decode_tokens_per_s": asdict(plain),
-            "runtime_decode_tokens_per_s": ours,
-            "decode_ratio": ours / plain.median if plain.median else None,
-        }
     return result
 
 
@@ -208,10 +209,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {case['n_image_tokens']} | {width}x{height} | " + " | ".join(cells) + " |")
     if "baseline" in result:
         b = result["baseline"]
-        plain = b["plain_llama_decode_tokens_per_s"]
+        ours, plain = b["runtime_decode_tokens_per_s"], b["plain_llama_decode_tokens_per_s"]
         ratio = f"{b['decode_ratio']:.2f}x" if b["decode_ratio"] else "n/a"
-        lines += ["", (f"decode: runtime {b['runtime_decode_tokens_per_s']:.1f} tok/s, plain llama-cpp-python "
-                       f"{plain['median']:.1f} tok/s ({plain['low']:.1f}–{plain['high']:.1f}): ratio {ratio}")]  # fmt: skip
+        lines += ["", (f"text-only decode, in turn: runtime {ours['median']:.1f} tok/s ({ours['low']:.1f}–{ours['high']:.1f}), "
+                       f"plain llama-cpp-python {plain['median']:.1f} tok/s ({plain['low']:.1f}–{plain['high']:.1f}): "
+                       f"ratio {ratio}")]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -242,9 +244,12 @@ def plot(result: dict, out: str | Path) -> Path:
     left.set_title("time to first token, by stage (median)")
     left.legend()
     decode = {f"{c['n_image_tokens']} tok": c["stages"]["decode_tokens_per_s"]["median"] for c in cases}
+    colors = ["C0"] * len(cases)
     if "baseline" in result:
+        decode["text only"] = result["baseline"]["runtime_decode_tokens_per_s"]["median"]
         decode["plain Llama"] = result["baseline"]["plain_llama_decode_tokens_per_s"]["median"]
-    right.bar(list(decode), list(decode.values()), color=["C0"] * len(cases) + ["C3"] * ("baseline" in result))
+        colors += ["C0", "C3"]
+    right.bar(list(decode), list(decode.values()), color=colors)
     right.set_ylabel("tokens / s")
     right.set_title("decode speed")
     fig.suptitle(Path(result["bundle"]).name)
