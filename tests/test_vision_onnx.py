@@ -113,7 +113,7 @@ def test_variants_agree_with_fp32(exported, dtype):
             assert cosines.mean() >= FP16_MEAN_COSINE, cosines
 
 
-def test_int8_quantizes_the_weight_matmuls_but_not_the_patch_embedding(exported):
+def test_int8_is_the_fused_cpu_graph_with_a_float_patch_embedding(exported):
     """The patch embedding is a MatMul on raw pixels (not onnxruntime's slow 5-D Conv) and stays float in int8."""
     graph = onnx.load(str(exported[0] / "vision-int8.onnx")).graph
     pixel_readers = [node.op_type for node in graph.node if "pixel_patches" in node.input]
@@ -121,6 +121,10 @@ def test_int8_quantizes_the_weight_matmuls_but_not_the_patch_embedding(exported)
     ops = [node.op_type for node in graph.node]
     assert "Conv" not in ops
     assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 4 * 2  # qkv, proj, fc1, fc2 per block
+    # the CPU variant runs attention in onnxruntime's fused kernel; the portable graphs keep standard ONNX ops
+    assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops  # one per block of the tiny tower
+    for portable in ("vision.onnx", "vision-fp16.onnx"):
+        assert "MultiHeadAttention" not in {node.op_type for node in onnx.load(str(exported[0] / portable)).graph.node}
 
 
 def test_fp16_keeps_rotary_angles_float32(exported):

@@ -54,9 +54,12 @@ class Qwen2VLVisionForExport(nn.Module):
     through the blocks so every Linear exports as MatMul (which int8 quantization covers), not Gemm.
     """
 
-    def __init__(self, visual: nn.Module):
+    def __init__(self, visual: nn.Module, *, fused_attention: bool = False):
+        """`fused_attention`: attention as onnxruntime's `com.microsoft.MultiHeadAttention` (one kernel, no n² score
+        tensor in memory) instead of standard ONNX ops; onnxruntime-only, so only the CPU int8 variant uses it."""
         super().__init__()
         self.visual = visual
+        self.fused_attention = fused_attention
 
     def forward(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
         visual = self.visual
@@ -74,15 +77,32 @@ class Qwen2VLVisionForExport(nn.Module):
         for block in visual.blocks:
             attn = block.attn
             qkv = attn.qkv(block.norm1(hidden)).reshape(1, n_patches, 3, attn.num_heads, attn.head_dim)
-            query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, n, head_dim)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
-            out = F.scaled_dot_product_attention(query, key, value, scale=attn.scaling)
-            hidden = hidden + attn.proj(out.transpose(1, 2).reshape(1, n_patches, -1))
+            if self.fused_attention:
+                out = self._fused_attention(attn, qkv, cos.transpose(1, 2), sin.transpose(1, 2))
+            else:
+                query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, n, head_dim)
+                query = query * cos + _rotate_half(query) * sin
+                key = key * cos + _rotate_half(key) * sin
+                out = F.scaled_dot_product_attention(query, key, value, scale=attn.scaling).transpose(1, 2)
+            hidden = hidden + attn.proj(out.reshape(1, n_patches, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
         merger = visual.merger
         merged = merger.ln_q(hidden).reshape(1, -1, merger.hidden_size)  # merge² neighbouring patches per token
         return merger.mlp(merged)[0]
+
+
+    @staticmethod
+    def _fused_attention(attn: nn.Module, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """(1, n, heads, head_dim) attention output of `qkv` (1, n, 3, heads, head_dim) in one onnxruntime kernel."""
+        query, key, value = qkv.unbind(2)  # each (1, n, heads, head_dim): the kernel's BSNH layout, no transposes
+        query = query * cos + _rotate_half(query) * sin
+        key = key * cos + _rotate_half(key) * sin
+        shape = (1, query.shape[1], attn.num_heads * attn.head_dim)
+        return torch.onnx.ops.symbolic(
+            "com.microsoft::MultiHeadAttention", [query.reshape(shape), key.reshape(shape), value.reshape(shape)],
+            attrs={"num_heads": attn.num_heads, "scale": float(attn.scaling)}, dtype=query.dtype, shape=shape,
+            version=1,
+        )  # fmt: skip
 
 
 class _HFVisionReference:
@@ -147,8 +167,9 @@ def export_qwen2_vl_vision(
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) to `out_dir`, validated.
 
-    fp32 is always exported (variants derive from it) and checked against the Hugging Face vision forward on every
-    grid within the spec's atol; variants are checked against fp32 (mean cosine floors in `VARIANT_COSINE_FLOORS`).
+    fp32 is always exported and checked against the Hugging Face vision forward on every grid within the spec's
+    atol. fp16 is converted from it; int8, the CPU variant, is exported again with onnxruntime's fused attention
+    kernel and quantized. Variants are checked against fp32 (mean cosine floors in `VARIANT_COSINE_FLOORS`).
     If "fp32" is not in `dtypes`, its file is removed at the end. Returns the manifest entry per dtype.
     `progress` is called with a short description before each long step.
     """
@@ -170,11 +191,18 @@ def export_qwen2_vl_vision(
     report: dict = {
         "fp32": {"file": fp32_path.name, "max_abs_diff": max_abs_diff, "atol": spec.atol, "grids": grid_list},
     }
-    variant_makers = {"int8": quantize_int8, "fp16": convert_fp16}
     for dtype in (d for d in VISION_FILES if d != "fp32" and d in dtypes):
         path = out_dir / VISION_FILES[dtype]
         say(f"making the {dtype} vision encoder")
-        variant_makers[dtype](fp32_path, path)
+        if dtype == "fp16":
+            convert_fp16(fp32_path, path)
+        else:  # int8 is the CPU variant: onnxruntime only, so its attention can be onnxruntime's fused kernel
+            fused_path = out_dir / "vision-fused-fp32.onnx"
+            export_onnx(Qwen2VLVisionForExport(visual, fused_attention=True).eval(), spec, input_sets[0], fused_path)
+            try:
+                quantize_int8(fused_path, path)
+            finally:
+                remove_onnx(fused_path)
         agreement = compare_onnx(path, fp32_path, input_sets)
         check_agreement(agreement, VARIANT_COSINE_FLOORS[dtype], f"{path.name} vs {fp32_path.name}")
         report[dtype] = {
