@@ -3,16 +3,32 @@ built once per test session."""
 
 from __future__ import annotations
 
+import base64
+import io
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 # Every machine runs the suite with the same hardware profile (auto would pick cpu-lowmem under 12 GiB of RAM, with
 # other limits and a quantized KV cache); tests of auto-detection itself remove this.
 os.environ.setdefault("EDGEVLM_PROFILE", "cpu")
 
 from edgevlm.exporters.verify import sample_image as random_image  # noqa: F401  (tests import it from here)
+
+
+def random_frame(seed: int, size: tuple[int, int]) -> np.ndarray:
+    """A random (height, width, 3) uint8 camera frame."""
+    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
+
+
+def png_data_url(array: np.ndarray) -> str:
+    """`array` as a PNG in a `data:` URL, as OpenAI-style clients send images."""
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
 @pytest.fixture(scope="session")

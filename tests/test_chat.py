@@ -9,10 +9,12 @@ import io
 import json
 import threading
 import time
+from functools import partial
 
 import jsonschema
 import numpy as np
 import pytest
+from conftest import png_data_url, random_frame
 from PIL import Image
 
 import edgevlm
@@ -39,14 +41,7 @@ def vlm(tiny_bundles):
     model.close()
 
 
-def frame(seed: int, size: tuple[int, int] = (96, 128)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-
-
-def png_data_url(array: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+frame = partial(random_frame, size=(96, 128))
 
 
 def ask(image, text: str) -> dict:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import gc
-import io
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -22,6 +22,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
+from conftest import png_data_url, random_frame
 from PIL import Image
 
 import edgevlm
@@ -80,14 +81,7 @@ def client(served):
     return openai.OpenAI(base_url=served[0] + "/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
-def frame(seed: int, size: tuple[int, int] = (56, 84)) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
-
-
-def data_url(array: np.ndarray) -> str:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+frame = partial(random_frame, size=(56, 84))
 
 
 def ask(url: str, text: str = "What is in the picture?") -> list[dict]:
@@ -103,7 +97,7 @@ def post(base: str, body, *, key: str | None = API_KEY, timeout: float = 60) -> 
 
 def test_openai_client_streamed_and_not(client):
     assert [m.id for m in client.models.list().data] == [MODEL]
-    messages = ask(data_url(frame(1)))
+    messages = ask(png_data_url(frame(1)))
     whole = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=8, temperature=0)
     choice = whole.choices[0]
     assert choice.finish_reason in ("stop", "length") and choice.message.role == "assistant"
@@ -122,7 +116,7 @@ def test_openai_client_streamed_and_not(client):
 
 def test_sse_stream_ends_with_done(served):
     base, _ = served
-    body = {"model": MODEL, "messages": ask(data_url(frame(2))), "max_tokens": 4, "stream": True}
+    body = {"model": MODEL, "messages": ask(png_data_url(frame(2))), "max_tokens": 4, "stream": True}
     with httpx.stream("POST", f"{base}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as r:  # fmt: skip
         assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
         events = [line for line in r.iter_lines() if line]
@@ -133,7 +127,7 @@ def test_sse_stream_ends_with_done(served):
 
 
 def test_eight_concurrent_clients_get_complete_answers(client):
-    requests = [ask(data_url(frame(10 + i)), f"Question {i}: what is it?") for i in range(8)]
+    requests = [ask(png_data_url(frame(10 + i)), f"Question {i}: what is it?") for i in range(8)]
 
     def call(messages):
         return client.chat.completions.create(model=MODEL, messages=messages, max_tokens=6, temperature=0)
@@ -149,7 +143,7 @@ def test_eight_concurrent_clients_get_complete_answers(client):
 
 def test_follow_up_reuses_the_image_embedding_and_the_kv_prefix(served):
     base, _ = served
-    messages = [{"role": "system", "content": "You watch a kiosk camera."}, *ask(data_url(frame(20)))]
+    messages = [{"role": "system", "content": "You watch a kiosk camera."}, *ask(png_data_url(frame(20)))]
     first = post(base, {"model": MODEL, "messages": messages, "max_tokens": 6, "temperature": 0}).json()
     t1 = first["timings"]
     assert t1["n_encoded_image_tokens"] == t1["n_image_tokens"] == 6
@@ -160,7 +154,7 @@ def test_follow_up_reuses_the_image_embedding_and_the_kv_prefix(served):
     assert t2["n_reused_tokens"] >= t1["n_prompt_tokens"] + t1["n_image_tokens"]  # the first prompt's cells
     assert t2["n_prefill_tokens"] < t2["n_prompt_tokens"] + t2["n_image_tokens"] - t1["n_prompt_tokens"]
     # a new session with the same frame: the prefix differs before the image, its embeddings are cached
-    other = [{"role": "system", "content": "You guard a warehouse."}, *ask(data_url(frame(20)))]
+    other = [{"role": "system", "content": "You guard a warehouse."}, *ask(png_data_url(frame(20)))]
     third = post(base, {"model": MODEL, "messages": other, "max_tokens": 2}).json()["timings"]
     assert third["n_cached_image_tokens"] == 6 and third["n_encoded_image_tokens"] == 0
 
@@ -174,7 +168,7 @@ def _error(response: httpx.Response, status: int) -> dict:
 
 def test_bad_requests_get_json_errors_and_the_server_keeps_serving(served, image_dir):
     base, _ = served
-    good = {"model": MODEL, "messages": ask(data_url(frame(3))), "max_tokens": 2}
+    good = {"model": MODEL, "messages": ask(png_data_url(frame(3))), "max_tokens": 2}
     not_an_image = "data:image/png;base64," + base64.b64encode(b"GIF89a but not really an image").decode()
     oversized = {"model": MODEL, "messages": ask("data:image/png;base64," + "A" * (2**20 + 100))}
     cases = [
@@ -187,9 +181,9 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(served, image
         (post(base, {"model": MODEL, "messages": ask("/etc/hostname")}), 403, "image_not_allowed"),
         (post(base, {"model": MODEL, "messages": ask("../" + image_dir.name + "/../x.png")}), 403, "image_not_allowed"),
         (post(base, {"model": MODEL, "messages": ask("https://example.com/cat.jpg")}), 403, "image_not_allowed"),
-        (post(base, {"model": "gpt-4o", "messages": ask(data_url(frame(3)))}), 404, "model_not_found"),
+        (post(base, {"model": "gpt-4o", "messages": ask(png_data_url(frame(3)))}), 404, "model_not_found"),
         (post(base, {"model": MODEL, "messages": "hello"}), 400, "invalid_request"),
-        (post(base, {"model": MODEL, "messages": ask(data_url(frame(3))), "temperature": "hot"}), 400, "invalid_request"),
+        (post(base, {"model": MODEL, "messages": ask(png_data_url(frame(3))), "temperature": "hot"}), 400, "invalid_request"),
         (httpx.get(f"{base}/v1/nothing-here"), 404, "not_found"),
     ]  # fmt: skip
     for response, status, code in cases:
@@ -244,7 +238,7 @@ def test_soak_300_image_requests_do_not_grow_memory(served):
     with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as http:
         for i in range(1, 301):
             image = rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)
-            body = {"model": MODEL, "messages": ask(data_url(image), "What?"), "max_tokens": 1}
+            body = {"model": MODEL, "messages": ask(png_data_url(image), "What?"), "max_tokens": 1}
             response = http.post("/v1/chat/completions", json=body)
             assert response.status_code == 200, response.text
             if i in (20, 300):
@@ -282,7 +276,7 @@ def test_edgevlm_serve_command(tiny_bundles, tmp_path):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0)
         model = client.models.list().data[0].id
         assert model == Path(tiny_bundles["Q8_0"]).name
-        reply = client.chat.completions.create(model=model, messages=ask(data_url(frame(5))), max_tokens=3)
+        reply = client.chat.completions.create(model=model, messages=ask(png_data_url(frame(5))), max_tokens=3)
         assert reply.choices[0].finish_reason in ("stop", "length")
     finally:
         proc.terminate()
