@@ -183,3 +183,11 @@ def build_qwen2_vl(
     (out_dir / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
     logger.info("wrote %s (%.1fM parameters)", out_dir, sum(p.numel() for p in model.parameters()) / 1e6)
     return out_dir
+
+
+# architecture -> builder of a tiny random model directory of that family (`builder(out_dir, seed=...)`); every
+# family registered in `edgevlm.exporters.FAMILY_MODULES` has one, and tests/test_<family.name>.py checks its
+# bundles against transformers on it (tests/test_families.py enforces both).
+TINY_BUILDERS = {
+    "Qwen2VLForConditionalGeneration": build_qwen2_vl,
+}

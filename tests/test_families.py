@@ -1,0 +1,31 @@
+"""Every exportable family has a tiny fixture and a parity suite: adding a family without them fails here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edgevlm.exporters import FAMILY_MODULES, family_for
+from edgevlm.exporters.synthetic import TINY_BUILDERS
+
+
+@pytest.mark.parametrize("architecture", sorted(FAMILY_MODULES))
+def test_family_has_a_tiny_fixture_and_a_parity_suite(architecture):
+    family = family_for(architecture)
+    assert family.architecture == architecture
+    assert architecture in TINY_BUILDERS, f"{architecture} has no tiny model builder in exporters/synthetic.py"
+    parity = Path(__file__).parent / f"test_{family.name}.py"
+    assert parity.is_file(), f"{architecture} has no parity suite ({parity.name})"
+    source = parity.read_text()
+    for check in ("def test_f32_bundle_matches_transformers", "compare_case(", "PARITY_CASES"):
+        assert check in source, f"{parity.name} lacks {check!r}: bundles must be checked against transformers"
+
+
+def test_unsupported_architecture_names_the_supported_ones():
+    from edgevlm.errors import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError) as info:
+        family_for("GPT2LMHeadModel")
+    for architecture in FAMILY_MODULES:
+        assert architecture in str(info.value)
