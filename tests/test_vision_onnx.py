@@ -123,6 +123,7 @@ def test_int8_is_the_fused_cpu_graph_with_a_float_patch_embedding(exported):
     assert ops.count("MatMulInteger") + ops.count("DynamicQuantizeMatMul") >= 4 * 2  # qkv, proj, fc1, fc2 per block
     # the CPU variant runs attention in onnxruntime's fused kernel; the portable graphs keep standard ONNX ops
     assert ops.count("MultiHeadAttention") == 2 and "Softmax" not in ops  # one per block of the tiny tower
+    assert ops.count("RotaryEmbedding") == 2 * 2 and "Neg" not in ops  # query and key of each block
     for portable in ("vision.onnx", "vision-fp16.onnx"):
         assert "MultiHeadAttention" not in {node.op_type for node in onnx.load(str(exported[0] / portable)).graph.node}
 

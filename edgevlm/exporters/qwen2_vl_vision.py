@@ -71,14 +71,17 @@ class Qwen2VLVisionForExport(nn.Module):
             hidden = hidden + proj.bias
         n_patches = hidden.shape[1]
         # Axial rope: angles of the row then the column over head_dim / 2, repeated to rotate the whole head.
-        angles = (patch_positions.float()[..., None] * visual.rotary_pos_emb.inv_freq).flatten(1)
-        angles = torch.cat([angles, angles], dim=-1)[None, None]  # (1, 1, n, head_dim)
-        cos, sin = angles.cos(), angles.sin()
+        half_angles = (patch_positions.float()[..., None] * visual.rotary_pos_emb.inv_freq).flatten(1)  # (n, hd/2)
+        if self.fused_attention:  # the kernel's form: patch i takes row i of the half-head cos/sin tables
+            rope = (torch.arange(n_patches)[None], half_angles.cos(), half_angles.sin())
+        else:
+            angles = torch.cat([half_angles, half_angles], dim=-1)[None, None]  # (1, 1, n, head_dim)
+            cos, sin = angles.cos(), angles.sin()
         for block in visual.blocks:
             attn = block.attn
             qkv = attn.qkv(block.norm1(hidden)).reshape(1, n_patches, 3, attn.num_heads, attn.head_dim)
             if self.fused_attention:
-                out = self._fused_attention(attn, qkv, cos.transpose(1, 2), sin.transpose(1, 2))
+                out = self._fused_attention(attn, qkv, *rope)
             else:
                 query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, n, head_dim)
                 query = query * cos + _rotate_half(query) * sin
@@ -92,14 +95,19 @@ class Qwen2VLVisionForExport(nn.Module):
 
 
     @staticmethod
-    def _fused_attention(attn: nn.Module, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """(1, n, heads, head_dim) attention output of `qkv` (1, n, 3, heads, head_dim) in one onnxruntime kernel."""
-        query, key, value = qkv.unbind(2)  # each (1, n, heads, head_dim): the kernel's BSNH layout, no transposes
-        query = query * cos + _rotate_half(query) * sin
-        key = key * cos + _rotate_half(key) * sin
-        shape = (1, query.shape[1], attn.num_heads * attn.head_dim)
+    def _fused_attention(attn: nn.Module, qkv: torch.Tensor, position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+        """(1, n, heads * head_dim) attention output of `qkv` (1, n, 3, heads, head_dim) in onnxruntime's kernels:
+        rope on query and key by `RotaryEmbedding`, then `MultiHeadAttention`; both read the (1, n, hidden) layout,
+        so nothing is transposed, and the rope takes one pass instead of six elementwise ops."""
+        shape = (1, qkv.shape[1], attn.num_heads * attn.head_dim)
+        query, key, value = qkv.reshape(1, shape[1], 3, shape[2]).unbind(2)
+
+        def rotate(x: torch.Tensor) -> torch.Tensor:
+            return torch.onnx.ops.symbolic("com.microsoft::RotaryEmbedding", [x, position_ids, cos, sin], attrs={},
+                                           dtype=x.dtype, shape=shape, version=1)  # fmt: skip
+
         return torch.onnx.ops.symbolic(
-            "com.microsoft::MultiHeadAttention", [query.reshape(shape), key.reshape(shape), value.reshape(shape)],
+            "com.microsoft::MultiHeadAttention", [rotate(query), rotate(key), value],
             attrs={"num_heads": attn.num_heads, "scale": float(attn.scaling)}, dtype=query.dtype, shape=shape,
             version=1,
         )  # fmt: skip
