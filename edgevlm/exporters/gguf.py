@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import EdgeVLMError
+from edgevlm.gguf_header import GGUF_MAGIC, read_gguf_header
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ QUANT_FTYPES = {
     "Q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0",
 }
 
-GGUF_MAGIC = b"GGUF"
 
 # Special-token roles a GGUF can name, → the tokenizer.ggml.*_token_id key.
 SPECIAL_TOKEN_KEYS = {
@@ -331,75 +331,12 @@ def quantize_gguf(src_path: str | Path, dst_path: str | Path, qtype: str, *, n_t
 
 def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
     """A GGUF's key/value metadata as plain Python values (str, int, float, bool, lists of those)."""
-    return _read_gguf_header(path)[0]
+    return read_gguf_header(path).metadata
 
 
 def read_gguf_tensor_types(path: str | Path) -> dict[str, str]:
     """Each tensor's stored type name ("F32", "F16", "Q4_K", ...), by GGUF tensor name, in file order."""
     import gguf
 
-    return {name: gguf.GGMLQuantizationType(type_id).name for name, type_id in _read_gguf_header(path)[1].items()}
-
-
-# GGUF value type id → struct format (little-endian). 8 = string, 9 = array (gguf.GGUFValueType).
-_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_STRING, _ARRAY = 8, 9
-
-
-def _read_gguf_header(path: str | Path) -> tuple[dict[str, Any], dict[str, int]]:
-    """Metadata and tensor type ids of a little-endian GGUF (v2/v3), read straight from the file.
-
-    gguf.GGUFReader builds a Python object per array element and takes ~20 s on a file carrying a 150k-token
-    vocabulary and 300k merges; this reads the same header in well under a second.
-    """
-    import mmap
-    import struct
-
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        if buf[:4] != GGUF_MAGIC:
-            raise ValueError(f"{path} is not a GGUF file (starts with {bytes(buf[:4])!r})")
-        version, n_tensors, n_kv = struct.unpack_from("<IQQ", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"{path}: GGUF version {version} is not supported (expected 2 or 3, little-endian)")
-        offset = 24
-
-        def read_string() -> str:
-            nonlocal offset
-            (length,) = struct.unpack_from("<Q", buf, offset)
-            text = buf[offset + 8 : offset + 8 + length].decode("utf-8", errors="replace")
-            offset += 8 + length
-            return text
-
-        def read_value(value_type: int) -> Any:
-            nonlocal offset
-            if value_type == _STRING:
-                return read_string()
-            if value_type == _ARRAY:
-                item_type, count = struct.unpack_from("<IQ", buf, offset)
-                offset += 12
-                if item_type in _SCALAR_FORMATS and item_type != 7:
-                    dtype = np.dtype(_SCALAR_FORMATS[item_type])
-                    values = np.frombuffer(buf, dtype=dtype, count=count, offset=offset).tolist()
-                    offset += count * dtype.itemsize
-                    return values
-                return [read_value(item_type) for _ in range(count)]
-            if value_type not in _SCALAR_FORMATS:
-                raise ValueError(f"{path}: unknown GGUF value type {value_type} at byte {offset}")
-            (value,) = struct.unpack_from(_SCALAR_FORMATS[value_type], buf, offset)
-            offset += struct.calcsize(_SCALAR_FORMATS[value_type])
-            return value
-
-        metadata: dict[str, Any] = {}
-        for _ in range(n_kv):
-            key = read_string()
-            (value_type,) = struct.unpack_from("<I", buf, offset)
-            offset += 4
-            metadata[key] = read_value(value_type)
-        tensor_types: dict[str, int] = {}
-        for _ in range(n_tensors):
-            name = read_string()
-            (n_dims,) = struct.unpack_from("<I", buf, offset)
-            offset += 4 + 8 * n_dims
-            tensor_types[name], _data_offset = struct.unpack_from("<IQ", buf, offset)
-            offset += 12
-    return metadata, tensor_types
+    types = read_gguf_header(path).tensor_types
+    return {name: gguf.GGMLQuantizationType(type_id).name for name, type_id in types.items()}

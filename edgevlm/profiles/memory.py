@@ -11,72 +11,26 @@ Not counted: llama.cpp's compute buffers (tens to hundreds of MiB), onnxruntime'
 
 from __future__ import annotations
 
-import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 from ..budget import estimate_activation_bytes, vision_tower_size
 from ..bundle import Bundle
 from ..errors import BundleError
+from ..gguf_header import read_gguf_header
 from .schema import KV_CACHE_BYTES_PER_VALUE
 
 GIB = 2**30
-_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
-_GGUF_STRING, _GGUF_ARRAY = 8, 9
-
-
-def _read(f: BinaryIO, fmt: str):
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise EOFError("truncated GGUF header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _value(f: BinaryIO, kind: int):
-    if kind in _GGUF_SCALARS:
-        return _read(f, _GGUF_SCALARS[kind])
-    if kind == _GGUF_STRING:
-        return f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
-    if kind == _GGUF_ARRAY:
-        item_kind, count = _read(f, "<I"), _read(f, "<Q")
-        if item_kind in _GGUF_SCALARS:  # skip or read in one go
-            fmt = _GGUF_SCALARS[item_kind]
-            data = f.read(struct.calcsize(fmt) * count)
-            return list(struct.unpack(f"<{count}{fmt[1]}", data))
-        return [_value(f, item_kind) for _ in range(count)]
-    raise ValueError(f"unknown GGUF value type {kind}")
-
-
-def read_gguf_metadata(path: str | Path, keys: set[str]) -> dict:
-    """The header values of `keys` that a GGUF file has; reading stops once all are found (before the vocabulary)."""
-    found: dict = {}
-    try:
-        with open(path, "rb") as f:
-            if f.read(4) != b"GGUF":
-                raise ValueError("not a GGUF file")
-            version = _read(f, "<I")
-            if version < 2:
-                raise ValueError(f"GGUF version {version} is too old")
-            _read(f, "<Q")  # tensor count
-            for _ in range(_read(f, "<Q")):
-                key = f.read(_read(f, "<Q")).decode("utf-8", errors="replace")
-                value = _value(f, _read(f, "<I"))
-                if key in keys:
-                    found[key] = value
-                    if len(found) == len(keys):
-                        break
-    except (OSError, EOFError, ValueError, struct.error) as e:
-        raise BundleError(f"cannot read the GGUF header of {path} ({e}); run `edgevlm verify BUNDLE`.") from e
-    return found
 
 
 def kv_values_per_token(gguf_path: str | Path, arch: str) -> int:
     """K and V values one token adds to the cache, summed over layers (per-layer head counts allowed)."""
     names = ("block_count", "attention.head_count_kv", "attention.head_count", "embedding_length",
              "attention.key_length", "attention.value_length")  # fmt: skip
-    header = read_gguf_metadata(gguf_path, {f"{arch}.{name}" for name in names})
+    try:
+        header = read_gguf_header(gguf_path, keys={f"{arch}.{name}" for name in names}).metadata
+    except (OSError, ValueError) as e:
+        raise BundleError(f"cannot read the GGUF header of {gguf_path} ({e}); run `edgevlm verify BUNDLE`.") from e
     meta = {name: header[f"{arch}.{name}"] for name in names if f"{arch}.{name}" in header}
     missing = [name for name in ("block_count", "attention.head_count", "embedding_length") if name not in meta]
     if missing:
