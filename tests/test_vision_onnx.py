@@ -210,6 +210,7 @@ def test_session_options_and_providers(exported):
     assert encoder.providers == ["CPUExecutionProvider"]
     options = encoder.vision_session.get_session_options()
     assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert not options.enable_cpu_mem_arena and not options.enable_mem_pattern  # activations freed after each image
     with pytest.raises(FileNotFoundError, match="does not exist"):
         VisionEncoder(exported[0] / "missing.onnx")
 
