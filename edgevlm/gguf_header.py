@@ -21,12 +21,24 @@ GGUF_MAGIC = b"GGUF"
 # GGUF value type id -> struct format (little-endian); 8 is a string, 9 an array (gguf.GGUFValueType).
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_ALIGNMENT_KEY, _DEFAULT_ALIGNMENT = "general.alignment", 32
+
+
+@dataclass(frozen=True)
+class GGUFTensor:
+    type_id: int  # ggml type (gguf.GGMLQuantizationType)
+    shape: tuple[int, ...]  # ggml order: the row length first
+    offset: int  # where its data starts in the file
 
 
 @dataclass(frozen=True)
 class GGUFHeader:
     metadata: dict[str, Any]  # plain Python values: str, int, float, bool, lists of those
-    tensor_types: dict[str, int]  # ggml type id by tensor name, in file order; empty when reading stopped early
+    tensors: dict[str, GGUFTensor]  # by name, in file order; empty when reading stopped early
+
+    @property
+    def tensor_types(self) -> dict[str, int]:
+        return {name: tensor.type_id for name, tensor in self.tensors.items()}
 
 
 class _Cursor:
@@ -84,13 +96,13 @@ class _Cursor:
         return value
 
 
-def read_gguf_header(path: str | Path, keys: Collection[str] | None = None) -> GGUFHeader:
-    """The metadata and tensor types of a little-endian GGUF (v2/v3).
+def read_gguf_header(path: str | Path, keys: Collection[str] | None = None, *, tensors: bool = True) -> GGUFHeader:
+    """The metadata and tensor directory of a little-endian GGUF (v2/v3).
 
-    With `keys`, only those metadata values are kept and reading stops as soon as all of them are found (the tensor
-    directory is then left unread). Raises ValueError when the file is not such a GGUF or its header is cut short.
+    With `keys`, only those metadata values are kept; with `tensors` False as well, reading stops as soon as all of
+    them are found. Raises ValueError when the file is not such a GGUF or its header is cut short.
     """
-    wanted = None if keys is None else set(keys)
+    wanted = None if keys is None else {*keys, _ALIGNMENT_KEY} if tensors else set(keys)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         if buf[:4] != GGUF_MAGIC:
             raise ValueError(f"{path} is not a GGUF file (starts with {bytes(buf[:4])!r})")
@@ -107,12 +119,18 @@ def read_gguf_header(path: str | Path, keys: Collection[str] | None = None) -> G
             value = cursor.value(value_type, keep=keep)
             if keep:
                 metadata[key] = value
-                if wanted is not None and len(metadata) == len(wanted):
-                    return GGUFHeader(metadata, {})
-        tensor_types: dict[str, int] = {}
+                if not tensors and wanted is not None and len(metadata) == len(wanted):
+                    break
+        if not tensors:
+            return GGUFHeader({k: v for k, v in metadata.items() if keys is None or k in keys}, {})
+        directory = []
         for _ in range(n_tensors):
             name = cursor.string()
             (n_dims,) = cursor.unpack("<I")
-            cursor.skip(8 * n_dims)
-            tensor_types[name], _data_offset = cursor.unpack("<IQ")
-    return GGUFHeader(metadata, tensor_types)
+            shape = cursor.unpack(f"<{n_dims}Q")
+            type_id, relative_offset = cursor.unpack("<IQ")
+            directory.append((name, type_id, shape, relative_offset))
+        alignment = int(metadata.get(_ALIGNMENT_KEY, _DEFAULT_ALIGNMENT))
+        data_start = -(-cursor.offset // alignment) * alignment
+    found = {name: GGUFTensor(type_id, tuple(shape), data_start + offset) for name, type_id, shape, offset in directory}  # fmt: skip
+    return GGUFHeader({k: v for k, v in metadata.items() if keys is None or k in keys}, found)

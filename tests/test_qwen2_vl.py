@@ -122,3 +122,27 @@ def test_prompt_text_is_normalized_like_the_hf_tokenizer(loaded_bundles, tiny_qw
     reference = FAMILY.reference_logits(tiny_qwen2vl_loaded, prompt, [])
     assert ours.shape == reference.shape
     assert np.abs(ours - reference).max() <= LOGIT_ATOL["F32"]
+
+
+@pytest.mark.parametrize("quant", ["F32", "Q4_K_M"])
+def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2vl_loaded, quant, monkeypatch):
+    """The prompt's text goes into the image's embeddings batch, looked up in the GGUF as llama.cpp would: the
+    rows equal the checkpoint's (F32) and the answer equals the one from separate token batches."""
+    vlm = loaded_bundles[quant]
+    table = vlm.token_embeddings
+    assert table is not None
+    if quant == "F32":
+        weight = tiny_qwen2vl_loaded.model.get_input_embeddings().weight.detach().float().numpy()
+        ids = [0, 5, 151643, 151655, len(weight) - 1]
+        np.testing.assert_array_equal(table(ids), weight[ids])
+    with pytest.raises(ValueError, match="token ids"):
+        table([table.n_vocab])
+    case = PARITY_CASES[1]  # text, image, image, text
+    vlm.clear_caches()
+    steps_merged = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
+    monkeypatch.setattr(vlm, "token_embeddings", None)
+    vlm.clear_caches()
+    steps_split = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
+    merged, split = steps_merged[-1].timings, steps_split[-1].timings
+    assert merged.n_text_with_images == merged.n_prompt_tokens and split.n_text_with_images == 0
+    assert [s.token for s in steps_merged] == [s.token for s in steps_split]

@@ -28,7 +28,7 @@ def kv_values_per_token(gguf_path: str | Path, arch: str) -> int:
     names = ("block_count", "attention.head_count_kv", "attention.head_count", "embedding_length",
              "attention.key_length", "attention.value_length")  # fmt: skip
     try:
-        header = read_gguf_header(gguf_path, keys={f"{arch}.{name}" for name in names}).metadata
+        header = read_gguf_header(gguf_path, keys={f"{arch}.{name}" for name in names}, tensors=False).metadata
     except (OSError, ValueError) as e:
         raise BundleError(f"cannot read the GGUF header of {gguf_path} ({e}); run `edgevlm verify BUNDLE`.") from e
     meta = {name: header[f"{arch}.{name}"] for name in names if f"{arch}.{name}" in header}

@@ -15,6 +15,17 @@ def text_positions(start: int, n_tokens: int) -> np.ndarray:
     return np.arange(start, start + n_tokens, dtype=np.int32)
 
 
+def text_embedding_positions(spec: PositionSpec, start: int, n_tokens: int) -> np.ndarray:
+    """Positions of text decoded as embeddings, shape (slots, n_tokens), as llama.cpp expands a token batch's:
+    for `mrope` the same position in time, row and column and 0 in the fourth slot."""
+    positions = text_positions(start, n_tokens)
+    if spec.kind == "mrope":
+        return np.concatenate([np.tile(positions, (MROPE_SLOTS - 1, 1)), np.zeros((1, n_tokens), np.int32)])
+    if spec.kind == "linear":
+        return positions[None, :]
+    raise ValueError(f"unknown position kind {spec.kind!r} in the manifest; expected 'mrope' or 'linear'")
+
+
 def image_positions(spec: PositionSpec, start: int, grid: tuple[int, int, int]) -> tuple[np.ndarray, int]:
     """Positions of one image's embeddings, shape (slots, n_tokens), and the position of the text that follows.
 
