@@ -284,6 +284,78 @@ def convert_fp16(fp32_path: str | Path, out_path: str | Path) -> None:
     logger.info("converted %s -> %s to fp16 (%d index nodes kept float32)", fp32_path, out_path, len(blocked))
 
 
+# The precisions a vision graph ships in, and their file names in a bundle.
+VISION_FILES = {"fp32": "vision.onnx", "int8": "vision-int8.onnx", "fp16": "vision-fp16.onnx"}
+# Mean per-token cosine vs fp32 a variant must reach. Measured with random weights: fp16 0.9999998 (tiny and
+# 2B shapes), int8 0.9999 (tiny) and 0.9994 (2B, 448x448). Trained weights have outliers, so int8 gets room;
+# below these floors the variant is broken, not rounded.
+VARIANT_COSINE_FLOORS = {"int8": 0.99, "fp16": 0.9999}
+
+
+def check_vision_dtypes(dtypes: Sequence[str]) -> None:
+    unknown = [d for d in dtypes if d not in VISION_FILES]
+    if unknown or not dtypes:
+        raise ValueError(f"unknown vision dtypes {unknown or list(dtypes)}; choose from {list(VISION_FILES)}")
+
+
+def export_vision_variants(
+    make_module: Callable[[bool], object],
+    spec: OnnxExportSpec,
+    reference: Callable,
+    input_sets: Sequence[tuple],
+    out_dir: str | Path,
+    dtypes: Sequence[str],
+    *,
+    fp32_report: Mapping[str, object] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict:
+    """Write a vision graph in every precision of `dtypes` to `out_dir`, each one validated; return the manifest
+    entry per dtype.
+
+    `make_module(fused_attention)` gives the PyTorch module to export: fp32 (`fused_attention` False) is checked
+    against `reference` (the Hugging Face forward) on every input set within `spec.atol`; fp16 is converted from
+    it; int8, the CPU variant, is exported again with `fused_attention` True (onnxruntime's attention kernel) and
+    quantized. Variants are checked against fp32 (`VARIANT_COSINE_FLOORS`). `fp32_report` adds entries to fp32's
+    record (e.g. the validation grids). If "fp32" is not in `dtypes`, its file is removed at the end.
+    """
+    check_vision_dtypes(dtypes)
+    say = progress or (lambda step: None)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fp32_path = out_dir / VISION_FILES["fp32"]
+
+    say("exporting the vision encoder to ONNX")
+    export_onnx(make_module(False), spec, input_sets[0], fp32_path)
+    say("validating the ONNX vision encoder against PyTorch")
+    max_abs_diff = validate_onnx(fp32_path, reference, input_sets, spec.atol, f"{fp32_path.name} vs PyTorch")
+    report: dict = {"fp32": {"file": fp32_path.name, "max_abs_diff": max_abs_diff, "atol": spec.atol, **(fp32_report or {})}}  # fmt: skip
+    for dtype in (d for d in VISION_FILES if d != "fp32" and d in dtypes):
+        path = out_dir / VISION_FILES[dtype]
+        say(f"making the {dtype} vision encoder")
+        if dtype == "fp16":
+            convert_fp16(fp32_path, path)
+        else:  # int8 is the CPU variant: onnxruntime only, so its attention can be onnxruntime's fused kernel
+            fused_path = out_dir / "vision-fused-fp32.onnx"
+            export_onnx(make_module(True), spec, input_sets[0], fused_path)
+            try:
+                quantize_int8(fused_path, path)
+            finally:
+                remove_onnx(fused_path)
+        agreement = compare_onnx(path, fp32_path, input_sets)
+        check_agreement(agreement, VARIANT_COSINE_FLOORS[dtype], f"{path.name} vs {fp32_path.name}")
+        report[dtype] = {
+            "file": path.name,
+            "max_abs_diff_vs_fp32": agreement.max_abs_diff,
+            "cosine_vs_fp32": agreement.mean_cosine,
+            "min_cosine_vs_fp32": agreement.min_cosine,
+        }
+        logger.info("%s: %s", path.name, report[dtype])
+    if "fp32" not in dtypes:
+        remove_onnx(fp32_path)
+        del report["fp32"]
+    return report
+
+
 def remove_onnx(path: str | Path) -> None:
     """Delete a graph and its external data file, if any."""
     Path(path).unlink(missing_ok=True)
@@ -293,4 +365,5 @@ def remove_onnx(path: str | Path) -> None:
 __all__ = [
     "OnnxExportSpec", "OnnxAgreement", "CosineValidationError", "export_onnx", "validate_onnx", "compare_onnx",
     "check_agreement", "quantize_int8", "convert_fp16", "onnx_data_path", "onnx_file_bytes", "remove_onnx",
+    "VISION_FILES", "VARIANT_COSINE_FLOORS", "check_vision_dtypes", "export_vision_variants",
 ]  # fmt: skip

@@ -18,10 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.exporters.onnx_export import (
-    OnnxExportSpec, check_agreement, compare_onnx, convert_fp16, export_onnx, quantize_int8, remove_onnx,
-    validate_onnx,
-)  # fmt: skip
+from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 from edgevlm.runtimes.vision import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES, qwen2_vl_patch_positions
 
 logger = logging.getLogger(__name__)
@@ -34,11 +31,6 @@ VISION_EXPORT_SPEC = OnnxExportSpec(
     atol=1e-4,
 )
 
-VISION_FILES = {"fp32": "vision.onnx", "int8": "vision-int8.onnx", "fp16": "vision-fp16.onnx"}
-# Mean per-token cosine vs fp32 a variant must reach. Measured with random weights: fp16 0.9999998 (tiny and
-# 2B shapes), int8 0.9999 (tiny) and 0.9994 (2B, 448x448). Trained weights have outliers, so int8 gets room;
-# below these floors the variant is broken, not rounded.
-VARIANT_COSINE_FLOORS = {"int8": 0.99, "fp16": 0.9999}
 DEFAULT_GRIDS = ((1, 4, 6), (1, 8, 8), (1, 2, 16))
 
 
@@ -149,9 +141,7 @@ def vision_sample_inputs(visual: nn.Module, grid: tuple[int, int, int], seed: in
 
 
 def _check_export_args(visual: nn.Module, dtypes: Sequence[str], grids: Sequence[tuple[int, int, int]]) -> None:
-    unknown = [d for d in dtypes if d not in VISION_FILES]
-    if unknown or not dtypes:
-        raise ValueError(f"unknown vision dtypes {unknown or list(dtypes)}; choose from {list(VISION_FILES)}")
+    check_vision_dtypes(dtypes)
     merge = visual.config.spatial_merge_size
     for grid in grids:
         if len(grid) != 3 or grid[0] != 1 or grid[1] % merge or grid[2] % merge or min(grid) < 1:
@@ -175,58 +165,21 @@ def export_qwen2_vl_vision(
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) to `out_dir`, validated.
 
-    fp32 is always exported and checked against the Hugging Face vision forward on every grid within the spec's
-    atol. fp16 is converted from it; int8, the CPU variant, is exported again with onnxruntime's fused attention
-    kernel and quantized. Variants are checked against fp32 (mean cosine floors in `VARIANT_COSINE_FLOORS`).
-    If "fp32" is not in `dtypes`, its file is removed at the end. Returns the manifest entry per dtype.
-    `progress` is called with a short description before each long step.
+    fp32 is checked against the Hugging Face vision forward on every grid; the variants as
+    `onnx_export.export_vision_variants` makes them. Returns the manifest entry per dtype. `progress` is called
+    with a short description before each long step.
     """
     visual = find_visual(hf_model)
     _check_export_args(visual, dtypes, grids)
-    say = progress or (lambda step: None)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    spec = VISION_EXPORT_SPEC
-    module = Qwen2VLVisionForExport(visual).eval()
     input_sets = [vision_sample_inputs(visual, tuple(grid), seed=i) for i, grid in enumerate(grids)]
-    fp32_path = out_dir / VISION_FILES["fp32"]
-
-    say("exporting the vision encoder to ONNX")
-    export_onnx(module, spec, input_sets[0], fp32_path)
-    say("validating the ONNX vision encoder against PyTorch")
-    max_abs_diff = validate_onnx(fp32_path, _HFVisionReference(visual), input_sets, spec.atol, "vision.onnx vs PyTorch")
-    grid_list = [list(grid) for grid in grids]
-    report: dict = {
-        "fp32": {"file": fp32_path.name, "max_abs_diff": max_abs_diff, "atol": spec.atol, "grids": grid_list},
-    }
-    for dtype in (d for d in VISION_FILES if d != "fp32" and d in dtypes):
-        path = out_dir / VISION_FILES[dtype]
-        say(f"making the {dtype} vision encoder")
-        if dtype == "fp16":
-            convert_fp16(fp32_path, path)
-        else:  # int8 is the CPU variant: onnxruntime only, so its attention can be onnxruntime's fused kernel
-            fused_path = out_dir / "vision-fused-fp32.onnx"
-            export_onnx(Qwen2VLVisionForExport(visual, fused_attention=True).eval(), spec, input_sets[0], fused_path)
-            try:
-                quantize_int8(fused_path, path)
-            finally:
-                remove_onnx(fused_path)
-        agreement = compare_onnx(path, fp32_path, input_sets)
-        check_agreement(agreement, VARIANT_COSINE_FLOORS[dtype], f"{path.name} vs {fp32_path.name}")
-        report[dtype] = {
-            "file": path.name,
-            "max_abs_diff_vs_fp32": agreement.max_abs_diff,
-            "cosine_vs_fp32": agreement.mean_cosine,
-            "min_cosine_vs_fp32": agreement.min_cosine,
-        }
-        logger.info("%s: %s", path.name, report[dtype])
-    if "fp32" not in dtypes:
-        remove_onnx(fp32_path)
-        del report["fp32"]
-    return report
+    return export_vision_variants(
+        lambda fused: Qwen2VLVisionForExport(visual, fused_attention=fused).eval(), VISION_EXPORT_SPEC,
+        _HFVisionReference(visual), input_sets, out_dir, dtypes,
+        fp32_report={"grids": [list(grid) for grid in grids]}, progress=progress,
+    )  # fmt: skip
 
 
 __all__ = [
-    "Qwen2VLVisionForExport", "VISION_EXPORT_SPEC", "VISION_FILES", "VARIANT_COSINE_FLOORS", "find_visual",
+    "Qwen2VLVisionForExport", "VISION_EXPORT_SPEC", "find_visual",
     "vision_sample_inputs", "export_qwen2_vl_vision",
 ]  # fmt: skip
