@@ -5,12 +5,20 @@ context, and returns a `BudgetPlan` that says, for every image span the language
 which image it shows, the (height, width) it is resized to, its patch grid, its token count and the estimated
 memory and compute of encoding it. The runtime resizes exactly as planned, so the plan is known before decoding.
 
-Rules (Qwen2-VL geometry: a token covers factor x factor pixels, factor = patch_size * merge_size):
+Rules (a token covers factor x factor pixels: factor = patch_size * merge_size; the preprocessing spec of the
+bundle's `kind` gives the model's own resize and token range, see `edgevlm.images`):
 
-- Per span, tokens lie in [lo, hi]: lo = max(min_image_tokens, the model's minimum ceil(min_pixels / factor²)),
-  hi = max_image_tokens (none: unbounded) or the span's share of the total, whichever is smaller.
-- A span whose model resize (`smart_resize` with the preprocessor's own min/max pixels) has a token count in
-  [lo, hi] keeps that resize exactly: when no limit binds, the plan is the model's own preprocessing.
+- Per span, tokens lie in [lo, hi]: lo = max(min_image_tokens, the model's minimum (Qwen2-VL:
+  ceil(min_pixels / factor²))), hi = max_image_tokens (none: unbounded) or the span's share of the total,
+  whichever is smaller.
+- Limits outside the model's own range are refused when a request or the caller set them (cli); the hardware
+  profile's and the bundle's limits are defaults written for any model, so they are moved into the range. A
+  fixed-size model (`clip`: every image is 576 tokens for LLaVA-1.5) thus plans every span at its one size: the
+  profile's cap of 256 tokens does not shrink it, an explicit `max_image_tokens=256` is an error, and images that
+  do not fit the context or the image budget are refused, never shrunk.
+- A span whose model resize (`native_size`, e.g. `smart_resize` with the preprocessor's own min/max pixels) has a
+  token count in [lo, hi] keeps that resize exactly: when no limit binds, the plan is the model's own
+  preprocessing.
 - Otherwise the span is scaled, aspect ratio kept, to the limit it crossed and each side is rounded down or up to
   whole tokens, keeping the rounding inside [lo, hi] with the most tokens (the fewest when growing to lo). Where no
   rounding fits (near the 200:1 aspect limit a side bottoms out at one token, and smart_resize itself would
@@ -25,6 +33,7 @@ Rules (Qwen2-VL geometry: a token covers factor x factor pixels, factor = patch_
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Mapping, Sequence
@@ -32,9 +41,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from .errors import BudgetError, ContextOverflowError
-from .images import Qwen2VLPreprocessing, smart_resize
+from .images import Preprocessing, preprocessing_from_dict
 
 LIMIT_LAYERS = ("request", "cli", "profile", "bundle")  # highest precedence first
+DEFAULT_LAYERS = ("profile", "bundle")  # limits written for any model: moved into a model's own range, not refused
 DEFAULT_MAX_IMAGE_TOKENS = 1024  # what `edgevlm export` writes into a bundle's `budget` section
 # Assumed sustained fp32 throughput of the vision graph for encode-time estimates; a hardware profile will set
 # the real one. Measured with the 2B tower on 2 cores of an AVX-512 Xeon: 205-236 GFLOP/s (benchmarks/
@@ -266,7 +276,7 @@ def _regions(request: ImageRequest, image_index: int, factor: int) -> list[_Regi
     return [_Region(image_index, "global", box, area / (rows * cols)), *tiles]
 
 
-def count_spans(requests: Sequence[ImageRequest], spec: Qwen2VLPreprocessing) -> int:
+def count_spans(requests: Sequence[ImageRequest], spec: Preprocessing) -> int:
     """How many image spans the prompt needs for `requests` (tiling adds spans); independent of the limits."""
     return sum(len(_regions(request, i, spec.factor)) for i, request in enumerate(requests))
 
@@ -279,13 +289,12 @@ def n_tokens_of(resized_size: tuple[int, int], factor: int) -> int:
     return (resized_size[0] // factor) * (resized_size[1] // factor)
 
 
-def model_token_range(spec: Qwen2VLPreprocessing) -> tuple[int, int]:
-    """The model's own (min, max) tokens per image, from its preprocessor's min_pixels and max_pixels."""
-    area = spec.factor**2
-    return -(-spec.min_pixels // area), max(1, spec.max_pixels // area)
+def model_token_range(spec: Preprocessing) -> tuple[int, int]:
+    """The model's own (min, max) tokens per image (Qwen2-VL: from its preprocessor's min_pixels and max_pixels)."""
+    return spec.token_range()
 
 
-def fit_resize(height: int, width: int, spec: Qwen2VLPreprocessing, min_tokens: int, max_tokens: int) -> tuple[int, int]:  # fmt: skip
+def fit_resize(height: int, width: int, spec: Preprocessing, min_tokens: int, max_tokens: int) -> tuple[int, int]:  # fmt: skip
     """The (height, width) a height x width region is resized to with min_tokens <= tokens <= max_tokens.
 
     The model's own resize when it is inside the window. Otherwise the region is scaled, aspect ratio kept, to the
@@ -297,7 +306,7 @@ def fit_resize(height: int, width: int, spec: Qwen2VLPreprocessing, min_tokens: 
     if not 1 <= min_tokens <= max_tokens:
         raise BudgetError(f"token window [{min_tokens}, {max_tokens}] is empty; the minimum must be <= the maximum")
     factor = spec.factor
-    native = smart_resize(height, width, factor, spec.min_pixels, spec.max_pixels)  # raises beyond 200:1
+    native = spec.native_size(height, width)  # Qwen2-VL's raises beyond 200:1
     native_tokens = n_tokens_of(native, factor)
     if min_tokens <= native_tokens <= max_tokens:
         return native
@@ -382,13 +391,13 @@ def vision_tower_size(manifest: Any, vision_dtype: str | None = None) -> VisionT
     vision = manifest.vision
     if None in (vision.embed_dim, vision.depth, vision.num_heads, vision.mlp_ratio):
         return None
-    spec = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+    spec = preprocessing_from_dict(manifest.preprocessing)
     return VisionTowerSize(
         embed_dim=vision.embed_dim,
         depth=vision.depth,
         num_heads=vision.num_heads,
         mlp_ratio=vision.mlp_ratio,
-        patch_dim=3 * spec.temporal_patch_size * spec.patch_size**2,
+        patch_dim=spec.patch_dim,
         merge_size=spec.merge_size,
         out_dim=vision.embedding_dim,
         bytes_per_value=2 if (vision_dtype or vision.default) == "fp16" else 4,
@@ -449,7 +458,7 @@ class BudgetPlan:
 
 def plan_images(
     requests: Sequence[ImageRequest],
-    spec: Qwen2VLPreprocessing,
+    spec: Preprocessing,
     limits: BudgetLimits | None = None,
     *,
     n_ctx: int | None = None,
@@ -472,17 +481,8 @@ def plan_images(
     if not isinstance(limits, ResolvedLimits):
         limits = resolve_limits(request=limits)
     factor = spec.factor
-    model_min, model_max = model_token_range(spec)
-    if limits.min_image_tokens is not None and limits.min_image_tokens > model_max:
-        raise BudgetError(
-            f"{limits.describe('min_image_tokens')} is above this model's maximum of {model_max} tokens per image "
-            f"(max_pixels={spec.max_pixels}); use at most {model_max}"
-        )
-    if limits.max_image_tokens is not None and limits.max_image_tokens < model_min:
-        raise BudgetError(
-            f"{limits.describe('max_image_tokens')} is below this model's minimum of {model_min} tokens per image "
-            f"(min_pixels={spec.min_pixels}); use at least {model_min}"
-        )
+    model_min = model_token_range(spec)[0]
+    limits = within_model_range(limits, spec)
     low = max(limits.min_image_tokens or 0, model_min)
     high = limits.max_image_tokens if limits.max_image_tokens is not None else _UNBOUNDED
     regions = [region for i, request in enumerate(requests) for region in _regions(request, i, factor)]
@@ -518,8 +518,27 @@ def plan_images(
     return BudgetPlan(tuple(spans), limits, cap, n_prompt_tokens, max_new_tokens, n_ctx)
 
 
-def _limited_by(region: _Region, size: tuple[int, int], spec: Qwen2VLPreprocessing) -> str | None:
-    native = smart_resize(*region.size, spec.factor, spec.min_pixels, spec.max_pixels)
+def within_model_range(limits: ResolvedLimits, spec: Preprocessing) -> ResolvedLimits:
+    """`limits` with the profile's and bundle's per-image limits moved into the model's own token range; a request's
+    or the caller's limit outside it raises `BudgetError` (see the module docstring)."""
+    model_min, model_max = model_token_range(spec)
+    where = dict(limits.sources)
+    fixed = f"every image costs {model_min} tokens in this model" if model_min == model_max else ""
+    moved: dict[str, int] = {}
+    minimum, maximum = limits.min_image_tokens, limits.max_image_tokens
+    if minimum is not None and minimum > model_max:
+        if where.get("min_image_tokens") not in DEFAULT_LAYERS:
+            raise BudgetError(f"{limits.describe('min_image_tokens')} is above this model's maximum of {model_max} tokens per image ({fixed or spec.describe_range()}); use at most {model_max}")  # fmt: skip
+        moved["min_image_tokens"] = model_max
+    if maximum is not None and maximum < model_min:
+        if where.get("max_image_tokens") not in DEFAULT_LAYERS:
+            raise BudgetError(f"{limits.describe('max_image_tokens')} is below this model's minimum of {model_min} tokens per image ({fixed or spec.describe_range()}); use at least {model_min}" + (", or leave it unset" if fixed else ""))  # fmt: skip
+        moved["max_image_tokens"] = model_min
+    return dataclasses.replace(limits, **moved) if moved else limits
+
+
+def _limited_by(region: _Region, size: tuple[int, int], spec: Preprocessing) -> str | None:
+    native = spec.native_size(*region.size)
     if size == native:
         return None
     return "max_image_tokens" if n_tokens_of(size, spec.factor) < n_tokens_of(native, spec.factor) else "min_image_tokens"

@@ -80,12 +80,12 @@ def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
     from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size  # fmt: skip
     from .bundle import Bundle
-    from .images import Qwen2VLPreprocessing, image_size
+    from .images import image_size, preprocessing_from_dict
     from .profiles import Overrides, resolve_settings
 
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
-    spec = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+    spec = preprocessing_from_dict(manifest.preprocessing)
     cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
     crop = Crop.parse(args.crop) if args.crop else None
     _check_tiles(args.tiles)

@@ -1,6 +1,9 @@
-"""Image loading and Qwen2-VL preprocessing in numpy/Pillow only (the device side never imports torch).
+"""Image loading and model preprocessing in numpy/Pillow only (the device side never imports torch).
 
-`preprocess` reproduces transformers' `Qwen2VLImageProcessorPil` exactly (max abs difference 0 in the tests):
+A bundle's manifest names its preprocessing `kind`; `preprocessing_from_dict` reads it into the matching spec and
+`preprocess` runs it. Each kind reproduces a transformers image processor exactly (max abs difference 0 in tests).
+
+`qwen2_vl` (`Qwen2VLPreprocessing`, transformers' `Qwen2VLImageProcessorPil`), any image size:
 
 1. convert to RGB, compositing any transparency onto white (transformers' `convert_to_rgb`);
 2. `smart_resize` picks (h, w), multiples of `patch_size * merge_size`, with h * w in [min_pixels, max_pixels];
@@ -9,6 +12,10 @@
    lookup table per channel, which gives the same float32 values bit for bit;
 5. patchify: rows ordered (merge-block row, merge-block col, row in block, col in block), each row laid out
    (channel, temporal copy, patch row, patch col), the single frame repeated `temporal_patch_size` times.
+
+`clip` (`ClipPreprocessing`, transformers' `CLIPImageProcessorPil` / `LlavaImageProcessorPil`), one fixed size:
+RGB; optionally pad to a square with the mean colour (the original LLaVA's `pad`); resize the shortest edge with
+PIL BICUBIC; center crop; rescale and normalize as above; patchify row-major, each row (channel, patch row, col).
 
 Large photos are resized by PIL before any float work, so memory scales with the resized image, not the photo.
 """
@@ -232,59 +239,48 @@ class Qwen2VLPreprocessing:
     kind: ClassVar[str] = "qwen2_vl"
 
     def __post_init__(self) -> None:
-        for name in ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"preprocessing {name}={value!r}: expected a positive integer")
+        _check_positive_ints(self, ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"))
         if self.min_pixels > self.max_pixels:
             raise ValueError(
                 f"preprocessing min_pixels={self.min_pixels} is above max_pixels={self.max_pixels}; "
                 "min_pixels must be <= max_pixels"
             )
-        for name in ("image_mean", "image_std"):
-            value = getattr(self, name)
-            if (
-                isinstance(value, (str, bytes))
-                or not isinstance(value, Sequence)
-                or len(value) != 3
-                or not all(_is_real(v) for v in value)
-            ):
-                raise ValueError(f"preprocessing {name}={value!r}: expected 3 numbers (R, G, B)")
-            object.__setattr__(self, name, tuple(float(v) for v in value))
-        if any(v <= 0 for v in self.image_std):
-            raise ValueError(f"preprocessing image_std={self.image_std!r}: every value must be > 0")
-        if not _is_real(self.rescale_factor) or not 0 < self.rescale_factor < math.inf:
-            raise ValueError(f"preprocessing rescale_factor={self.rescale_factor!r}: expected a positive number")
-        object.__setattr__(self, "rescale_factor", float(self.rescale_factor))
+        _check_normalization(self)
 
     @property
     def factor(self) -> int:
         """Side lengths of a resized image are multiples of this (one merged token covers factor x factor pixels)."""
         return self.patch_size * self.merge_size
 
+    @property
+    def patch_dim(self) -> int:
+        """Values per row of `PreparedImage.pixel_patches`: channels * temporal_patch_size * patch_size²."""
+        return 3 * self.temporal_patch_size * self.patch_size**2
+
+    def token_range(self) -> tuple[int, int]:
+        """The model's own (min, max) tokens per image, from min_pixels and max_pixels."""
+        area = self.factor**2
+        return -(-self.min_pixels // area), max(1, self.max_pixels // area)
+
+    def describe_range(self) -> str:
+        """Where `token_range` comes from, for error messages."""
+        return f"min_pixels={self.min_pixels}, max_pixels={self.max_pixels}"
+
+    def native_size(self, height: int, width: int) -> tuple[int, int]:
+        """The (height, width) the model's own processor resizes a height x width image to (`smart_resize`)."""
+        return smart_resize(height, width, self.factor, self.min_pixels, self.max_pixels)
+
+    def prepare(self, image: Image.Image, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:
+        return _prepare_qwen2_vl(image, self, resized_size)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able dict, `kind` included; `from_dict` reads it back."""
-        out: dict[str, Any] = {"kind": self.kind}
-        for field in fields(self):
-            value = getattr(self, field.name)
-            out[field.name] = list(value) if isinstance(value, tuple) else value
-        return out
+        return _spec_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Qwen2VLPreprocessing:
         """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
-        values = dict(d)
-        kind = values.pop("kind", cls.kind)
-        if kind != cls.kind:
-            raise ValueError(f"preprocessing kind={kind!r}: this reader handles kind={cls.kind!r}")
-        known = {field.name for field in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(
-                f"unknown preprocessing key(s) {', '.join(f'{k}={values[k]!r}' for k in unknown)}; "
-                f"known keys: kind, {', '.join(sorted(known))}"
-            )
-        return cls(**values)
+        return _spec_from_dict(cls, d)
 
     @classmethod
     def from_preprocessor_config(cls, cfg: Mapping[str, Any]) -> Qwen2VLPreprocessing:
@@ -295,15 +291,7 @@ class Qwen2VLPreprocessing:
         pipeline cannot reproduce (do_resize/do_rescale/do_normalize false, a resample filter other than BICUBIC)
         raise ValueError; keys that do not affect the pixels (processor class names, ...) are ignored.
         """
-        for flag in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
-            if cfg.get(flag, True) is not True:
-                raise ValueError(f"preprocessor config {flag}={cfg[flag]!r}: edgevlm's Qwen2-VL pipeline needs it true")
-        resample = cfg.get("resample", Image.Resampling.BICUBIC)
-        if resample != Image.Resampling.BICUBIC:
-            raise ValueError(
-                f"preprocessor config resample={resample!r}: edgevlm's Qwen2-VL pipeline uses BICUBIC "
-                f"({int(Image.Resampling.BICUBIC)}) only"
-            )
+        _check_reproducible(cfg, "Qwen2-VL", ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"))
         values: dict[str, Any] = {}
         size = cfg.get("size") or {}
         if not isinstance(size, Mapping):
@@ -319,10 +307,172 @@ class Qwen2VLPreprocessing:
         for key in ("patch_size", "temporal_patch_size", "merge_size", "rescale_factor"):
             if cfg.get(key) is not None:
                 values[key] = cfg[key]
-        for key in ("image_mean", "image_std"):
-            if cfg.get(key) is not None:
-                values[key] = tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key]
-        return cls(**values)
+        return cls(**values, **_normalization_values(cfg))
+
+
+@dataclass(frozen=True)
+class ClipPreprocessing:
+    """CLIP image preprocessing to one fixed square size, as stored in a bundle manifest (`kind` = "clip").
+
+    Every image becomes `crop_size` x `crop_size` pixels, (crop_size / patch_size)² tokens (576 for LLaVA-1.5's
+    336 / 14), whatever its size: token limits cannot change it (see `edgevlm.budget`).
+    """
+
+    crop_size: int = 336
+    shortest_edge: int = 336  # the resize target of the shorter side, before the center crop
+    patch_size: int = 14
+    pad_to_square: bool = False  # pad to a square with the mean colour first (the original LLaVA's "pad")
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    rescale_factor: float = 1 / 255
+    kind: ClassVar[str] = "clip"
+    merge_size: ClassVar[int] = 1  # one token per patch
+
+    def __post_init__(self) -> None:
+        _check_positive_ints(self, ("crop_size", "shortest_edge", "patch_size"))
+        if self.crop_size % self.patch_size:
+            raise ValueError(f"preprocessing crop_size={self.crop_size} is not a multiple of patch_size={self.patch_size}")  # fmt: skip
+        if self.shortest_edge < self.crop_size:
+            raise ValueError(
+                f"preprocessing shortest_edge={self.shortest_edge} is below crop_size={self.crop_size}; "
+                "the center crop would need padding, which edgevlm does not reproduce"
+            )
+        if not isinstance(self.pad_to_square, bool):
+            raise ValueError(f"preprocessing pad_to_square={self.pad_to_square!r}: expected true or false")
+        _check_normalization(self)
+
+    @property
+    def factor(self) -> int:
+        """Pixels per token side."""
+        return self.patch_size
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per row of `PreparedImage.pixel_patches`: channels * patch_size²."""
+        return 3 * self.patch_size**2
+
+    def token_range(self) -> tuple[int, int]:
+        """(n, n): every image costs the same n tokens."""
+        n_tokens = (self.crop_size // self.patch_size) ** 2
+        return n_tokens, n_tokens
+
+    def describe_range(self) -> str:
+        return f"crop_size={self.crop_size}, patch_size={self.patch_size}"
+
+    def native_size(self, height: int, width: int) -> tuple[int, int]:
+        if height <= 0 or width <= 0:
+            raise ImageError(f"Image size {width}x{height} (width x height) has no pixels; pass a non-empty image.")
+        return self.crop_size, self.crop_size
+
+    def prepare(self, image: Image.Image, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:
+        return _prepare_clip(image, self, resized_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
+        return _spec_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> ClipPreprocessing:
+        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
+        return _spec_from_dict(cls, d)
+
+    @classmethod
+    def from_preprocessor_config(cls, cfg: Mapping[str, Any], patch_size: int) -> ClipPreprocessing:
+        """Build from a `preprocessor_config.json` dict of `CLIPImageProcessor` / `LlavaImageProcessor`; the patch
+        size comes from the vision tower's config. Settings this pipeline cannot reproduce raise ValueError."""
+        _check_reproducible(cfg, "CLIP", ("do_resize", "do_center_crop", "do_rescale", "do_normalize", "do_convert_rgb"))  # fmt: skip
+        size, crop = cfg.get("size", 336), cfg.get("crop_size", 336)
+        shortest_edge = size.get("shortest_edge") if isinstance(size, Mapping) else size
+        if isinstance(crop, Mapping):
+            if crop.get("height") != crop.get("width"):
+                raise ValueError(f"preprocessor config crop_size={crop!r}: edgevlm's CLIP pipeline needs a square crop")
+            crop = crop.get("height")
+        values: dict[str, Any] = {"crop_size": crop, "shortest_edge": shortest_edge, "patch_size": patch_size}
+        values["pad_to_square"] = bool(cfg.get("do_pad", False))
+        if cfg.get("rescale_factor") is not None:
+            values["rescale_factor"] = cfg["rescale_factor"]
+        return cls(**values, **_normalization_values(cfg))
+
+
+Preprocessing = Qwen2VLPreprocessing | ClipPreprocessing
+PREPROCESSING_KINDS: dict[str, type[Qwen2VLPreprocessing | ClipPreprocessing]] = {
+    spec.kind: spec for spec in (Qwen2VLPreprocessing, ClipPreprocessing)
+}
+
+
+def preprocessing_from_dict(d: Mapping[str, Any]) -> Preprocessing:
+    """The preprocessing spec of a manifest's `preprocessing` section, by its `kind`."""
+    kind = d.get("kind")
+    if kind not in PREPROCESSING_KINDS:
+        raise ValueError(f"preprocessing kind {kind!r} is not known to this edgevlm (it knows {', '.join(PREPROCESSING_KINDS)}); upgrade edgevlm")  # fmt: skip
+    return PREPROCESSING_KINDS[kind].from_dict(d)
+
+
+def _spec_to_dict(spec: Any) -> dict[str, Any]:
+    """A JSON-able dict, `kind` included; `from_dict` reads it back."""
+    out: dict[str, Any] = {"kind": spec.kind}
+    for field in fields(spec):
+        value = getattr(spec, field.name)
+        out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _spec_from_dict(cls: type, d: Mapping[str, Any]) -> Any:
+    values = dict(d)
+    kind = values.pop("kind", cls.kind)
+    if kind != cls.kind:
+        raise ValueError(f"preprocessing kind={kind!r}: this reader handles kind={cls.kind!r}")
+    known = {field.name for field in fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown preprocessing key(s) {', '.join(f'{k}={values[k]!r}' for k in unknown)}; "
+            f"known keys: kind, {', '.join(sorted(known))}"
+        )
+    return cls(**values)
+
+
+def _check_positive_ints(spec: Any, names: Sequence[str]) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"preprocessing {name}={value!r}: expected a positive integer")
+
+
+def _check_normalization(spec: Any) -> None:
+    """Check and freeze image_mean, image_std (3 numbers each, std > 0) and rescale_factor of a spec."""
+    for name in ("image_mean", "image_std"):
+        value = getattr(spec, name)
+        if (
+            isinstance(value, (str, bytes))
+            or not isinstance(value, Sequence)
+            or len(value) != 3
+            or not all(_is_real(v) for v in value)
+        ):
+            raise ValueError(f"preprocessing {name}={value!r}: expected 3 numbers (R, G, B)")
+        object.__setattr__(spec, name, tuple(float(v) for v in value))
+    if any(v <= 0 for v in spec.image_std):
+        raise ValueError(f"preprocessing image_std={spec.image_std!r}: every value must be > 0")
+    if not _is_real(spec.rescale_factor) or not 0 < spec.rescale_factor < math.inf:
+        raise ValueError(f"preprocessing rescale_factor={spec.rescale_factor!r}: expected a positive number")
+    object.__setattr__(spec, "rescale_factor", float(spec.rescale_factor))
+
+
+def _check_reproducible(cfg: Mapping[str, Any], family: str, flags: Sequence[str]) -> None:
+    """Refuse preprocessor settings edgevlm does not reproduce: a step switched off, a filter other than BICUBIC."""
+    for flag in flags:
+        if cfg.get(flag, True) is not True:
+            raise ValueError(f"preprocessor config {flag}={cfg[flag]!r}: edgevlm's {family} pipeline needs it true")
+    resample = cfg.get("resample", Image.Resampling.BICUBIC)
+    if resample != Image.Resampling.BICUBIC:
+        raise ValueError(
+            f"preprocessor config resample={resample!r}: edgevlm's {family} pipeline uses BICUBIC "
+            f"({int(Image.Resampling.BICUBIC)}) only"
+        )
+
+
+def _normalization_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: tuple(cfg[key]) if isinstance(cfg[key], list) else cfg[key] for key in ("image_mean", "image_std") if cfg.get(key) is not None}  # fmt: skip
 
 
 def _is_real(value: Any) -> bool:
@@ -394,14 +544,17 @@ class PreparedImage:
         return grid_t * grid_h * grid_w // self.merge_size**2
 
 
-def preprocess(
-    image: Image.Image, spec: Qwen2VLPreprocessing, *, resized_size: tuple[int, int] | None = None
-) -> PreparedImage:
-    """Resize, normalize and patchify `image` exactly like transformers' Qwen2-VL image processor (PIL backend).
+def preprocess(image: Image.Image, spec: Preprocessing, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:  # fmt: skip
+    """Resize, normalize and patchify `image` exactly like transformers' image processor of `spec`'s kind.
 
-    `resized_size` = (height, width) replaces smart_resize's choice (the token-budget planner passes it); both must
-    be positive multiples of `spec.factor`, else ValueError. Images not in RGB mode are converted with `to_rgb`.
+    `resized_size` = (height, width) replaces the model's own choice (the token-budget planner passes it): for
+    `qwen2_vl` both must be positive multiples of `spec.factor`, for `clip` it must be the crop size; else
+    ValueError. Images not in RGB mode are converted with `to_rgb`.
     """
+    return spec.prepare(image, resized_size=resized_size)
+
+
+def _prepare_qwen2_vl(image: Image.Image, spec: Qwen2VLPreprocessing, resized_size: tuple[int, int] | None) -> PreparedImage:  # fmt: skip
     width, height = image.size
     if resized_size is None:
         resized_height, resized_width = smart_resize(height, width, spec.factor, spec.min_pixels, spec.max_pixels)
@@ -426,6 +579,37 @@ def preprocess(
     return PreparedImage(
         pixel_patches=np.ascontiguousarray(pixel_patches), grid=(1, grid_h, grid_w), merge_size=spec.merge_size
     )
+
+
+def _prepare_clip(image: Image.Image, spec: ClipPreprocessing, resized_size: tuple[int, int] | None) -> PreparedImage:  # fmt: skip
+    side = spec.crop_size
+    if resized_size is not None and tuple(resized_size) != (side, side):
+        raise ValueError(f"resized_size={resized_size!r}: this model takes {side}x{side} images only")
+    rgb = to_rgb(image)
+    if spec.pad_to_square and rgb.width != rgb.height:
+        rgb = _pad_to_square(rgb, tuple(int(m * 255) for m in spec.image_mean))
+    # transformers' shortest-edge resize: the long side is int(shortest_edge * long / short), rounded down
+    short, long = sorted(rgb.size)
+    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+    new_size = (new_short, new_long) if rgb.width <= rgb.height else (new_long, new_short)  # (width, height)
+    resized = rgb.resize(new_size, Image.Resampling.BICUBIC)
+    left, top = (resized.width - side) // 2, (resized.height - side) // 2
+    pixels = np.asarray(resized, dtype=np.uint8)[top : top + side, left : left + side]  # (side, side, 3)
+    logger.debug("clip preprocess: %dx%d -> %dx%d -> crop %d (w x h)", *image.size, *new_size, side)
+
+    lut = _normalization_lut(spec.rescale_factor, spec.image_mean, spec.image_std)  # (3, 256) float32
+    normalized = lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # (3, side, side) float32
+    patch, grid = spec.patch_size, side // spec.patch_size
+    patches = normalized.reshape(3, grid, patch, grid, patch).transpose(1, 3, 0, 2, 4)  # (row, col, C, P, P)
+    return PreparedImage(np.ascontiguousarray(patches.reshape(grid * grid, spec.patch_dim)), grid=(1, grid, grid), merge_size=1)  # fmt: skip
+
+
+def _pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:
+    """The image centered on a square of `color`, as transformers' `LlavaImageProcessor.pad_to_square`."""
+    side = max(image.size)
+    square = Image.new("RGB", (side, side), color)
+    square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+    return square
 
 
 def _check_resized_size(resized_size: tuple[int, int], factor: int) -> tuple[int, int]:

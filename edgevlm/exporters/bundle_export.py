@@ -13,7 +13,7 @@ from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
-from ..images import Qwen2VLPreprocessing
+from ..images import Preprocessing
 from ..progress import stage
 from . import ALIASES, PACKAGED_MODELS, family_for
 from .gguf import quantize_gguf
@@ -130,7 +130,7 @@ def export(
         return writer.commit(manifest)
 
 
-def _bundle_budget(preprocessing: Qwen2VLPreprocessing, max_image_tokens: int | None) -> BudgetLimits:
+def _bundle_budget(preprocessing: Preprocessing, max_image_tokens: int | None) -> BudgetLimits:
     model_min, model_max = model_token_range(preprocessing)
     if max_image_tokens is None:
         return BudgetLimits(max_image_tokens=min(DEFAULT_MAX_IMAGE_TOKENS, model_max))

@@ -14,10 +14,10 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..budget import BudgetLimits, model_token_range, resolve_limits
+from ..budget import BudgetLimits, model_token_range, resolve_limits, within_model_range
 from ..bundle import Bundle
 from ..errors import ProfileError
-from ..images import Qwen2VLPreprocessing
+from ..images import Preprocessing, preprocessing_from_dict
 from ..runtimes.llm import LlamaSettings
 from .host import GIB, HostInfo, choose_profile, probe_host
 from .memory import MemoryEstimate, estimate_memory, kv_values_per_token
@@ -87,12 +87,12 @@ def _flag(value: bool) -> str:
     return "True" if value else "False"
 
 
-def _patch_shapes(patches: int, patch_dim: int) -> str:
-    return f"pixel_patches:{patches}x{patch_dim},patch_positions:{patches}x2"
+def _patch_shapes(patches: int, patch_dim: int, with_positions: bool) -> str:
+    return f"pixel_patches:{patches}x{patch_dim}" + (f",patch_positions:{patches}x2" if with_positions else "")
 
 
 def provider_options(profile: Profile, provider: str, token_range: tuple[int, int] | None, patch_dim: int | None,
-                     merge_size: int | None) -> dict[str, str]:  # fmt: skip
+                     merge_size: int | None, with_positions: bool = True) -> dict[str, str]:  # fmt: skip
     """onnxruntime options of one provider ("tensorrt", "cuda", "cpu"); TensorRT's shape profile needs the bundle's
     patch geometry and the image-token range (without them its shapes are left to TensorRT)."""
     vision = profile.vision
@@ -110,9 +110,9 @@ def provider_options(profile: Profile, provider: str, token_range: tuple[int, in
             low, high = token_range
             opt = min(max(trt.opt_image_tokens or high, low), high)
             per_token = merge_size**2
-            options["trt_profile_min_shapes"] = _patch_shapes(low * per_token, patch_dim)
-            options["trt_profile_opt_shapes"] = _patch_shapes(opt * per_token, patch_dim)
-            options["trt_profile_max_shapes"] = _patch_shapes(high * per_token, patch_dim)
+            options["trt_profile_min_shapes"] = _patch_shapes(low * per_token, patch_dim, with_positions)
+            options["trt_profile_opt_shapes"] = _patch_shapes(opt * per_token, patch_dim, with_positions)
+            options["trt_profile_max_shapes"] = _patch_shapes(high * per_token, patch_dim, with_positions)
         return options
     if provider == "cuda":
         from .schema import CUDAOptions
@@ -182,12 +182,12 @@ def _ceiling(profile: Profile, host: HostInfo) -> tuple[int | None, str]:
     return None, "none"
 
 
-def _token_range(spec: Qwen2VLPreprocessing | None, bundle: Bundle | None, overrides: Overrides,
+def _token_range(spec: Preprocessing | None, bundle: Bundle | None, overrides: Overrides,
                  profile_limits: BudgetLimits) -> tuple[int, int] | None:  # fmt: skip
     """The fewest and most tokens an image span may get at load time (request limits can still change them)."""
     if spec is None or bundle is None:
         return None
-    in_force = resolve_limits(cli=overrides.limits, profile=profile_limits, bundle=bundle.manifest.budget)
+    in_force = within_model_range(resolve_limits(cli=overrides.limits, profile=profile_limits, bundle=bundle.manifest.budget), spec)  # fmt: skip
     model_min, model_max = model_token_range(spec)
     high = min(in_force.max_image_tokens or model_max, model_max)
     return min(max(in_force.min_image_tokens or model_min, model_min), high), high
@@ -203,7 +203,7 @@ def resolve_settings(
     host = host or probe_host()
     profile, reason = select_profile(profile, host)
     notes = _Notes(profile)
-    spec = Qwen2VLPreprocessing.from_dict(bundle.manifest.preprocessing) if bundle is not None else None
+    spec = preprocessing_from_dict(bundle.manifest.preprocessing) if bundle is not None else None
     limits = profile.budget
     token_range = _token_range(spec, bundle, overrides, limits)
 
@@ -243,7 +243,8 @@ def resolve_settings(
     if overrides.providers is not None:
         providers = tuple(overrides.providers)
     else:
-        geometry = (token_range, 3 * spec.temporal_patch_size * spec.patch_size**2, spec.merge_size) if spec else (None,) * 3  # fmt: skip
+        with_positions = bundle is None or "patch_positions" in bundle.manifest.vision.input_names
+        geometry = (token_range, spec.patch_dim, spec.merge_size, with_positions) if spec else (None, None, None, True)  # fmt: skip
         providers = tuple((PROVIDER_NAMES[p], provider_options(profile, p, *geometry)) for p in kept)
     return RuntimeSettings(
         profile=profile, reason=reason, providers=providers, vision_dtype=vision_dtype,

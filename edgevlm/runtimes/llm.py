@@ -215,15 +215,17 @@ class LlamaLM:
         return self.metadata("tokenizer.chat_template")
 
     # -- tokens ---------------------------------------------------------------------------------------------------
-    def tokenize(self, text: str, *, parse_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, *, parse_special: bool = True, add_special: bool = False) -> list[int]:
+        """Token ids of `text`; `add_special` adds the BOS/EOS tokens the GGUF's tokenizer says a sequence starts
+        (ends) with, as at the start of a prompt."""
         data = text.encode("utf-8")
         capacity = len(data) + 8
         tokens = (llama_cpp.llama_token * capacity)()
-        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, False, parse_special)
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
         if n < 0:
             capacity = -n
             tokens = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, False, parse_special)
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
         return list(tokens[:n])
 
     def token_bytes(self, token: int) -> bytes:

@@ -10,10 +10,12 @@ import time
 import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
-from jinja2 import Template, TemplateError
+from jinja2 import Template, TemplateError, nodes
+from jinja2.ext import Extension
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
@@ -24,7 +26,7 @@ from ..budget import (
 from ..bundle import Bundle
 from ..chat import ChatChunk, ChatResult, ImagePolicy, check_sampling, collect, grammar_for, parse_messages, parse_stop, resolve_image, stop_at  # fmt: skip
 from ..errors import BundleError, ContextOverflowError, ProfileError, RequestError
-from ..images import PreparedImage, Qwen2VLPreprocessing, image_size, load_image, preprocess
+from ..images import PreparedImage, image_size, load_image, preprocess, preprocessing_from_dict
 from ..profiles import Overrides, Profile, resolve_settings
 from .llm import LlamaLM, SamplingParams
 from .positions import image_positions, text_embedding_positions, text_positions
@@ -102,9 +104,21 @@ class _Span:
         return list(self.tokens) if self.tokens is not None else [self.key]
 
 
+class _GenerationTags(Extension):
+    """`{% generation %}…{% endgeneration %}` (transformers marks assistant text with it, e.g. LLaVA's template):
+    rendered as its body, as transformers renders it."""
+
+    tags: ClassVar[set[str]] = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return nodes.Scope(body, lineno=lineno)
+
+
 def _compile_chat_template(template: str) -> Template:
     """The model's chat template, compiled once in a sandbox (it comes from a file, not from us)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTags])
 
     def raise_exception(message: str) -> None:
         raise ValueError(f"chat template: {message}")
@@ -157,10 +171,10 @@ class EdgeVLM:
         self.bundle = bundle
         manifest = bundle.manifest
         self.manifest = manifest
-        if manifest.preprocessing.get("kind") != Qwen2VLPreprocessing.kind:
-            raise BundleError(f"preprocessing kind {manifest.preprocessing.get('kind')!r} is not known to this "
-                              "edgevlm; upgrade edgevlm.")  # fmt: skip
-        self.preprocessing = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+        try:
+            self.preprocessing = preprocessing_from_dict(manifest.preprocessing)
+        except ValueError as err:
+            raise BundleError(f"{bundle.path}: {err}") from err
         overrides = Overrides(n_ctx, n_threads, n_gpu_layers, vision_dtype, tuple(providers) if providers else None, self.cli_limits)  # fmt: skip
         self.settings = resolve_settings(profile, bundle, overrides)
         self.profile = self.settings.profile
@@ -178,6 +192,7 @@ class EdgeVLM:
             intra_op_threads=self.settings.intra_op_threads,
             allow_spinning=self.settings.allow_spinning,
             merge_size=self.preprocessing.merge_size,
+            patch_positions=manifest.vision.patch_positions,
         )
         self._check_vision_providers()
         self.llm = LlamaLM(bundle.file(manifest.llm.file), self.settings.llama)
@@ -219,10 +234,12 @@ class EdgeVLM:
             raise RequestError(f"the model's chat template refused these messages: {err}") from err
 
     def _text_pieces(self, rendered: str) -> list[list[int]]:
-        """Tokens of the text between image placeholders: one more piece than there are image spans."""
+        """Tokens of the text between image placeholders: one more piece than there are image spans. The first
+        piece starts with the GGUF's BOS token when its tokenizer adds one (Llama's `<s>`), as transformers'."""
         if self.manifest.llm.text_normalization:
             rendered = unicodedata.normalize(self.manifest.llm.text_normalization, rendered)
-        return [self.llm.tokenize(piece) if piece else [] for piece in rendered.split(self.manifest.tokens.image_pad)]
+        pieces = rendered.split(self.manifest.tokens.image_pad)
+        return [self.llm.tokenize(piece, add_special=i == 0) if piece or i == 0 else [] for i, piece in enumerate(pieces)]  # fmt: skip
 
     def resolve_limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
         """The token limits in force for a request: request > cli (this object's) > profile > bundle."""

@@ -1,8 +1,11 @@
 """Device side of the vision encoder: patch positions in numpy and an onnxruntime session (never torch).
 
-The graph (see `edgevlm.exporters.qwen2_vl_vision`) encodes ONE image with full attention over its patches:
-inputs `pixel_patches` float32 (n_patches, C*T*P*P) and `patch_positions` int64 (n_patches, 2) = (row, col) of
-each patch in block-major order; output `image_embeds` float32 (n_patches / merge², hidden).
+A graph encodes ONE image: input `pixel_patches` float32 (n_patches, C*T*P*P), output `image_embeds` float32
+(n_patches / merge², hidden). The manifest's `vision.patch_positions` says what else it takes:
+
+- "qwen2_vl" (`edgevlm.exporters.qwen2_vl_vision`): `patch_positions` int64 (n_patches, 2) = (row, col) of each
+  patch in block-major order, from which the graph computes its rotary angles;
+- "none" (`edgevlm.exporters.llava_vision`, learned position embeddings of a fixed grid): nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 PIXEL_PATCHES, PATCH_POSITIONS, IMAGE_EMBEDS = "pixel_patches", "patch_positions", "image_embeds"
+# manifest `vision.patch_positions` kind -> the graph's inputs
+GRAPH_INPUTS = {"qwen2_vl": (PIXEL_PATCHES, PATCH_POSITIONS), "none": (PIXEL_PATCHES,)}
 
 
 def _check_grid(grid: tuple[int, int, int], merge_size: int) -> tuple[int, int, int]:
@@ -71,8 +76,10 @@ class VisionEncoder:
         intra_op_threads: int | None = None,
         allow_spinning: bool = False,
         merge_size: int = 2,
+        patch_positions: str = "qwen2_vl",
     ):
-        """Open the graph `onnx_path` (its `.data` file, if any, next to it).
+        """Open the graph `onnx_path` (its `.data` file, if any, next to it); `patch_positions` is the manifest's
+        kind of position input (see the module docstring).
 
         `intra_op_threads` None lets onnxruntime use every core; `allow_spinning` False makes idle worker threads
         sleep instead of busy-waiting, which a device that also runs the language model needs.
@@ -86,6 +93,8 @@ class VisionEncoder:
             raise ValueError(f"intra_op_threads must be at least 1 (or None for all cores), got {intra_op_threads}")
         if merge_size < 1:
             raise ValueError(f"merge_size must be at least 1, got {merge_size}")
+        if patch_positions not in GRAPH_INPUTS:
+            raise ValueError(f"unknown patch_positions kind {patch_positions!r} in the manifest; expected one of {', '.join(GRAPH_INPUTS)}")  # fmt: skip
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # the memory pattern planner about doubles peak memory from the second same-size image (2.6 vs 1.27 GiB
@@ -102,10 +111,11 @@ class VisionEncoder:
             str(onnx_path), options, providers=providers if providers is not None else default_providers()
         )
         self.merge_size = merge_size
+        self.patch_positions = patch_positions
         inputs = {i.name: i for i in self.vision_session.get_inputs()}
-        if set(inputs) != {PIXEL_PATCHES, PATCH_POSITIONS}:
+        if set(inputs) != set(GRAPH_INPUTS[patch_positions]):
             raise ValueError(
-                f"{onnx_path} has inputs {sorted(inputs)}, expected {[PIXEL_PATCHES, PATCH_POSITIONS]}; "
+                f"{onnx_path} has inputs {sorted(inputs)}, expected {list(GRAPH_INPUTS[patch_positions])}; "
                 "is this a vision graph exported by edgevlm?"
             )
         self.patch_dim = inputs[PIXEL_PATCHES].shape[1]  # C*T*P*P, e.g. 1176 for Qwen2-VL
@@ -135,10 +145,7 @@ class VisionEncoder:
                 " (channels * temporal_patch_size * patch_size²); was the image preprocessed for another model?"
             )
         pixel_patches = np.ascontiguousarray(pixel_patches, dtype=np.float32)
-        positions = qwen2_vl_patch_positions((1, h, w), self.merge_size)
+        extra = {PATCH_POSITIONS: qwen2_vl_patch_positions((1, h, w), self.merge_size)} if self.patch_positions == "qwen2_vl" else {}  # fmt: skip
         frames = np.split(pixel_patches, t) if t > 1 else [pixel_patches]
-        embeds = [
-            self.vision_session.run([IMAGE_EMBEDS], {PIXEL_PATCHES: frame, PATCH_POSITIONS: positions})[0]
-            for frame in frames
-        ]
+        embeds = [self.vision_session.run([IMAGE_EMBEDS], {PIXEL_PATCHES: frame, **extra})[0] for frame in frames]
         return embeds[0] if t == 1 else np.concatenate(embeds, axis=0)
