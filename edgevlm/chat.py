@@ -65,6 +65,7 @@ def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
     Content is a string or a list of parts: {"type": "text", "text": str}, {"type": "image_url", "image_url":
     {"url": str}} (or the URL string itself) and edgevlm's {"type": "image", "image": path, bytes, PIL image or
     array}. Images go in user messages only. The role "developer" (newer OpenAI clients) counts as "system".
+    String content becomes one text part.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
@@ -81,7 +82,8 @@ def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, str):
-            rendered.append({"role": role, "content": content})
+            # as one text part: VLM templates all render parts, some (LLaVA's) render nothing for a plain string
+            rendered.append({"role": role, "content": [{"type": "text", "text": content}]})
             continue
         if not isinstance(content, Sequence) or isinstance(content, bytes):
             raise RequestError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")

@@ -12,12 +12,14 @@ from ..errors import UnsupportedModelError
 # architecture (config.json "architectures") -> module defining `FAMILY`
 FAMILY_MODULES = {
     "Qwen2VLForConditionalGeneration": "edgevlm.exporters.qwen2_vl",
+    "LlavaForConditionalGeneration": "edgevlm.exporters.llava",
 }
 
 # short names users type -> hub ids
 ALIASES = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
+    "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
 }
 # short names -> model directories shipped inside edgevlm (no hub needed), as (package, folder)
 PACKAGED_MODELS = {

@@ -64,13 +64,13 @@ class QuantizationError(EdgeVLMError):
 
 @dataclass(frozen=True)
 class GGUFTokenizer:
-    """A BPE tokenizer as llama.cpp stores it (`tokenizer.ggml.*`): one entry per model vocabulary row."""
+    """A tokenizer as llama.cpp stores it (`tokenizer.ggml.*`): one entry per model vocabulary row."""
 
-    model: str  # "gpt2": byte-level BPE
-    pre: str  # llama.cpp's pre-tokenizer name, e.g. "qwen2"
+    model: str  # "gpt2": byte-level BPE (`tokenizer_from_hf`); "llama": SentencePiece (`tokenizer_from_sentencepiece`)
+    pre: str | None  # llama.cpp's pre-tokenizer name for BPE, e.g. "qwen2"; None for SentencePiece
     tokens: list[str]
     token_types: list[int]  # gguf.TokenType values
-    merges: list[str]  # "left right", in priority order
+    merges: list[str]  # BPE: "left right", in priority order; SentencePiece: none (its scores order the merges)
     special_ids: dict[str, int] = field(default_factory=dict)  # role (SPECIAL_TOKEN_KEYS) → id
     add_bos: bool = False
     add_eos: bool = False
@@ -78,10 +78,14 @@ class GGUFTokenizer:
     # Unicode normal form ("NFC", ...) the HF tokenizer applies before BPE. llama.cpp's BPE does not normalize,
     # so this is not stored in the GGUF: the runtime applies it (unicodedata.normalize) before tokenizing.
     normalization: str | None = None
+    scores: list[float] | None = None  # SentencePiece: one per token
+    add_space_prefix: bool | None = None  # SentencePiece: "▁" before the text (its add_dummy_prefix)
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.token_types):
             raise ValueError(f"tokenizer has {len(self.tokens)} tokens but {len(self.token_types)} token types")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError(f"tokenizer has {len(self.tokens)} tokens but {len(self.scores)} scores")
         for role, token_id in self.special_ids.items():
             if role not in SPECIAL_TOKEN_KEYS:
                 raise ValueError(f"unknown special token role {role!r}; expected one of {sorted(SPECIAL_TOKEN_KEYS)}")
@@ -148,6 +152,54 @@ def tokenizer_from_hf(
     return GGUFTokenizer(
         model="gpt2", pre=pre, tokens=tokens, token_types=[int(t) for t in types], merges=merges,
         special_ids=dict(special_ids), add_bos=add_bos, chat_template=chat_template, normalization=normalization,
+    )  # fmt: skip
+
+
+# Score of rows that are not SentencePiece pieces (added tokens, padding), as llama.cpp's converter writes it.
+ADDED_TOKEN_SCORE = -1000.0
+
+
+def tokenizer_from_sentencepiece(
+    model_file: str | Path,
+    *,
+    added_tokens: Mapping[int, tuple[str, bool]],
+    vocab_size: int,
+    special_ids: Mapping[str, int],
+    add_bos: bool,
+    chat_template: str | None = None,
+) -> GGUFTokenizer:
+    """A "llama" (SentencePiece) `GGUFTokenizer` from a `tokenizer.model`, as llama.cpp's converter builds it.
+
+    Pieces keep their scores and SentencePiece types (normal, unknown, control, unused, byte: the same numbers as
+    gguf.TokenType). `added_tokens` maps token ids to (text, special); those beyond the SentencePiece model
+    (LLaVA's `<image>`) are added, special ones as CONTROL, others USER_DEFINED. Rows with no token up to `vocab_size` are UNUSED "[PAD<i>]".
+    """
+    import gguf
+
+    try:
+        import sentencepiece
+    except ImportError as e:
+        raise ImportError("exporting a SentencePiece tokenizer needs sentencepiece: pip install 'edgevlm[export]'") from e
+    processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
+    n_pieces = processor.vocab_size()
+    tokens, scores, types = [], [], []
+    for i in range(n_pieces):
+        tokens.append(processor.id_to_piece(i))
+        scores.append(float(processor.get_score(i)))
+        kinds = ((processor.is_unknown, gguf.TokenType.UNKNOWN), (processor.is_control, gguf.TokenType.CONTROL),
+                 (processor.is_unused, gguf.TokenType.UNUSED), (processor.is_byte, gguf.TokenType.BYTE))  # fmt: skip
+        types.append(next((kind for test, kind in kinds if test(i)), gguf.TokenType.NORMAL))
+    if max([*added_tokens, n_pieces - 1]) >= vocab_size:
+        raise ValueError(f"tokenizer has id {max([*added_tokens, n_pieces - 1])} but the model's vocab_size is {vocab_size}")  # fmt: skip
+    for i in range(n_pieces, vocab_size):
+        text, special = added_tokens.get(i, (f"[PAD{i}]", None))
+        tokens.append(text)
+        scores.append(ADDED_TOKEN_SCORE)
+        types.append(gguf.TokenType.UNUSED if special is None else gguf.TokenType.CONTROL if special else gguf.TokenType.USER_DEFINED)  # fmt: skip
+    dummy_prefix = processor.encode("a", out_type=str)[0].startswith("\u2581")
+    return GGUFTokenizer(
+        model="llama", pre=None, tokens=tokens, token_types=[int(t) for t in types], merges=[], scores=scores,
+        special_ids=dict(special_ids), add_bos=add_bos, chat_template=chat_template, add_space_prefix=dummy_prefix,
     )  # fmt: skip
 
 
@@ -271,10 +323,16 @@ def _add_metadata(writer: Any, key: str, value: Any) -> None:
 
 def _add_tokenizer(writer: Any, tokenizer: GGUFTokenizer) -> None:
     writer.add_tokenizer_model(tokenizer.model)
-    writer.add_tokenizer_pre(tokenizer.pre)
+    if tokenizer.pre is not None:
+        writer.add_tokenizer_pre(tokenizer.pre)
     writer.add_token_list(tokenizer.tokens)
     writer.add_token_types(tokenizer.token_types)
-    writer.add_token_merges(tokenizer.merges)
+    if tokenizer.scores is not None:
+        writer.add_token_scores(tokenizer.scores)
+    if tokenizer.merges:
+        writer.add_token_merges(tokenizer.merges)
+    if tokenizer.add_space_prefix is not None:
+        writer.add_add_space_prefix(tokenizer.add_space_prefix)
     for role, token_id in tokenizer.special_ids.items():
         writer.add_uint32(SPECIAL_TOKEN_KEYS[role], token_id)
     writer.add_add_bos_token(tokenizer.add_bos)

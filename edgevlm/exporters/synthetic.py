@@ -11,6 +11,8 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .synthetic_llava import build_llava
+
 logger = logging.getLogger(__name__)
 
 # Qwen2's pre-tokenizer splits digits one by one (`\p{N}`), unlike tiktoken's cl100k pattern (`\p{N}{1,3}`).
@@ -190,4 +192,5 @@ def build_qwen2_vl(
 # bundles against transformers on it (tests/test_families.py enforces both).
 TINY_BUILDERS = {
     "Qwen2VLForConditionalGeneration": build_qwen2_vl,
+    "LlavaForConditionalGeneration": build_llava,
 }

@@ -1,0 +1,127 @@
+"""LLaVA-1.5 (LlavaForConditionalGeneration): what is specific to this family on the export side.
+
+The CLIP vision tower + projector go to ONNX (`llava_vision`), the Llama language model to a `llama` GGUF with its
+SentencePiece tokenizer (`llava_llm`). In the manifest: preprocessing kind `clip` (one fixed size, 576 tokens per
+image for 336 px and patch 14), no patch position input, `linear` positions, and `<image>` as the placeholder the
+runtime replaces with the image's embeddings. This module also provides the transformers reference that parity
+checks compare a bundle against.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
+from ..errors import UnsupportedModelError
+from ..images import ClipPreprocessing, load_image
+from .llava_llm import IMAGE_TOKEN, write_llava_llm_gguf
+from .llava_vision import export_llava_vision, feature_layer_count
+from .qwen2_vl_llm import find_chat_template
+from .verify import transformers_greedy, transformers_logits
+
+logger = logging.getLogger(__name__)
+
+SENTENCEPIECE_MODEL = "tokenizer.model"
+
+
+@dataclass
+class LoadedLlava:
+    model_dir: Path
+    model: Any  # LlavaForConditionalGeneration in eval mode: vision tower + projector fp32, LLM as checkpointed
+    tokenizer: Any
+    preprocessing: ClipPreprocessing
+    chat_template: str | None
+
+
+class LlavaFamily:
+    name = "llava"
+    architecture = "LlavaForConditionalGeneration"
+
+    def load(self, model_dir: Path) -> LoadedLlava:
+        import torch
+        from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+        if not (model_dir / SENTENCEPIECE_MODEL).is_file():
+            raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
+        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
+        feature_layer_count(model.config)  # refuses feature settings the graph does not reproduce, before exporting
+        model.model.vision_tower.to(torch.float32)
+        model.model.multi_modal_projector.to(torch.float32)
+        vision_config = model.config.vision_config
+        preprocessor_config = model_dir / "preprocessor_config.json"
+        config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
+        preprocessing = ClipPreprocessing.from_preprocessor_config(config, patch_size=vision_config.patch_size)
+        if preprocessing.crop_size != vision_config.image_size:
+            raise UnsupportedModelError(f"the processor crops {preprocessing.crop_size} px images, the vision tower takes {vision_config.image_size} px")  # fmt: skip
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return LoadedLlava(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
+
+    def export_vision(self, loaded: LoadedLlava, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+        report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes)
+        variants = {
+            dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})  # fmt: skip
+            for dtype, entry in report.items()
+        }
+        vision_config = loaded.model.config.vision_config
+        return VisionSpec(
+            variants=variants,
+            default=dtypes[0],
+            embedding_dim=int(loaded.model.config.text_config.hidden_size),
+            input_names=("pixel_patches",),
+            patch_positions="none",
+            embed_dim=int(vision_config.hidden_size),
+            depth=feature_layer_count(loaded.model.config),
+            num_heads=int(vision_config.num_attention_heads),
+            mlp_ratio=vision_config.intermediate_size / vision_config.hidden_size,
+        )
+
+    def export_llm(self, loaded: LoadedLlava, path: Path, dtype: str) -> dict:
+        return write_llava_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
+
+    def tokens(self, loaded: LoadedLlava) -> TokenSpec:
+        image_id = int(loaded.model.config.image_token_id)
+        if loaded.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_id:
+            raise UnsupportedModelError(f"the tokenizer's {IMAGE_TOKEN} is not the config's image_token_id {image_id}")
+        return TokenSpec(image_pad=IMAGE_TOKEN, image_pad_id=image_id, vision_start_id=None, vision_end_id=None,
+                         eos_ids=(int(loaded.tokenizer.eos_token_id),))  # fmt: skip
+
+    def positions(self, loaded: LoadedLlava) -> PositionSpec:
+        return PositionSpec(kind="linear", merge_size=1)
+
+    # -- the transformers reference, for parity checks ------------------------------------------------------------
+    def reference_inputs(self, loaded: LoadedLlava, prompt: str, images: list[Any]) -> dict:
+        """transformers' own inputs for one user turn: its chat template, image processor and tokenizer, with
+        `<image>` repeated once per image token as `LlavaProcessor` does it."""
+        from transformers import LlavaImageProcessorPil
+
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+        text = loaded.tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template  # fmt: skip
+        )
+        inputs: dict = {}
+        if images:
+            spec = loaded.preprocessing
+            processor = LlavaImageProcessorPil(
+                size={"shortest_edge": spec.shortest_edge}, crop_size={"height": spec.crop_size, "width": spec.crop_size},
+                do_pad=spec.pad_to_square, image_mean=list(spec.image_mean), image_std=list(spec.image_std),
+                rescale_factor=spec.rescale_factor,
+            )  # fmt: skip
+            inputs["pixel_values"] = processor(images=[load_image(image) for image in images], return_tensors="pt")["pixel_values"]  # fmt: skip
+            text = text.replace(IMAGE_TOKEN, IMAGE_TOKEN * spec.token_range()[0])
+        inputs["input_ids"] = loaded.tokenizer(text, return_tensors="pt").input_ids
+        return inputs
+
+    def reference_logits(self, loaded: LoadedLlava, prompt: str, images: list[Any]) -> np.ndarray:
+        return transformers_logits(loaded.model, self.reference_inputs(loaded, prompt, images))
+
+    def reference_greedy(self, loaded: LoadedLlava, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
+        return transformers_greedy(loaded.model, self.reference_inputs(loaded, prompt, images), n_tokens)
+
+
+FAMILY = LlavaFamily()

@@ -1,0 +1,164 @@
+"""LLaVA's language model → GGUF (arch `llama`), with its SentencePiece tokenizer and chat template.
+
+The result loads in stock llama.cpp. As llama.cpp's own converter does for `llama`, the rows of q_proj and k_proj
+are permuted from transformers' rotate-half rotary layout to llama.cpp's interleaved one. The vision tower and the
+projector are not in this file (they go to ONNX).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.gguf import tokenizer_from_sentencepiece, write_gguf
+
+logger = logging.getLogger(__name__)
+
+ARCH = "llama"
+IMAGE_TOKEN = "<image>"
+LLM_PREFIX = "model.language_model."  # transformers >= 4.52 (older llava-hf checkpoints are renamed on load)
+VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
+
+# HF name (after the prefix) → GGUF name, `{bid}` the layer index: llama.cpp's names for Llama blocks.
+TENSOR_MAP = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
+    "layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
+    "layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
+    "layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
+    "layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
+    "layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
+    "layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
+    "layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def gguf_tensor_name(hf_name: str) -> str | None:
+    """The GGUF name of a checkpoint tensor; None for the vision tower and projector. Unknown ones raise ValueError."""
+    if hf_name.startswith(VISION_PREFIXES):
+        return None
+    if hf_name == "lm_head.weight":
+        return "output.weight"
+    rest = hf_name.removeprefix(LLM_PREFIX)
+    layer = _LAYER_RE.match(rest)
+    key = f"layers.{{bid}}.{layer.group(2)}" if layer else rest
+    if rest == hf_name or key not in TENSOR_MAP:
+        raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain LLaVA/Llama")
+    return TENSOR_MAP[key].format(bid=int(layer.group(1))) if layer else TENSOR_MAP[key]
+
+
+def head_dim(text_config: Any) -> int:
+    return int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
+
+
+def llama_hparams(text_config: Any) -> dict[str, Any]:
+    """GGUF metadata keys/values of the `llama` architecture from a Llama text config."""
+    import gguf
+
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(text_config, "rope_theta", None))
+    if rope.get("rope_type", "default") != "default" or rope_theta is None:
+        raise UnsupportedModelError(f"Llama rope settings {rope!r}: edgevlm exports plain rope (rope_type 'default') with rope_theta")  # fmt: skip
+
+    def key(template: str) -> str:
+        return template.format(arch=ARCH)
+
+    return {
+        key(gguf.Keys.LLM.CONTEXT_LENGTH): int(text_config.max_position_embeddings),
+        key(gguf.Keys.LLM.EMBEDDING_LENGTH): int(text_config.hidden_size),
+        key(gguf.Keys.LLM.BLOCK_COUNT): int(text_config.num_hidden_layers),
+        key(gguf.Keys.LLM.FEED_FORWARD_LENGTH): int(text_config.intermediate_size),
+        key(gguf.Keys.Attention.HEAD_COUNT): int(text_config.num_attention_heads),
+        key(gguf.Keys.Attention.HEAD_COUNT_KV): int(text_config.num_key_value_heads),
+        key(gguf.Keys.Rope.DIMENSION_COUNT): head_dim(text_config),
+        key(gguf.Keys.Rope.FREQ_BASE): float(rope_theta),
+        key(gguf.Keys.Attention.LAYERNORM_RMS_EPS): float(text_config.rms_norm_eps),
+    }
+
+
+def interleave_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """q_proj/k_proj rows from transformers' rotate-half layout (per head: first halves, then second halves) to
+    llama.cpp's interleaved pairs; the same permutation as llama.cpp's `LlamaModel.permute`."""
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)  # fmt: skip
+
+
+def _tensor_source(hf_model: Any, text_config: Any) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:
+    import torch
+
+    heads = {"attn_q": text_config.num_attention_heads, "attn_k": text_config.num_key_value_heads}
+
+    def tensors() -> Iterator[tuple[str, np.ndarray]]:
+        for hf_name, tensor in hf_model.state_dict().items():
+            name = gguf_tensor_name(hf_name)
+            if name is None:
+                continue
+            array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+            role = name.split(".")[2] if name.startswith("blk.") else None
+            yield name, interleave_rotary_rows(array, heads[role]) if role in heads else array
+
+    return tensors
+
+
+def _warn_if_transformers_drops_the_space(tokenizer: Any) -> None:
+    """llama.cpp's SentencePiece tokenizer puts "▁" before text that follows a special token (`<image>`), as the
+    original LLaVA's per-chunk tokenization did; transformers 5 with `legacy: false` does not."""
+    pre_tokenizer = getattr(getattr(tokenizer, "backend_tokenizer", None), "pre_tokenizer", None)
+    if pre_tokenizer is not None and "prepend_scheme=first" in repr(pre_tokenizer):
+        logger.warning(
+            "this tokenizer (legacy: false) tokenizes the text after %s without the leading '\u2581' that llama.cpp "
+            "and the original LLaVA add: the bundle follows llama.cpp, so logits after an image can differ from "
+            "transformers' by that one token", IMAGE_TOKEN,
+        )  # fmt: skip
+
+
+def write_llava_llm_gguf(
+    hf_model: Any,
+    tokenizer: Any,
+    sentencepiece_model: str | Path,
+    out_path: str | Path,
+    *,
+    dtype: str = "f16",
+    chat_template: str | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Write the language model of a `LlavaForConditionalGeneration` as a `llama` GGUF with its SentencePiece
+    tokenizer (`sentencepiece_model`: the checkpoint's `tokenizer.model`) plus the tokens added to it (`<image>`).
+    Returns the manifest's LLM section (JSON-able)."""
+    text_config = hf_model.config.text_config
+    hparams = llama_hparams(text_config)  # validates the config before any tensor is touched
+    vocab_size = int(text_config.vocab_size)
+    if IMAGE_TOKEN not in tokenizer.get_vocab():
+        raise UnsupportedModelError(f"tokenizer lacks LLaVA's {IMAGE_TOKEN} token")
+    if chat_template is None:
+        logger.warning("no chat template found; the GGUF will carry none (fine for a base model)")
+    _warn_if_transformers_drops_the_space(tokenizer)
+    roles = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}  # fmt: skip
+    special_ids = {role: int(i) for role, i in roles.items() if i is not None}
+    added = {int(i): (token.content, bool(token.special)) for i, token in tokenizer.added_tokens_decoder.items()}
+    gguf_tokenizer = tokenizer_from_sentencepiece(
+        sentencepiece_model, added_tokens=added,
+        vocab_size=vocab_size, special_ids=special_ids, add_bos=True, chat_template=chat_template,
+    )  # fmt: skip
+    write_gguf(
+        out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(hf_model, text_config), tokenizer=gguf_tokenizer,
+        dtype=dtype, name=Path(str(getattr(hf_model, "name_or_path", "") or "llava")).name or "llava", progress=progress,
+    )  # fmt: skip
+    return {
+        "arch": ARCH,
+        "dtype": dtype,
+        "n_ctx_train": int(text_config.max_position_embeddings),
+        "embedding_length": int(text_config.hidden_size),
+        "block_count": int(text_config.num_hidden_layers),
+        "n_vocab": vocab_size,
+        "special_tokens": special_ids,
+        "chat_template_in_gguf": chat_template is not None,
+    }
