@@ -481,7 +481,7 @@ def plan_images(
     if not isinstance(limits, ResolvedLimits):
         limits = resolve_limits(request=limits)
     factor = spec.factor
-    model_min = model_token_range(spec)[0]
+    model_min, model_max = model_token_range(spec)
     limits = within_model_range(limits, spec)
     low = max(limits.min_image_tokens or 0, model_min)
     high = limits.max_image_tokens if limits.max_image_tokens is not None else _UNBOUNDED
@@ -493,7 +493,7 @@ def plan_images(
     cap = min(caps) if caps else None
     binding = "context" if room is not None and cap == room else "image_budget"
     if regions and cap is not None and len(regions) * low > cap:
-        _refuse(len(regions), low, limits, room, n_ctx, n_prompt_tokens, max_new_tokens, model_min, binding)
+        _refuse(len(regions), low, limits, room, n_ctx, n_prompt_tokens, max_new_tokens, (model_min, model_max), binding)
 
     wanted_tokens = [n_tokens_of(size, factor) for size in wanted]
     if cap is None or not regions or sum(wanted_tokens) <= cap:
@@ -561,10 +561,13 @@ def _share_by_area(weights: list[float], wanted: list[int], low: int, cap: int) 
 
 
 def _refuse(n_spans: int, low: int, limits: ResolvedLimits, room: int | None, n_ctx: int | None,
-            n_prompt: int, max_new: int, model_min: int, binding: str) -> None:  # fmt: skip
+            n_prompt: int, max_new: int, model_range: tuple[int, int], binding: str) -> None:  # fmt: skip
     need = n_spans * low
+    model_min = model_range[0]
     floor = limits.describe("min_image_tokens") if limits.min_image_tokens and limits.min_image_tokens >= model_min else f"the model's minimum of {model_min}"  # fmt: skip
-    what = f"{n_spans} image span(s) need at least {n_spans} x {low} = {need} tokens ({floor} per span)"
+    if model_range[0] == model_range[1]:
+        floor = f"{model_min} tokens each: this model encodes every image at one size"
+    what = f"{n_spans} image span(s) need at least {n_spans} x {low} = {need} tokens ({floor}{'' if model_range[0] == model_range[1] else ' per span'})"  # fmt: skip
     fixes = []
     if binding == "context" and n_ctx is not None and room is not None:
         detail = f"the context holds {n_ctx}: {n_ctx} - {n_prompt} prompt tokens - {max_new} max_new_tokens = {room} left for images"  # fmt: skip

@@ -316,7 +316,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (llama.cpp, onnxruntime)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("export", help="export a Hugging Face VLM to a bundle (needs edgevlm[export])")
+    from .exporters import ALIASES, FAMILY_MODULES, PACKAGED_MODELS  # registries only: no torch
+
+    supported = (f"supported architectures: {', '.join(sorted(FAMILY_MODULES))}\n"
+                 f"aliases: {', '.join(f'{alias} ({hub_id})' for alias, hub_id in sorted(ALIASES.items()))}, "
+                 f"{', '.join(f'{name} (built in)' for name in sorted(PACKAGED_MODELS))}")  # fmt: skip
+    p = sub.add_parser("export", help="export a Hugging Face VLM to a bundle (needs edgevlm[export])", epilog=supported,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("model", help="alias (e.g. qwen2-vl-2b), hub id, or local model directory")
     p.add_argument("-o", "--output", help="bundle directory (default: ./<model name>-<quantization>)")
     quant = p.add_mutually_exclusive_group()

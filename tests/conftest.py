@@ -58,3 +58,30 @@ def tiny_bundles(tiny_qwen2vl_dir, tmp_path_factory) -> dict[str, Path]:
         "Q8_0": export(str(tiny_qwen2vl_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
         "Q4_K_M": export(str(tiny_qwen2vl_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaVA-1.5 model directory with a SentencePiece tokenizer trained offline (a few seconds)."""
+    from edgevlm.exporters.synthetic_llava import build_llava
+
+    return build_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_loaded(tiny_llava_dir):
+    from edgevlm.exporters.llava import FAMILY
+
+    return FAMILY.load(tiny_llava_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_bundles(tiny_llava_dir, tmp_path_factory) -> dict[str, Path]:
+    """Bundles of the tiny LLaVA: F32 LLM + fp32 vision, and a Q4_K_M LLM with fp32 and int8 vision."""
+    from edgevlm.exporters import export
+
+    root = tmp_path_factory.mktemp("llava-bundles")
+    return {
+        "F32": export(str(tiny_llava_dir), root / "f32", quantization="F32"),
+        "Q4_K_M": export(str(tiny_llava_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
+    }
