@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny random Qwen2-VL models built from configs (no network) and bundles exported from them,
+"""Shared fixtures: tiny random models of each family built from configs (no network) and bundles exported from them,
 built once per test session."""
 
 from __future__ import annotations

@@ -29,3 +29,14 @@ def test_unsupported_architecture_names_the_supported_ones():
         family_for("GPT2LMHeadModel")
     for architecture in FAMILY_MODULES:
         assert architecture in str(info.value)
+
+
+def test_export_help_lists_every_family_and_alias(capsys):
+    from edgevlm.cli import main
+    from edgevlm.exporters import ALIASES
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for name in [*FAMILY_MODULES, *ALIASES]:
+        assert name in text

@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import random_image
 
 import edgevlm
-from conftest import random_image
 from edgevlm.budget import BudgetLimits, ImageRequest, plan_images, resolve_limits
 from edgevlm.errors import BudgetError, ContextOverflowError
 from edgevlm.exporters.gguf import read_gguf_metadata, read_gguf_tensor_types

@@ -179,7 +179,7 @@ def tokenizer_from_sentencepiece(
     try:
         import sentencepiece
     except ImportError as e:
-        raise ImportError("exporting a SentencePiece tokenizer needs sentencepiece: pip install 'edgevlm[export]'") from e
+        raise ImportError("a SentencePiece tokenizer needs sentencepiece: pip install 'edgevlm[export]'") from e
     processor = sentencepiece.SentencePieceProcessor(model_file=str(model_file))
     n_pieces = processor.vocab_size()
     tokens, scores, types = [], [], []

@@ -65,9 +65,9 @@ class LlavaFamily:
     def export_vision(self, loaded: LoadedLlava, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
         report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes)
         variants = {
-            dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})  # fmt: skip
+            dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})
             for dtype, entry in report.items()
-        }
+        }  # fmt: skip
         vision_config = loaded.model.config.vision_config
         return VisionSpec(
             variants=variants,
@@ -101,9 +101,9 @@ class LlavaFamily:
         from transformers import LlavaImageProcessorPil
 
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
-        text = loaded.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template  # fmt: skip
-        )
+        messages = [{"role": "user", "content": content}]
+        template = loaded.chat_template
+        text = loaded.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, chat_template=template)  # fmt: skip
         inputs: dict = {}
         if images:
             spec = loaded.preprocessing

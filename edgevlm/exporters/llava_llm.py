@@ -52,7 +52,7 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     layer = _LAYER_RE.match(rest)
     key = f"layers.{{bid}}.{layer.group(2)}" if layer else rest
     if rest == hf_name or key not in TENSOR_MAP:
-        raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain LLaVA/Llama")
+        raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain LLaVA")
     return TENSOR_MAP[key].format(bid=int(layer.group(1))) if layer else TENSOR_MAP[key]
 
 

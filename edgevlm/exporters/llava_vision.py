@@ -145,4 +145,4 @@ def export_llava_vision(
     )  # fmt: skip
 
 
-__all__ = ["LlavaVisionForExport", "VISION_EXPORT_SPEC", "export_llava_vision", "feature_layer_count"]
+__all__ = ["VISION_EXPORT_SPEC", "LlavaVisionForExport", "export_llava_vision", "feature_layer_count"]

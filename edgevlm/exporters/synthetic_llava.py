@@ -98,9 +98,13 @@ def build_llava(out_dir: str | Path, *, seed: int = 0, init_std: float = 0.02, p
     instead of llava-hf's plain CLIP processor."""
     import torch
     from transformers import (
-        CLIPImageProcessorPil, CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration,
+        CLIPImageProcessorPil,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
         LlavaImageProcessorPil,
-    )  # fmt: skip
+    )
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,7 +119,7 @@ def build_llava(out_dir: str | Path, *, seed: int = 0, init_std: float = 0.02, p
     model = LlavaForConditionalGeneration(config).eval()
     model.save_pretrained(out_dir)
     write_llava_tokenizer(out_dir)
-    processor = dict(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    processor = {"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 336}}
     if pad_to_square:
         LlavaImageProcessorPil(**processor, do_pad=True).save_pretrained(out_dir)
     else:
