@@ -78,7 +78,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size  # fmt: skip
+    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size, within_model_range  # fmt: skip
     from .bundle import Bundle
     from .images import image_size, preprocessing_from_dict
     from .profiles import Overrides, resolve_settings
@@ -90,7 +90,8 @@ def _plan(args: argparse.Namespace) -> int:
     crop = Crop.parse(args.crop) if args.crop else None
     _check_tiles(args.tiles)
     settings = resolve_settings(args.profile, bundle, Overrides(n_ctx=args.n_ctx, vision_dtype=args.vision_dtype, limits=cli_limits))  # fmt: skip
-    limits = resolve_limits(cli=cli_limits, profile=settings.limits, bundle=manifest.budget)
+    # as the planner applies them: a profile's or bundle's limit outside the model's own range moved into it
+    limits = within_model_range(resolve_limits(cli=cli_limits, profile=settings.limits, bundle=manifest.budget), spec)
     sizes = [image_size(path) for path in args.image]
     requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]
     n_ctx = settings.llama.n_ctx

@@ -77,11 +77,12 @@ def tiny_llava_loaded(tiny_llava_dir):
 
 @pytest.fixture(scope="session")
 def tiny_llava_bundles(tiny_llava_dir, tmp_path_factory) -> dict[str, Path]:
-    """Bundles of the tiny LLaVA: F32 LLM + fp32 vision, and a Q4_K_M LLM with fp32 and int8 vision."""
+    """Bundles of the tiny LLaVA: F32 and F16 LLMs + fp32 vision, and a Q4_K_M LLM with fp32 and int8 vision."""
     from edgevlm.exporters import export
 
     root = tmp_path_factory.mktemp("llava-bundles")
     return {
         "F32": export(str(tiny_llava_dir), root / "f32", quantization="F32"),
+        "F16": export(str(tiny_llava_dir), root / "f16", quantization="F16"),
         "Q4_K_M": export(str(tiny_llava_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
     }

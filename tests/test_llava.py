@@ -110,6 +110,15 @@ def test_f32_bundle_matches_transformers(f32_vlm, tiny_llava_loaded, case):
     assert result["n_positions"] == f32_vlm.prompt_logits(case.prompt, case.images()).shape[0]
 
 
+def test_f16_bundle_passes_export_verification(tiny_llava_bundles, tiny_llava_loaded):
+    from edgevlm.bundle import Bundle
+    from edgevlm.exporters.verify import verify_bundle
+
+    # what `edgevlm export --verify` runs: raises when logits exceed LOGIT_ATOL["F16"] or greedy differs
+    report = verify_bundle(Bundle.open(tiny_llava_bundles["F16"]), FAMILY, tiny_llava_loaded, cases=PARITY_CASES[:2])
+    assert all(result["greedy_equal"] for result in report.values()), report
+
+
 def test_q4_k_m_bundle_with_int8_vision_generates(tiny_llava_bundles, tiny_llava_loaded):
     path = tiny_llava_bundles["Q4_K_M"]
     types = read_gguf_tensor_types(path / "llm-Q4_K_M.gguf")
