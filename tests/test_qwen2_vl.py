@@ -146,3 +146,15 @@ def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2v
     merged, split = steps_merged[-1].timings, steps_split[-1].timings
     assert merged.n_text_with_images == merged.n_prompt_tokens and split.n_text_with_images == 0
     assert [s.token for s in steps_merged] == [s.token for s in steps_split]
+
+
+def test_verify_judges_what_is_exact_in_an_int8_vision_bundle(tiny_qwen2vl_dir, tmp_path):
+    """An F32 language model with only an int8 vision graph: text-only parity is judged, image cases are reported
+    (int8 embeddings move logits beyond the F32 tolerance by design); with fp32 also shipped, fp32 is compared."""
+    from edgevlm.bundle import Bundle
+    from edgevlm.exporters import export
+
+    path = export(str(tiny_qwen2vl_dir), tmp_path / "f32-int8", quantization="F32", vision_dtypes=("int8",), verify=True)
+    validation = Bundle.open(path).manifest.validation
+    assert set(validation["end_to_end"]) == {case.name for case in PARITY_CASES}
+    assert validation["end_to_end"]["text only"]["greedy_equal"]
