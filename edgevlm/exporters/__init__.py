@@ -13,6 +13,7 @@ from ..errors import UnsupportedModelError
 FAMILY_MODULES = {
     "Qwen2VLForConditionalGeneration": "edgevlm.exporters.qwen2_vl",
     "LlavaForConditionalGeneration": "edgevlm.exporters.llava",
+    "Qwen2_5_VLForConditionalGeneration": "edgevlm.exporters.qwen2_5_vl",
 }
 
 # short names users type -> hub ids
@@ -20,6 +21,8 @@ ALIASES = {
     "qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct",
     "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct",
     "llava-1.5-7b": "llava-hf/llava-1.5-7b-hf",
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
 }
 # short names -> model directories shipped inside edgevlm (no hub needed), as (package, folder)
 PACKAGED_MODELS = {

@@ -18,7 +18,7 @@ import numpy as np
 from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
 from ..images import Qwen2VLPreprocessing, load_image
 from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
-from .qwen2_vl_vision import export_qwen2_vl_vision, find_visual
+from .qwen2_vl_vision import DEFAULT_GRIDS, export_qwen2_vl_vision, find_visual
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +33,20 @@ class LoadedQwen2VL:
 
 
 class Qwen2VLFamily:
+    """Qwen2-VL; a subclass serves a successor with the same interfaces (`qwen2_5_vl.Qwen2_5_VLFamily`)."""
+
     name = "qwen2_vl"
-    architecture = "Qwen2VLForConditionalGeneration"
+    architecture = "Qwen2VLForConditionalGeneration"  # also the transformers class that loads it
 
     def load(self, model_dir: Path) -> LoadedQwen2VL:
         import torch
-        from transformers import AutoTokenizer, Qwen2VLForConditionalGeneration
+        import transformers
+        from transformers import AutoTokenizer
 
         # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
         # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
-        model = Qwen2VLForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
+        model_class = getattr(transformers, self.architecture)
+        model = model_class.from_pretrained(model_dir, dtype="auto").eval()
         find_visual(model).to(torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
@@ -56,17 +60,28 @@ class Qwen2VLFamily:
         )
 
     def export_vision(self, loaded: LoadedQwen2VL, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
-        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes)
+        vision_config = loaded.model.config.vision_config
+        grids = self.validation_grids(vision_config)
+        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids)
         variants = {
             dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})  # fmt: skip
             for dtype, entry in report.items()
         }
-        vision_config = loaded.model.config.vision_config
         return VisionSpec(
             variants=variants,
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
             patch_positions="qwen2_vl",
+            **self.tower_sizes(vision_config),
+        )
+
+    def validation_grids(self, vision_config: Any) -> tuple[tuple[int, int, int], ...]:
+        """The (t, h, w) patch grids the exported graph is checked on against the PyTorch tower."""
+        return DEFAULT_GRIDS
+
+    def tower_sizes(self, vision_config: Any) -> dict:
+        """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
+        return dict(
             embed_dim=int(vision_config.embed_dim),
             depth=int(vision_config.depth),
             num_heads=int(vision_config.num_heads),

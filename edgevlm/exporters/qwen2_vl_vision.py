@@ -1,4 +1,4 @@
-"""Qwen2-VL's vision tower + patch merger as ONE ONNX graph that encodes one image of any size.
+"""Qwen2-VL's (and Qwen2.5-VL's) vision tower + patch merger as ONE ONNX graph that encodes one image of any size.
 
 transformers' forward splits attention by `cu_seqlens` (one segment per image or frame) with `.tolist()`, which
 freezes shapes or fails in `torch.onnx.export`. For one image that split is a no-op: attention is full over the
@@ -6,12 +6,20 @@ image's patches. `Qwen2VLVisionForExport` therefore reuses the Hugging Face subm
 rotary `inv_freq`, each block's norms/qkv/proj/mlp, the merger) in a forward with no data-dependent shapes, and
 computes the rotary angles in the graph from the patch coordinates the runtime passes in
 (`edgevlm.runtimes.vision.qwen2_vl_patch_positions`).
+
+Qwen2.5-VL's tower has the same interface with RMSNorm and a gated MLP in its blocks (the wrapper calls the
+blocks' own norms and MLPs) and window attention in all blocks but `fullatt_block_indexes`. transformers reorders
+the patches window by window, attends within each window (`cu_window_seqlens`) and puts the merged tokens back in
+order at the end; attention is order-free, so the graph keeps the patches in order and masks attention to pairs
+of patches in the same window instead, computed in the graph from the patch positions: the graph's inputs and
+the runtime are the same as Qwen2-VL's.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -34,6 +42,32 @@ VISION_EXPORT_SPEC = OnnxExportSpec(
 DEFAULT_GRIDS = ((1, 4, 6), (1, 8, 8), (1, 2, 16))
 
 
+@dataclass(frozen=True)
+class WindowAttention:
+    """Qwen2.5-VL's window attention: blocks not in `full_blocks` attend only within square windows of `side` x
+    `side` patches, tiled from the image's top-left corner (windows on the right and bottom edges may be smaller)."""
+
+    side: int
+    full_blocks: frozenset[int]
+
+    @classmethod
+    def of(cls, config) -> WindowAttention | None:
+        """The window attention of a vision config; None for a tower whose blocks all attend to the whole image."""
+        window_size = getattr(config, "window_size", None)
+        if window_size is None:
+            return None
+        merge = config.spatial_merge_size
+        side_tokens = window_size // merge // config.patch_size  # transformers' `vit_merger_window_size`
+        if side_tokens < 1:
+            raise ValueError(f"window_size {window_size} is smaller than one merged token ({merge} x {config.patch_size} pixels)")  # fmt: skip
+        return cls(side=side_tokens * merge, full_blocks=frozenset(int(i) for i in config.fullatt_block_indexes))
+
+    def mask(self, patch_positions: torch.Tensor) -> torch.Tensor:
+        """(1, 1, n, n) bool: True where two patches (rows of `patch_positions`, (row, col)) share a window."""
+        window = torch.div(patch_positions, self.side, rounding_mode="floor")
+        return (window[:, None, :] == window[None, :, :]).all(dim=-1)[None, None]
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat([-x[..., half:], x[..., :half]], dim=-1)
@@ -52,6 +86,7 @@ class Qwen2VLVisionForExport(nn.Module):
         super().__init__()
         self.visual = visual
         self.fused_attention = fused_attention
+        self.window = WindowAttention.of(visual.config)
 
     def forward(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
         visual = self.visual
@@ -69,16 +104,21 @@ class Qwen2VLVisionForExport(nn.Module):
         else:
             angles = torch.cat([half_angles, half_angles], dim=-1)[None, None]  # (1, 1, n, head_dim)
             cos, sin = angles.cos(), angles.sin()
-        for block in visual.blocks:
+        window_mask = None if self.window is None else self.window.mask(patch_positions)
+        if window_mask is not None and self.fused_attention:  # the kernel adds a bias where SDPA takes a bool mask
+            window_mask = torch.where(window_mask, torch.zeros(()), torch.full((), float("-inf")))
+        for index, block in enumerate(visual.blocks):
             attn = block.attn
+            mask = None if self.window is None or index in self.window.full_blocks else window_mask
             qkv = attn.qkv(block.norm1(hidden)).reshape(1, n_patches, 3, attn.num_heads, attn.head_dim)
             if self.fused_attention:
-                out = self._fused_attention(attn, qkv, *rope)
+                out = self._fused_attention(attn, qkv, *rope, attention_bias=mask)
             else:
                 query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (1, heads, n, head_dim)
                 query = query * cos + _rotate_half(query) * sin
                 key = key * cos + _rotate_half(key) * sin
-                out = F.scaled_dot_product_attention(query, key, value, scale=attn.scaling).transpose(1, 2)
+                out = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=attn.scaling)
+                out = out.transpose(1, 2)
             hidden = hidden + attn.proj(out.reshape(1, n_patches, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
         merger = visual.merger
@@ -87,10 +127,14 @@ class Qwen2VLVisionForExport(nn.Module):
 
 
     @staticmethod
-    def _fused_attention(attn: nn.Module, qkv: torch.Tensor, position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    def _fused_attention(
+        attn: nn.Module, qkv: torch.Tensor, position_ids: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+        attention_bias: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
         """(1, n, heads * head_dim) attention output of `qkv` (1, n, 3, heads, head_dim) in onnxruntime's kernels:
         rope on query and key by `RotaryEmbedding`, then `MultiHeadAttention`; both read the (1, n, hidden) layout,
-        so nothing is transposed, and the rope takes one pass instead of six elementwise ops."""
+        so nothing is transposed, and the rope takes one pass instead of six elementwise ops. `attention_bias`
+        (1, 1, n, n), added to the scores, is -inf where a patch may not attend (window attention)."""
         shape = (1, qkv.shape[1], attn.num_heads * attn.head_dim)
         query, key, value = qkv.reshape(1, shape[1], 3, shape[2]).unbind(2)
 
@@ -98,8 +142,11 @@ class Qwen2VLVisionForExport(nn.Module):
             return torch.onnx.ops.symbolic("com.microsoft::RotaryEmbedding", [x, position_ids, cos, sin], attrs={},
                                            dtype=x.dtype, shape=shape, version=1)  # fmt: skip
 
+        inputs = [rotate(query), rotate(key), value]
+        if attention_bias is not None:  # inputs 3 and 4 (bias, key_padding_mask) unused
+            inputs += [None, None, attention_bias]
         return torch.onnx.ops.symbolic(
-            "com.microsoft::MultiHeadAttention", [rotate(query), rotate(key), value],
+            "com.microsoft::MultiHeadAttention", inputs,
             attrs={"num_heads": attn.num_heads, "scale": float(attn.scaling)}, dtype=query.dtype, shape=shape,
             version=1,
         )  # fmt: skip
@@ -180,6 +227,6 @@ def export_qwen2_vl_vision(
 
 
 __all__ = [
-    "Qwen2VLVisionForExport", "VISION_EXPORT_SPEC", "find_visual",
+    "Qwen2VLVisionForExport", "WindowAttention", "VISION_EXPORT_SPEC", "find_visual",
     "vision_sample_inputs", "export_qwen2_vl_vision",
 ]  # fmt: skip
