@@ -312,19 +312,24 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _supported_models() -> str:
+    """What `edgevlm export` takes, from the exporter registry (which imports no exporter)."""
+    from .exporters import ALIASES, FAMILY_MODULES, PACKAGED_MODELS
+
+    lines = ["supported architectures (config.json):", *(f"  {name}" for name in FAMILY_MODULES), "aliases:"]
+    lines += [f"  {alias:<15} {hub_id}" for alias, hub_id in ALIASES.items()]
+    lines += [f"  {alias:<15} packaged with edgevlm" for alias in PACKAGED_MODELS]
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="edgevlm", description="Vision-language models on devices.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log details (llama.cpp, onnxruntime)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    from .exporters import ALIASES, FAMILY_MODULES, PACKAGED_MODELS  # registries only: no torch
-
-    supported = (f"supported architectures: {', '.join(sorted(FAMILY_MODULES))}\n"
-                 f"aliases: {', '.join(f'{alias} ({hub_id})' for alias, hub_id in sorted(ALIASES.items()))}, "
-                 f"{', '.join(f'{name} (built in)' for name in sorted(PACKAGED_MODELS))}")  # fmt: skip
-    p = sub.add_parser("export", help="export a Hugging Face VLM to a bundle (needs edgevlm[export])", epilog=supported,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("model", help="alias (e.g. qwen2-vl-2b), hub id, or local model directory")
+    p = sub.add_parser("export", help="export a Hugging Face VLM to a bundle (needs edgevlm[export])",
+                       epilog=_supported_models(), formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("model", help="alias (listed below), hub id, or local model directory")
     p.add_argument("-o", "--output", help="bundle directory (default: ./<model name>-<quantization>)")
     quant = p.add_mutually_exclusive_group()
     quant.add_argument("--int4", action="store_true", help="LLM in Q4_K_M (default)")
