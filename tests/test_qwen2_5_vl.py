@@ -41,12 +41,14 @@ def loaded(tiny_dir):
 
 @pytest.fixture(scope="module")
 def bundles(tiny_dir, tmp_path_factory):
-    """An F32 LLM + fp32 vision bundle, and a Q4_K_M one whose only vision graph is int8."""
+    """An F32 LLM with fp32 and fp16 vision graphs, and a Q4_K_M LLM whose only vision graph is int8.
+
+    (The F16 LLM is not exported again here: its GGUF path is Qwen2-VL's, tested there and in test_gguf.py.)"""
     from edgevlm.exporters import export
 
     root = tmp_path_factory.mktemp("qwen2.5-vl-bundles")
     return {
-        "F32": export(str(tiny_dir), root / "f32", quantization="F32"),
+        "F32": export(str(tiny_dir), root / "f32", quantization="F32", vision_dtypes=("fp32", "fp16")),
         "Q4_K_M": export(str(tiny_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("int8",)),
     }
 
@@ -135,6 +137,17 @@ def test_f32_bundle_matches_transformers(f32_vlm, loaded, case):
     assert result["greedy_tokens"] == 24
 
 
+def test_fp16_vision_graph_in_the_bundle_matches_transformers(bundles, loaded):
+    vlm = edgevlm.load(bundles["F32"], n_ctx=2048, vision_dtype="fp16")
+    try:
+        assert vlm.vision_dtype == "fp16"
+        result = compare_case(vlm, FAMILY, loaded, PARITY_CASES[1], n_greedy=12)  # two images of different sizes
+        assert result["max_abs_logit_diff"] <= LOGIT_ATOL["F16"], result
+        assert result["greedy_equal"], result
+    finally:
+        vlm.close()
+
+
 def test_quantized_bundle_with_int8_vision_generates(bundles):
     vlm = edgevlm.load(bundles["Q4_K_M"], n_ctx=1024)
     try:
@@ -152,7 +165,7 @@ def test_manifest_describes_the_family(bundles):
     assert manifest["source"]["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     assert manifest["llm"]["arch"] == "qwen2vl"
     assert manifest["preprocessing"]["kind"] == "qwen2_vl" and manifest["vision"]["patch_positions"] == "qwen2_vl"
-    assert set(manifest["files"]) == {"llm-Q4_K_M.gguf", "vision-int8.onnx"}
+    assert set(manifest["files"]) == {"llm-Q4_K_M.gguf", "vision-int8.onnx"}  # fp32 was exported, checked, removed
     assert manifest["validation"]["vision"]["int8"]["cosine_vs_fp32"] >= 0.99
     assert json.loads((bundles["F32"] / "edgevlm.json").read_text())["validation"]["vision"]["fp32"]["grids"] == [
         [1, 4, 6], [1, 10, 8], [1, 4, 12]

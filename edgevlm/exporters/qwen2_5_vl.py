@@ -27,13 +27,13 @@ class Qwen2_5_VLFamily(Qwen2VLFamily):
 
     def tower_sizes(self, vision_config: Any) -> dict:
         hidden = int(vision_config.hidden_size)
-        return dict(
-            embed_dim=hidden,
-            depth=int(vision_config.depth),
-            num_heads=int(vision_config.num_heads),
+        return {
+            "embed_dim": hidden,
+            "depth": int(vision_config.depth),
+            "num_heads": int(vision_config.num_heads),
             # the estimate counts a two-matrix MLP; the gated MLP's three matrices do the work of one 1.5x wider
-            mlp_ratio=1.5 * int(vision_config.intermediate_size) / hidden,
-        )
+            "mlp_ratio": 1.5 * int(vision_config.intermediate_size) / hidden,
+        }
 
 
 FAMILY = Qwen2_5_VLFamily()

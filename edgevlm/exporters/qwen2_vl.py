@@ -81,12 +81,12 @@ class Qwen2VLFamily:
 
     def tower_sizes(self, vision_config: Any) -> dict:
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
-        return dict(
-            embed_dim=int(vision_config.embed_dim),
-            depth=int(vision_config.depth),
-            num_heads=int(vision_config.num_heads),
-            mlp_ratio=float(vision_config.mlp_ratio),
-        )
+        return {
+            "embed_dim": int(vision_config.embed_dim),
+            "depth": int(vision_config.depth),
+            "num_heads": int(vision_config.num_heads),
+            "mlp_ratio": float(vision_config.mlp_ratio),
+        }
 
     def export_llm(self, loaded: LoadedQwen2VL, path: Path, dtype: str) -> dict:
         return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
