@@ -87,6 +87,35 @@ def test_tiny_model_exercises_both_attention_kinds(loaded):
     assert np.abs(windowed - unwindowed).max() > 10 * VISION_EXPORT_SPEC.atol
 
 
+def test_published_3b_config_gives_llama_cpp_settings_and_windows(tmp_path):
+    from transformers import AutoConfig
+
+    from edgevlm.exporters.qwen2_vl_llm import qwen2_vl_hparams
+
+    # config.json of Qwen/Qwen2.5-VL-3B-Instruct as published (flat, transformers 4.x spellings), trimmed to what
+    # the export reads
+    published = {
+        "architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "hidden_size": 2048,
+        "intermediate_size": 11008, "max_position_embeddings": 128000, "num_attention_heads": 16,
+        "num_hidden_layers": 36, "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+        "sliding_window": 32768, "use_sliding_window": False, "tie_word_embeddings": True, "vocab_size": 151936,
+        "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]},
+        "vision_config": {
+            "depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
+            "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14, "spatial_merge_size": 2,
+            "spatial_patch_size": 14, "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31],
+            "tokens_per_second": 2, "temporal_patch_size": 2,
+        },
+    }  # fmt: skip
+    (tmp_path / "config.json").write_text(json.dumps(published))
+    config = AutoConfig.from_pretrained(tmp_path)
+    hparams = qwen2_vl_hparams(config.text_config)
+    assert hparams["qwen2vl.rope.dimension_sections"] == [16, 24, 24, 0]
+    assert hparams["qwen2vl.rope.freq_base"] == 1e6 and hparams["qwen2vl.context_length"] == 128000
+    assert WindowAttention.of(config.vision_config) == WindowAttention(side=8, full_blocks=frozenset({7, 15, 23, 31}))
+    assert FAMILY.validation_grids(config.vision_config) == ((1, 4, 6), (1, 18, 12), (1, 8, 24))
+
+
 @pytest.mark.parametrize("grid", GRIDS, ids=str)
 def test_vision_graphs_match_transformers(bundles, loaded, grid):
     visual = find_visual(loaded.model)
