@@ -296,6 +296,32 @@ def write_gguf(
     return out_path
 
 
+def rope_settings(text_config: Any) -> tuple[dict, float | None]:
+    """A transformers text config's rope parameters (either spelling) and rope theta (None when it has none)."""
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    return rope, rope.get("rope_theta", getattr(text_config, "rope_theta", None))
+
+
+def decoder_hparams(arch: str, text_config: Any, rope_theta: float) -> dict[str, Any]:
+    """The GGUF metadata every decoder-only architecture of llama.cpp reads, from a transformers text config;
+    an architecture adds its own keys (rope sections, rope dimensions, …)."""
+    import gguf
+
+    def key(template: str) -> str:
+        return template.format(arch=arch)
+
+    return {
+        key(gguf.Keys.LLM.CONTEXT_LENGTH): int(text_config.max_position_embeddings),
+        key(gguf.Keys.LLM.EMBEDDING_LENGTH): int(text_config.hidden_size),
+        key(gguf.Keys.LLM.BLOCK_COUNT): int(text_config.num_hidden_layers),
+        key(gguf.Keys.LLM.FEED_FORWARD_LENGTH): int(text_config.intermediate_size),
+        key(gguf.Keys.Attention.HEAD_COUNT): int(text_config.num_attention_heads),
+        key(gguf.Keys.Attention.HEAD_COUNT_KV): int(text_config.num_key_value_heads),
+        key(gguf.Keys.Rope.FREQ_BASE): float(rope_theta),
+        key(gguf.Keys.Attention.LAYERNORM_RMS_EPS): float(text_config.rms_norm_eps),
+    }
+
+
 def _add_metadata(writer: Any, key: str, value: Any) -> None:
     import gguf
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.exporters.gguf import tokenizer_from_sentencepiece, write_gguf
+from edgevlm.exporters.gguf import decoder_hparams, rope_settings, tokenizer_from_sentencepiece, write_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -64,25 +64,12 @@ def llama_hparams(text_config: Any) -> dict[str, Any]:
     """GGUF metadata keys/values of the `llama` architecture from a Llama text config."""
     import gguf
 
-    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
-    rope_theta = rope.get("rope_theta", getattr(text_config, "rope_theta", None))
+    rope, rope_theta = rope_settings(text_config)
     if rope.get("rope_type", "default") != "default" or rope_theta is None:
         raise UnsupportedModelError(f"Llama rope settings {rope!r}: edgevlm exports plain rope (rope_type 'default') with rope_theta")  # fmt: skip
 
-    def key(template: str) -> str:
-        return template.format(arch=ARCH)
-
-    return {
-        key(gguf.Keys.LLM.CONTEXT_LENGTH): int(text_config.max_position_embeddings),
-        key(gguf.Keys.LLM.EMBEDDING_LENGTH): int(text_config.hidden_size),
-        key(gguf.Keys.LLM.BLOCK_COUNT): int(text_config.num_hidden_layers),
-        key(gguf.Keys.LLM.FEED_FORWARD_LENGTH): int(text_config.intermediate_size),
-        key(gguf.Keys.Attention.HEAD_COUNT): int(text_config.num_attention_heads),
-        key(gguf.Keys.Attention.HEAD_COUNT_KV): int(text_config.num_key_value_heads),
-        key(gguf.Keys.Rope.DIMENSION_COUNT): head_dim(text_config),
-        key(gguf.Keys.Rope.FREQ_BASE): float(rope_theta),
-        key(gguf.Keys.Attention.LAYERNORM_RMS_EPS): float(text_config.rms_norm_eps),
-    }
+    dimensions = gguf.Keys.Rope.DIMENSION_COUNT.format(arch=ARCH)
+    return {**decoder_hparams(ARCH, text_config, rope_theta), dimensions: head_dim(text_config)}
 
 
 def interleave_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:

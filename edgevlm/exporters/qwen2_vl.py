@@ -17,6 +17,7 @@ import numpy as np
 
 from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
 from ..images import Qwen2VLPreprocessing, load_image
+from .gguf import rope_settings
 from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
 from .qwen2_vl_vision import DEFAULT_GRIDS, export_qwen2_vl_vision, find_visual
 
@@ -103,7 +104,7 @@ class Qwen2VLFamily:
 
     def positions(self, loaded: LoadedQwen2VL) -> PositionSpec:
         text_config = loaded.model.config.text_config
-        rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+        rope, _ = rope_settings(text_config)
         return PositionSpec(kind="mrope", merge_size=loaded.preprocessing.merge_size, sections=tuple(rope["mrope_section"]))  # fmt: skip
 
     # -- the transformers reference, for parity checks ------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.exporters.gguf import tokenizer_from_hf, write_gguf
+from edgevlm.exporters.gguf import decoder_hparams, rope_settings, tokenizer_from_hf, write_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -84,9 +84,8 @@ def qwen2_vl_hparams(text_config: Any) -> dict[str, Any]:
     """GGUF metadata keys/values of the `qwen2vl` architecture from a Qwen2-VL text config."""
     import gguf
 
-    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None) or {}
+    rope, rope_theta = rope_settings(text_config)
     mrope_section = list(rope.get("mrope_section") or [])
-    rope_theta = rope.get("rope_theta", getattr(text_config, "rope_theta", None))
     if not mrope_section or rope_theta is None:
         raise UnsupportedModelError(
             f"Qwen2-VL text config lacks mrope_section or rope_theta (rope settings: {rope!r}); "
@@ -102,20 +101,8 @@ def qwen2_vl_hparams(text_config: Any) -> dict[str, Any]:
             f"mrope_section {mrope_section} covers {2 * sum(mrope_section)} rotary dims, head_dim is {head_dim}"
         )
 
-    def key(template: str) -> str:
-        return template.format(arch=ARCH)
-
-    return {
-        key(gguf.Keys.LLM.CONTEXT_LENGTH): int(text_config.max_position_embeddings),
-        key(gguf.Keys.LLM.EMBEDDING_LENGTH): int(text_config.hidden_size),
-        key(gguf.Keys.LLM.BLOCK_COUNT): int(text_config.num_hidden_layers),
-        key(gguf.Keys.LLM.FEED_FORWARD_LENGTH): int(text_config.intermediate_size),
-        key(gguf.Keys.Attention.HEAD_COUNT): int(text_config.num_attention_heads),
-        key(gguf.Keys.Attention.HEAD_COUNT_KV): int(text_config.num_key_value_heads),
-        key(gguf.Keys.Rope.FREQ_BASE): float(rope_theta),
-        key(gguf.Keys.Attention.LAYERNORM_RMS_EPS): float(text_config.rms_norm_eps),
-        key(gguf.Keys.Rope.DIMENSION_SECTIONS): mrope_section + [0] * (4 - len(mrope_section)),
-    }
+    sections = gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=ARCH)
+    return {**decoder_hparams(ARCH, text_config, rope_theta), sections: mrope_section + [0] * (4 - len(mrope_section))}
 
 
 def find_chat_template(tokenizer: Any, model_dir: str | Path | None) -> str | None:
