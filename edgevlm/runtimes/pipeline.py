@@ -575,3 +575,4 @@ class EdgeVLM:
 
     def close(self) -> None:
         self.llm.close()
+        self.token_embeddings = None  # unmaps the GGUF's embedding rows
