@@ -137,6 +137,7 @@ def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2v
         np.testing.assert_array_equal(table(ids), weight[ids])
     with pytest.raises(ValueError, match="token ids"):
         table([table.n_vocab])
+    assert table([]).shape == (0, table.n_embd)  # an empty text piece between two images
     case = PARITY_CASES[1]  # text, image, image, text
     vlm.clear_caches()
     steps_merged = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))

@@ -42,7 +42,9 @@ class TokenEmbeddings:
         from gguf.quants import dequantize
 
         ids = np.asarray(tokens, dtype=np.int64)
-        if ids.size and (ids.min() < 0 or ids.max() >= self.n_vocab):
+        if not ids.size:
+            return np.empty((0, self.n_embd), dtype=np.float32)
+        if ids.min() < 0 or ids.max() >= self.n_vocab:
             raise ValueError(f"token ids must be in [0, {self.n_vocab}), got {ids.min()}..{ids.max()}")
         return np.ascontiguousarray(dequantize(np.asarray(self._rows[ids]), self.qtype), dtype=np.float32)
 
