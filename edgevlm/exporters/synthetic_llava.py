@@ -3,8 +3,8 @@
 The shape is LLaVA-1.5's where it matters to the bundle (a CLIP tower on 336 px images with 14 px patches: 576
 image tokens; feature layer -2, CLS dropped; a linear-GELU-linear projector; a Llama LLM with separate q/k/v and an
 untied output) and tiny elsewhere. The tokenizer is a real SentencePiece BPE model with byte fallback, as Llama's,
-trained here (seeded, single-threaded: the same text gives the same model) on this repository's README and chat
-lines, with `<image>` and `<pad>` added after its pieces as in llava-hf's tokenizer, and llava-hf's chat template.
+trained here (seeded, single-threaded: the same text gives the same model) on edgevlm's own source text and
+chat lines, with `<image>` and `<pad>` added after its pieces as in llava-hf's tokenizer, and llava-hf's chat template.
 """
 
 from __future__ import annotations
@@ -44,10 +44,12 @@ TINY_TEXT = {
 
 
 def _training_lines() -> list[str]:
+    """edgevlm's own source text (there in every install, unlike the README) and chat lines."""
     from .verify import PARITY_CASES
 
-    readme = Path(__file__).resolve().parents[2] / "README.md"
-    lines = [line for line in readme.read_text(encoding="utf-8").splitlines() if line.strip()] if readme.is_file() else []  # fmt: skip
+    package = Path(__file__).resolve().parents[1]
+    sources = sorted(package.rglob("*.py"), key=lambda path: path.relative_to(package).as_posix())
+    lines = [line.strip() for path in sources for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     chat = [f"USER: {case.prompt} ASSISTANT: It shows {case.name}." for case in PARITY_CASES]
     return lines + chat * 20
 
