@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -294,6 +295,34 @@ def write_gguf(
         raise
     logger.info("wrote %s (%d tensors, %s)", out_path, len(plan), dtype)
     return out_path
+
+
+# A decoder's HF tensor names (after the language model's prefix) -> llama.cpp's, `{bid}` the layer index: the
+# names llama.cpp's llama and qwen2 families share (an architecture adds its own, e.g. qwen2's q/k/v biases).
+DECODER_TENSOR_MAP = {
+    "embed_tokens.weight": "token_embd.weight",
+    "norm.weight": "output_norm.weight",
+    "layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
+    "layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
+    "layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
+    "layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
+    "layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
+    "layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
+    "layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
+    "layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+}
+_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
+
+
+def decoder_tensor_name(name: str, table: Mapping[str, str]) -> str | None:
+    """llama.cpp's name for a decoder tensor (its HF name without the language model's prefix) by `table`, a
+    `DECODER_TENSOR_MAP`-style map; None when the table has no entry for it."""
+    if name in table:
+        return table[name]
+    layer = _LAYER_RE.match(name)
+    key = f"layers.{{bid}}.{layer.group(2)}" if layer else None
+    return table[key].format(bid=int(layer.group(1))) if key in table else None
 
 
 def rope_settings(text_config: Any) -> tuple[dict, float | None]:

@@ -8,7 +8,6 @@ projector are not in this file (they go to ONNX).
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.exporters.gguf import decoder_hparams, rope_settings, tokenizer_from_sentencepiece, write_gguf
+from edgevlm.exporters.gguf import (
+    DECODER_TENSOR_MAP,
+    decoder_hparams,
+    decoder_tensor_name,
+    rope_settings,
+    tokenizer_from_sentencepiece,
+    write_gguf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,21 +31,6 @@ IMAGE_TOKEN = "<image>"
 LLM_PREFIX = "model.language_model."  # transformers >= 4.52 (older llava-hf checkpoints are renamed on load)
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
-# HF name (after the prefix) → GGUF name, `{bid}` the layer index: llama.cpp's names for Llama blocks.
-TENSOR_MAP = {
-    "embed_tokens.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
-    "layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
-    "layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
-    "layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
-    "layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
-    "layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
-    "layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
-    "layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
-    "layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
-}
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 
 def gguf_tensor_name(hf_name: str) -> str | None:
@@ -49,11 +40,10 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     if hf_name == "lm_head.weight":
         return "output.weight"
     rest = hf_name.removeprefix(LLM_PREFIX)
-    layer = _LAYER_RE.match(rest)
-    key = f"layers.{{bid}}.{layer.group(2)}" if layer else rest
-    if rest == hf_name or key not in TENSOR_MAP:
+    name = decoder_tensor_name(rest, DECODER_TENSOR_MAP) if rest != hf_name else None
+    if name is None:
         raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain LLaVA")
-    return TENSOR_MAP[key].format(bid=int(layer.group(1))) if layer else TENSOR_MAP[key]
+    return name
 
 
 def head_dim(text_config: Any) -> int:

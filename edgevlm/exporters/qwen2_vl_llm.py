@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,14 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.exporters.gguf import decoder_hparams, rope_settings, tokenizer_from_hf, write_gguf
+from edgevlm.exporters.gguf import (
+    DECODER_TENSOR_MAP,
+    decoder_hparams,
+    decoder_tensor_name,
+    rope_settings,
+    tokenizer_from_hf,
+    write_gguf,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -28,25 +34,12 @@ TOKENIZER_PRE = "qwen2"  # llama.cpp's name for Qwen2's pre-tokenizer regex (dig
 LLM_PREFIXES = ("model.language_model.", "model.")
 VISION_PREFIXES = ("model.visual.", "visual.")
 
-# HF name (after the prefix) → GGUF name. `{bid}` is the layer index. Same table as llama.cpp's for Qwen2.
+# HF name (after the prefix) → GGUF name, as llama.cpp's Qwen2: the shared decoder names plus q/k/v biases.
 TENSOR_MAP = {
-    "embed_tokens.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
+    **DECODER_TENSOR_MAP,
     "lm_head.weight": "output.weight",  # absent from the GGUF when tied to embed_tokens
-    "layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
-    "layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
-    "layers.{bid}.self_attn.q_proj.bias": "blk.{bid}.attn_q.bias",
-    "layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
-    "layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
-    "layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
-    "layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
-    "layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
-    "layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
-    "layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
-    "layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
-    "layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+    **{f"layers.{{bid}}.self_attn.{p}_proj.bias": f"blk.{{bid}}.attn_{p}.bias" for p in "qkv"},
 }
-_LAYER_RE = re.compile(r"^layers\.(\d+)\.(.+)$")
 
 # Tokens the runtime needs by role, looked up by text in the tokenizer (ids shown are Qwen2-VL's).
 SPECIAL_TOKENS = {
@@ -72,11 +65,9 @@ def gguf_tensor_name(hf_name: str) -> str | None:
             break
     else:
         raise ValueError(f"unexpected tensor {hf_name!r} in a Qwen2-VL checkpoint")
-    if rest in TENSOR_MAP:
-        return TENSOR_MAP[rest]
-    layer = _LAYER_RE.match(rest)
-    if layer and f"layers.{{bid}}.{layer.group(2)}" in TENSOR_MAP:
-        return TENSOR_MAP[f"layers.{{bid}}.{layer.group(2)}"].format(bid=int(layer.group(1)))
+    name = decoder_tensor_name(rest, TENSOR_MAP)
+    if name is not None:
+        return name
     raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain Qwen2-VL")
 
 
