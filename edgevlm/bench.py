@@ -241,7 +241,7 @@ def plot(result: dict, out: str | Path) -> Path:
     parts = {
         "preprocess": [c["stages"]["preprocess_ms"]["median"] / 1000 for c in cases],
         "vision encoder": [c["stages"]["vision_ms"]["median"] / 1000 for c in cases],
-        "image prefill": [c["stages"]["image_prefill_ms"]["median"] / 1000 for c in cases],
+        "prefill (image + its text)": [c["stages"]["image_prefill_ms"]["median"] / 1000 for c in cases],
     }
     ttft = [c["stages"]["time_to_first_token_ms"]["median"] / 1000 for c in cases]
     parts["rest (sampling, text batches)"] = [max(0.0, t - sum(p[i] for p in parts.values())) for i, t in enumerate(ttft)]
