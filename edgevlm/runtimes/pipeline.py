@@ -466,11 +466,9 @@ class EdgeVLM:
                 timings.n_text_with_images += len(tokens)
             else:
                 embeds = embeddings[span.key]
-                image_pos, next_position = image_positions(self.manifest.positions, position, span.image.grid)
+                image_pos, position = self._record_image(span, len(embeds), position)
                 rows.append(embeds)
                 positions.append(image_pos)
-                self._kv.append(span.key, position, len(embeds), next_position)
-                position = next_position
         t_batch = time.perf_counter()
         self.llm.decode_embeddings(np.concatenate(rows), np.concatenate(positions, axis=1), logits="last")
         timings.image_prefill_ms += (time.perf_counter() - t_batch) * 1000
@@ -490,11 +488,17 @@ class EdgeVLM:
         return position
 
     def _decode_image(self, span: _Span, embeds: np.ndarray, position: int, logits: str, timings: Timings) -> int:
-        positions, next_position = image_positions(self.manifest.positions, position, span.image.grid)
+        positions, next_position = self._record_image(span, len(embeds), position)
         self.llm.decode_embeddings(embeds, positions, logits=logits)
-        self._kv.append(span.key, position, len(embeds), next_position)
         timings.n_prefill_tokens += len(embeds)
         return next_position
+
+    def _record_image(self, span: _Span, n_embeds: int, position: int) -> tuple[np.ndarray, int]:
+        """Note an image in the KV record from `position` on; returns its embeddings' positions and the position
+        after it (a failed decode makes `_prefill` forget the whole record)."""
+        positions, next_position = image_positions(self.manifest.positions, position, span.image.grid)
+        self._kv.append(span.key, position, n_embeds, next_position)
+        return positions, next_position
 
     def _embed(self, span: _Span, timings: Timings) -> np.ndarray:
         """Vision embeddings of one image span, from the cache when this image was encoded recently."""
