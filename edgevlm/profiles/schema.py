@@ -213,11 +213,16 @@ def _parse_table(cls: type, table: Any, where: str, section: str, subtables: Map
         if key in subtables:
             values[key] = _parse_table(subtables[key], value, where, f"{section}.{key}")
             continue
-        try:
-            values[key] = checked[key].metadata["check"](value)
-        except _Invalid as e:
-            raise ProfileError(f"{where}: {section}.{key} = {_toml(value)} is invalid; expected {e.allowed}") from None
+        values[key] = _checked(checked[key].metadata["check"], value, where, f"{section}.{key}")
     return cls(**values)
+
+
+def _checked(check: Callable[[Any], Any], value: Any, where: str, key: str) -> Any:
+    """`check(value)`, or a ProfileError naming the file, the key, the value and what is allowed."""
+    try:
+        return check(value)
+    except _Invalid as e:
+        raise ProfileError(f"{where}: {key} = {_toml(value)} is invalid; expected {e.allowed}") from None
 
 
 def parse_profile(data: Mapping[str, Any], name: str, where: str) -> Profile:
@@ -226,13 +231,7 @@ def parse_profile(data: Mapping[str, Any], name: str, where: str) -> Profile:
     if unknown:
         raise ProfileError(f"{where}: unknown key(s) {', '.join(unknown)}; a profile takes "
                            f"{', '.join([*_TOP_LEVEL, *_TABLES])}")  # fmt: skip
-    top = {}
-    for key, check in _TOP_LEVEL.items():
-        if key in data:
-            try:
-                top[key] = check(data[key])
-            except _Invalid as e:
-                raise ProfileError(f"{where}: {key} = {_toml(data[key])} is invalid; expected {e.allowed}") from None
+    top = {key: _checked(check, data[key], where, key) for key, check in _TOP_LEVEL.items() if key in data}
     vision = _parse_table(VisionProfile, data.get("vision", {}), where, "vision", _PROVIDER_TABLES)
     for provider in _PROVIDER_TABLES:
         if getattr(vision, provider) is not None and provider not in vision.providers:
