@@ -351,6 +351,20 @@ def decoder_hparams(arch: str, text_config: Any, rope_theta: float) -> dict[str,
     }
 
 
+def decoder_summary(arch: str, dtype: str, text_config: Any, n_vocab: int, chat_template: str | None) -> dict[str, Any]:  # fmt: skip
+    """What an LLM writer reports of any decoder GGUF it wrote (the manifest's `llm` section reads it); a family adds
+    its own entries (special tokens, tied embeddings, …)."""
+    return {
+        "arch": arch,
+        "dtype": dtype,
+        "n_ctx_train": int(text_config.max_position_embeddings),
+        "embedding_length": int(text_config.hidden_size),
+        "block_count": int(text_config.num_hidden_layers),
+        "n_vocab": n_vocab,
+        "chat_template_in_gguf": chat_template is not None,
+    }
+
+
 def _add_metadata(writer: Any, key: str, value: Any) -> None:
     import gguf
 

@@ -18,6 +18,7 @@ from edgevlm.errors import UnsupportedModelError
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
     decoder_hparams,
+    decoder_summary,
     decoder_tensor_name,
     rope_settings,
     tokenizer_from_sentencepiece,
@@ -129,13 +130,4 @@ def write_llava_llm_gguf(
         out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(hf_model, text_config), tokenizer=gguf_tokenizer,
         dtype=dtype, name=Path(str(getattr(hf_model, "name_or_path", "") or "llava")).name or "llava", progress=progress,
     )  # fmt: skip
-    return {
-        "arch": ARCH,
-        "dtype": dtype,
-        "n_ctx_train": int(text_config.max_position_embeddings),
-        "embedding_length": int(text_config.hidden_size),
-        "block_count": int(text_config.num_hidden_layers),
-        "n_vocab": vocab_size,
-        "special_tokens": special_ids,
-        "chat_template_in_gguf": chat_template is not None,
-    }
+    return {**decoder_summary(ARCH, dtype, text_config, vocab_size, chat_template), "special_tokens": special_ids}

@@ -18,6 +18,7 @@ from edgevlm.errors import UnsupportedModelError
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
     decoder_hparams,
+    decoder_summary,
     decoder_tensor_name,
     rope_settings,
     tokenizer_from_hf,
@@ -184,17 +185,11 @@ def write_qwen2_vl_llm_gguf(
         progress=progress,
     )
     return {
-        "arch": ARCH,
-        "dtype": dtype,
-        "n_ctx_train": int(text_config.max_position_embeddings),
-        "embedding_length": int(text_config.hidden_size),
-        "block_count": int(text_config.num_hidden_layers),
-        "n_vocab": vocab_size,
+        **decoder_summary(ARCH, dtype, text_config, vocab_size, chat_template),
         "tied_embeddings": tied,
         "rope_sections": hparams[f"{ARCH}.rope.dimension_sections"],
         "special_tokens": {"eos": ids["im_end"], **ids},
         "eos_token_ids": [ids["im_end"], ids["endoftext"]],
-        "chat_template_in_gguf": chat_template is not None,
         # llama.cpp does not normalize; tokenizing normalize(form, text) gives transformers' ids.
         "text_normalization": gguf_tokenizer.normalization,
     }
