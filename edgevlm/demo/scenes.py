@@ -145,14 +145,13 @@ def _render(
     return Scene(image, tuple(drawn), question_type, question, answer)
 
 
-def label_map(s: Scene, size: tuple[int, int], key: str) -> np.ndarray:
-    """Per pixel of `s.image` resized to `size` (width, height): 0 for background, else 1 + the index of the shape's
-    `key` ("kind" in SHAPES, "color" in COLORS). What the trainer's auxiliary per-token targets are made of."""
-    names = SHAPES if key == "kind" else tuple(COLORS)
+def shape_map(s: Scene, size: tuple[int, int]) -> np.ndarray:
+    """Per pixel of `s.image` resized to `size` (width, height): 0 for background, else 1 + the index in `s.shapes`
+    of the shape drawn there. What the trainer's per-token targets are made of."""
     mask = Image.new("L", s.image.size, 0)
     draw = ImageDraw.Draw(mask)
-    for shape in s.shapes:
-        _draw(draw, shape, 1 + names.index(getattr(shape, key)))
+    for i, shape in enumerate(s.shapes):
+        _draw(draw, shape, 1 + i)
     return np.asarray(mask.resize(size, Image.NEAREST))
 
 
