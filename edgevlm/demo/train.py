@@ -8,8 +8,8 @@ byte-level BPE vocabulary of a few hundred tokens learned from the question/answ
 tokens and chat template. Training has three stages, each seeded and drawing its own scenes:
 
 1. the vision tower alone names the shape of single-shape scenes, through a head on its max-pooled tokens;
-2. the vision tower alone learns what whole scenes show (kinds, colors, which kind has which color, how many shapes,
-   which kind lies left of which), asked of every token, so that the answers are spread over the image;
+2. the vision tower alone learns, on every token of a shape, that shape's kind and color, on which side the other
+   shape of a two-shape scene lies, and where the shapes' centers are (`token_targets`);
 3. the whole model learns to answer (loss on the answer and its <|im_end|>), stage 2's loss kept on the tower.
 
 The auxiliary heads are dropped at save. Accuracy is measured on the "val" split every few hundred steps; stage 3
@@ -305,8 +305,8 @@ def learn_shapes(visual, processor, args: argparse.Namespace) -> list[dict]:
 
 
 def learn_scenes(visual, heads, processor, val: list[Scene], args: argparse.Namespace) -> list[dict]:
-    """Stage 2: the vision tower alone learns what whole scenes show (`aux_loss`), so that the language model, when it
-    joins, finds the answers already spread over the image's tokens. Returns the stage's validation history."""
+    """Stage 2: the vision tower alone learns `token_targets` on mixed scenes, so that the language model, when it
+    joins, finds what each shape is on all of its tokens, not on a few. Returns the stage's validation history."""
     import torch
 
     params = [*visual.parameters(), *heads.parameters()]
@@ -366,7 +366,7 @@ def train(args: argparse.Namespace) -> Path:
     logger.info("model: %.2fM parameters, vocab %d", n_params / 1e6, model.config.text_config.vocab_size)
     val = [scene(i, "val") for i in range(args.val_scenes)]
     heads = aux_heads()
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # stage 3's history and --max-minutes count from here; stages 1 and 2 time themselves
     history = learn_shapes(model.model.visual, processor, args)
     history += learn_scenes(model.model.visual, heads, processor, val, args)
 
