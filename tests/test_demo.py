@@ -13,7 +13,7 @@ from PIL import Image
 
 from edgevlm.demo import MODEL_DIR, demo_bundle
 from edgevlm.demo.evaluate import bundle_answers, held_out_scenes, reference_answers, score
-from edgevlm.demo.scenes import COLORS, QUESTION_TYPES, SHAPES, scene
+from edgevlm.demo.scenes import COLORS, QUESTION_TYPES, SHAPES, scene, shape_map
 
 N_SCENES = 100
 # The issue asks for >= 0.90; the shipped checkpoint does not reach it (see README, The demo model: left/right is not
@@ -52,6 +52,18 @@ def test_scenes_are_seeded_and_answerable():
     )
     with pytest.raises(ValueError, match="question type"):
         scene(0, "test", "size")
+
+
+def test_shape_map_marks_the_drawn_shapes():
+    """The trainer's per-token targets come from `shape_map`: its pixels must be where each shape was drawn."""
+    for i in range(20):
+        s = scene(i, "train")
+        shapes = shape_map(s, s.image.size)
+        pixels = np.asarray(s.image).astype(float)
+        for k, shape in enumerate(s.shapes):
+            inside = pixels[shapes == 1 + k]
+            assert len(inside) > 0.5 * shape.radius**2  # the shape's area, not a few edge pixels
+            assert np.abs(np.median(inside, axis=0) - COLORS[shape.color]).max() <= 21, (i, shape)
 
 
 def test_training_targets_describe_the_scene():
