@@ -201,6 +201,12 @@ def token_targets(scenes: list[Scene], grids, merge_size: int = 2, patch_size: i
     return {key: torch.cat(parts) for key, parts in targets.items()}
 
 
+def encode(visual, processor, scenes: list[Scene]):
+    """The vision tower's output tokens for `scenes` (image after image) and their grids."""
+    pixels = processor(images=[s.image for s in scenes], return_tensors="pt")
+    return visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output, pixels["image_grid_thw"]
+
+
 def aux_heads():
     """Linear heads (not saved) from a vision token to each of `token_targets`."""
     import torch
@@ -227,9 +233,8 @@ def aux_accuracy(visual, heads, processor, scenes: list[Scene], batch_size: int 
     with torch.no_grad():
         for start in range(0, len(scenes), batch_size):
             chunk = scenes[start : start + batch_size]
-            pixels = processor(images=[s.image for s in chunk], return_tensors="pt")
-            tokens = visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
-            targets = token_targets(chunk, pixels["image_grid_thw"])
+            tokens, grids = encode(visual, processor, chunk)
+            targets = token_targets(chunk, grids)
             for key in ("kind_color", "kind_side"):
                 on_shapes = targets[key] > 0
                 hits[key] += (heads[key](tokens).argmax(-1) == targets[key])[on_shapes].tolist()
@@ -278,9 +283,8 @@ def learn_shapes(visual, processor, args: argparse.Namespace) -> list[dict]:
     val = [scene(i, "val", "shape") for i in range(96)]
 
     def logits(scenes: list[Scene]):
-        pixels = processor(images=[s.image for s in scenes], return_tensors="pt")
-        tokens = visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
-        sizes = (pixels["image_grid_thw"].prod(-1) // 4).tolist()
+        tokens, grids = encode(visual, processor, scenes)
+        sizes = (grids.prod(-1) // 4).tolist()
         return head(torch.stack([t.max(0).values for t in tokens.split(sizes)]))
 
     def kinds(scenes: list[Scene]):
@@ -315,9 +319,8 @@ def learn_scenes(visual, heads, processor, val: list[Scene], args: argparse.Name
     types, t0, history = TypeSampler(args.seed + 1), time.perf_counter(), []
     for step in range(1, args.scene_steps + 1):
         scenes = [scene(SCENE_SCENES + step * args.batch_size + j, "train", t) for j, t in enumerate(types(args.batch_size))]  # fmt: skip
-        pixels = processor(images=[s.image for s in scenes], return_tensors="pt")
-        tokens = visual(pixels["pixel_values"], grid_thw=pixels["image_grid_thw"]).pooler_output
-        aux_loss(heads, tokens, pixels["image_grid_thw"], scenes).backward()
+        tokens, grids = encode(visual, processor, scenes)
+        aux_loss(heads, tokens, grids, scenes).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
