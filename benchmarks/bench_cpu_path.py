@@ -153,7 +153,7 @@ class Side:
     """One side of the comparison: a worker process, loaded once, that times what it is asked, one thing at a time."""
 
     def __init__(self, *args: str):
-        self.stderr = tempfile.TemporaryFile("w+")
+        self.stderr = tempfile.TemporaryFile("w+")  # noqa: SIM115 (open while the worker lives; closed in finish)
         self.proc = subprocess.Popen([sys.executable, __file__, WORKER, *args], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, stderr=self.stderr, text=True)  # fmt: skip
         self._reply()  # loaded
@@ -177,6 +177,8 @@ class Side:
         result = self.ask("finish")
         _, status, usage = os.wait4(self.proc.pid, 0)  # unlike RUSAGE_CHILDREN, the rusage of this child alone
         self.stderr.close()
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"benchmark worker {self.proc.args[3]} exited with {os.waitstatus_to_exitcode(status)}")
         return result, usage.ru_maxrss * 1024
 
 
