@@ -61,12 +61,17 @@ def score(answers: Sequence[str], scenes: Sequence[Scene], reference: Sequence[s
     if len(answers) != len(scenes):
         raise ValueError(f"{len(answers)} answers for {len(scenes)} scenes")
     hits = [a == s.answer for a, s in zip(answers, scenes, strict=True)]
+    agreement = None
+    if reference is not None:
+        agreement = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
+    return Score(sum(hits) / len(hits), accuracy_by_type(hits, scenes), agreement)
+
+
+def accuracy_by_type(hits: Sequence[bool], scenes: Sequence[Scene]) -> dict[str, float]:
+    """The fraction of hits per question type, for the types among `scenes`."""
     by_type = {}
     for question_type in QUESTION_TYPES:
         typed = [h for h, s in zip(hits, scenes, strict=True) if s.question_type == question_type]
         if typed:
             by_type[question_type] = sum(typed) / len(typed)
-    agreement = None
-    if reference is not None:
-        agreement = sum(a == r for a, r in zip(answers, reference, strict=True)) / len(answers)
-    return Score(sum(hits) / len(hits), by_type, agreement)
+    return by_type

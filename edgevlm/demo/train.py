@@ -36,7 +36,8 @@ from ..exporters.synthetic import (
     qwen2_vl_config,
     qwen2_vl_tokenizer,
 )
-from .scenes import COLORS, QUESTION_TYPES, SHAPES, Scene, scene, shape_map
+from .evaluate import accuracy_by_type
+from .scenes import COLORS, SHAPES, Scene, scene, shape_map
 
 logger = logging.getLogger(__name__)
 
@@ -260,7 +261,7 @@ def answer_accuracy(model, batcher: Batcher, scenes: list[Scene], batch_size: in
             ok = ((predicted == target) | (target == -100)).all(-1)
             hits += ok.tolist()
     model.train()
-    return _by_type(hits, scenes)
+    return {**accuracy_by_type(hits, scenes), "all": float(np.mean(hits))}
 
 
 def warmup_cosine(steps: int):
@@ -331,14 +332,6 @@ def learn_scenes(visual, heads, processor, val: list[Scene], args: argparse.Name
             history.append({"stage": "scenes", "step": step, "seconds": round(elapsed), **accuracy})
             logger.info("scenes step %d/%d: token accuracy %s, %.0f s", step, args.scene_steps, _rounded(accuracy), elapsed)  # fmt: skip
     return history
-
-
-def _by_type(hits: list[bool], scenes: list[Scene]) -> dict[str, float]:
-    accuracy = {
-        t: float(np.mean([h for h, s in zip(hits, scenes, strict=True) if s.question_type == t]))
-        for t in QUESTION_TYPES
-    }
-    return {**accuracy, "all": float(np.mean(hits))}
 
 
 def _rounded(accuracy: dict[str, float]) -> dict[str, float]:
