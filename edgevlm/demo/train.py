@@ -336,51 +336,57 @@ def learn_sides(visual, heads, processor, val: list[Scene], args: argparse.Names
     learnable, but only at a high enough learning rate (at 3e-4 it stayed at chance for 800 steps; at 1e-3 it went
     from chance to 97% between steps 300 and 600), and not while it shares the loss with the other targets from the
     start. Returns the stage's validation history."""
-    import torch
 
-    params = [*visual.parameters(), *heads.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / 50))  # 50 warmup steps
-    t0, history = time.perf_counter(), []
-    for step in range(1, args.side_steps + 1):
-        scenes = [scene(SIDE_SCENES + step * args.batch_size + j, "train", "position") for j in range(args.batch_size)]
-        tokens, grids = encode(visual, processor, scenes)
-        aux_loss(heads, tokens, grids, scenes, only="side").backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % args.eval_every == 0 or step == args.side_steps:
-            accuracy = aux_accuracy(visual, heads, processor, val)
-            elapsed = time.perf_counter() - t0
-            history.append({"stage": "sides", "step": step, "seconds": round(elapsed), **accuracy})
-            logger.info("sides step %d/%d: token accuracy %s, %.0f s", step, args.side_steps, _rounded(accuracy), elapsed)  # fmt: skip
-    return history
+    def draw(step: int) -> list[Scene]:
+        return [scene(SIDE_SCENES + step * args.batch_size + j, "train", "position") for j in range(args.batch_size)]
+
+    warmup = lambda step: min(1.0, (step + 1) / 50)  # 50 warmup steps, then constant
+    return _learn_tokens("sides", visual, heads, processor, val, args, args.side_steps, draw, warmup, only="side")
 
 
 def learn_scenes(visual, heads, processor, val: list[Scene], args: argparse.Namespace) -> list[dict]:
     """Stage 3: the vision tower alone learns `token_targets` on mixed scenes, so that the language model, when it
     joins, finds what each shape is on all of its tokens, not on a few. Returns the stage's validation history."""
+    types = TypeSampler(args.seed + 1)
+
+    def draw(step: int) -> list[Scene]:
+        return [scene(SCENE_SCENES + step * args.batch_size + j, "train", t) for j, t in enumerate(types(args.batch_size))]  # fmt: skip
+
+    schedule = warmup_cosine(args.scene_steps)
+    return _learn_tokens("scenes", visual, heads, processor, val, args, args.scene_steps, draw, schedule)
+
+
+def _learn_tokens(stage: str, visual, heads, processor, val: list[Scene], args: argparse.Namespace, steps: int,
+                  draw, schedule, only: str | None = None) -> list[dict]:  # fmt: skip
+    """The vision tower alone on `token_targets` (or `only` one of them) for `steps` steps of `draw(step)` scenes,
+    at --vision-lr times `schedule(step)`; validated every --eval-every steps. Returns the stage's history."""
     import torch
 
     params = [*visual.parameters(), *heads.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.vision_lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(args.scene_steps))
-    types, t0, history = TypeSampler(args.seed + 1), time.perf_counter(), []
-    for step in range(1, args.scene_steps + 1):
-        scenes = [scene(SCENE_SCENES + step * args.batch_size + j, "train", t) for j, t in enumerate(types(args.batch_size))]  # fmt: skip
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    t0, history = time.perf_counter(), []
+    for step in range(1, steps + 1):
+        scenes = draw(step)
         tokens, grids = encode(visual, processor, scenes)
-        aux_loss(heads, tokens, grids, scenes).backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step % args.eval_every == 0 or step == args.scene_steps:
+        aux_loss(heads, tokens, grids, scenes, only=only).backward()
+        _step(params, optimizer, scheduler)
+        if step % args.eval_every == 0 or step == steps:
             accuracy = aux_accuracy(visual, heads, processor, val)
             elapsed = time.perf_counter() - t0
-            history.append({"stage": "scenes", "step": step, "seconds": round(elapsed), **accuracy})
-            logger.info("scenes step %d/%d: token accuracy %s, %.0f s", step, args.scene_steps, _rounded(accuracy), elapsed)  # fmt: skip
+            history.append({"stage": stage, "step": step, "seconds": round(elapsed), **accuracy})
+            logger.info("%s step %d/%d: token accuracy %s, %.0f s", stage, step, steps, _rounded(accuracy), elapsed)
     return history
+
+
+def _step(params, optimizer, scheduler) -> None:
+    """One optimizer step with the gradients clipped to norm 1."""
+    import torch
+
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
 
 
 def subject(s: Scene) -> int | None:
@@ -501,10 +507,7 @@ def train(args: argparse.Namespace) -> Path:
             for key, target in (("image", image), ("words", words)):
                 total = total + args.attend_weight * attention_loss(attention[key], query, target)
         total.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad(set_to_none=True)
+        _step(params, optimizer, schedule)
         elapsed = time.perf_counter() - t0
         if step % 25 == 0:
             logger.info("step %d/%d loss %.4f aux %.4f lr %.2e %.0f s", step, args.steps, loss.item(), aux.item(), schedule.get_last_lr()[0], elapsed)  # fmt: skip
