@@ -111,7 +111,8 @@ def test_attention_targets_point_where_the_answer_is():
             assert tokenizer.convert_ids_to_tokens(int(ids[vision_start])) == "<|vision_start|>"
             # the head's share on <|vision_start|> tells the count (no two centers share a token in these scenes)
             assert image[b, vision_start].item() == pytest.approx(1 / (1 + len(s.shapes)))
-            assert set(image[b].nonzero()[:, 0].tolist()) - {vision_start} <= set(image_positions.tolist())
+            led = [image_positions.tolist().index(p) for p in image[b].nonzero()[:, 0].tolist() if p != vision_start]
+            assert {covering(s, grid, cover=1e-6)[i] for i in led} == set(range(len(s.shapes)))  # one per shape, on it
             continue
         index = 0 if s.question_type == "shape" else subject(s)
         on_shape = image_positions[torch.from_numpy(covering(s, grid) == index)]
