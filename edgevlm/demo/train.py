@@ -14,7 +14,8 @@ tokens and chat template. Training has four stages, each seeded and drawing its 
    learns where the shapes' centers are (all of `token_targets`);
 4. the whole model learns to answer (loss on the answer and its <|im_end|>), stage 3's loss kept on the tower, and
    two attention heads of the language model are led, at the token before the answer, to the question's words
-   that name a shape and to that shape's image tokens, in color and left/right questions (`attention_targets`).
+   that name a shape (color and left/right questions) and to the image tokens the answer is read from, in every
+   question (`attention_targets`).
 
 The auxiliary heads are dropped at save. Accuracy is measured on the "val" split every few hundred steps; stage 4
 stops at `--target` accuracy, at the end of its schedule or at `--max-minutes` (counted from the start).
@@ -484,7 +485,7 @@ def train(args: argparse.Namespace) -> Path:
     history += learn_scenes(model.model.visual, heads, processor, val, args)
 
     # Stage 4: the whole model on the answers, the auxiliary loss kept on the vision tokens, and two attention heads
-    # of the language model led to the shape the question names (`attention_targets`).
+    # of the language model led to where the answer is (`attention_targets`).
     vision_tokens, attention = {}, {}
     model.model.visual.register_forward_hook(lambda _m, _i, out: vision_tokens.__setitem__("out", out.pooler_output))
     if args.attend_weight:
@@ -551,10 +552,10 @@ def main(argv: list[str] | None = None) -> None:
         "--attend-weight",
         type=float,
         default=1.0,
-        help="weight of the losses leading two attention heads to the shape a question names (0: off)",
+        help="weight of the losses leading two attention heads to where the answer is (0: off)",
     )
     parser.add_argument("--word-layer", type=int, default=0, help="the layer whose head is led to the question's words")  # fmt: skip
-    parser.add_argument("--image-layer", type=int, default=2, help="the layer whose head is led to the shape's tokens")
+    parser.add_argument("--image-layer", type=int, default=2, help="the layer whose head is led to the answer's image tokens")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     # One thread: on 2 shared cores, 2 torch threads fell to 1.2 s/step whenever another job ran (their spin-waits
     # fight it), 1 thread kept 0.3 s/step. Measured with batch 8, this machine.
