@@ -180,6 +180,7 @@ def run_bench(
             "bundle": str(opened.path),
             "files": {name: entry.size for name, entry in opened.manifest.files.items()},
             "llm_settings": asdict(vlm.llm.settings),
+            "llm_extra_buffers": vlm.llm.repack_weights,  # what `repack_weights` came to (None: auto)
             "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
             "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
             "load_s": load_s,
@@ -200,7 +201,8 @@ def markdown(result: dict) -> str:
     mb = 1e6
     vision = result["vision"]
     summary = (f"bundle {result['bundle']}: load {result['load_s']:.2f} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
-               f"GiB, vision {vision['dtype']} on {', '.join(vision['providers'])}")  # fmt: skip
+               f"GiB, vision {vision['dtype']} on {', '.join(vision['providers'])}, llama.cpp extra buffer types "
+               f"(repacked and AMX weights) {'on' if result['llm_extra_buffers'] else 'off'}")  # fmt: skip
     lines = [summary, ""]
     lines += ["| file | MB |", "|---|---:|"]
     lines += [f"| {name} | {size / mb:.1f} |" for name, size in result["files"].items()]

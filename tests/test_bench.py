@@ -9,6 +9,7 @@ import sys
 import pytest
 
 from edgevlm.bench import image_side_blocks, markdown, plot, run_bench
+from edgevlm.runtimes.llm import cpu_has_amx
 
 
 def test_image_side_blocks_stay_within_the_requested_tokens():
@@ -43,6 +44,9 @@ def test_bench_measures_every_stage_per_image_size(bench_result):
     assert bench_result["load_s"] > 0
     assert bench_result["peak_rss_bytes"] > sum(bench_result["files"].values()) / 10
     assert set(bench_result["files"]) == {"llm-Q8_0.gguf", "vision.onnx", "vision-int8.onnx"}
+    # what the automatic rule chose for llama.cpp's extra buffer types, not the setting (None)
+    assert bench_result["llm_settings"]["repack_weights"] is None
+    assert bench_result["llm_extra_buffers"] is not cpu_has_amx()
 
 
 def test_bench_baseline_is_plain_llama_cpp_on_the_same_gguf(bench_result):
@@ -56,6 +60,8 @@ def test_bench_baseline_is_plain_llama_cpp_on_the_same_gguf(bench_result):
 def test_bench_reports_as_markdown_json_and_plot(bench_result, tmp_path):
     table = markdown(bench_result)
     assert "| 4 | 56x56 |" in table and "| 16 | 112x112 |" in table and "ratio" in table and "text prefill" in table
+    extra_buffers = "on" if bench_result["llm_extra_buffers"] else "off"
+    assert f"extra buffer types (repacked and AMX weights) {extra_buffers}" in table
     json.dumps(bench_result)  # JSON-ready as it is
     pytest.importorskip("matplotlib")
     png = plot(bench_result, tmp_path / "bench.png")

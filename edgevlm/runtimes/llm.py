@@ -71,8 +71,8 @@ class LlamaSettings:
     mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
     mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
     # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
-    # with AMX, where they segfault in llama_decode on multi-token batches of Q8_0/Q4_K_M models with
-    # llama-cpp-python 0.3.36 (reproduced with plain `llama_cpp.Llama` on a Sapphire Rapids Xeon).
+    # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
+    # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
     repack_weights: bool | None = None
 
 
