@@ -180,7 +180,7 @@ def run_bench(
             "bundle": str(opened.path),
             "files": {name: entry.size for name, entry in opened.manifest.files.items()},
             "llm_settings": asdict(vlm.llm.settings),
-            "llm_extra_buffers": vlm.llm.repack_weights,  # what `repack_weights` came to (None: auto)
+            "llm_extra_buffers": vlm.llm.repack_weights,  # what the setting above came to (its None is decided)
             "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
             "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
             "load_s": load_s,
