@@ -101,7 +101,7 @@ class Qwen2VLVisionForExport(nn.Module):
         self.fused_attention = fused_attention
         self.window = WindowAttention.of(visual.config)
         # onnxruntime's kernels take query, key and value as three tensors: three MatMuls write them where one
-        # MatMul and a Split would copy them (the 2B tower runs 5-6% faster so, same outputs; weights are copied)
+        # MatMul and a Split would copy them (the 2B tower runs 3-5% faster so, same outputs; weights are copied)
         self.qkv_parts = nn.ModuleList(_split_linear(block.attn.qkv, 3) for block in visual.blocks) if fused_attention else None  # fmt: skip
 
     def forward(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
