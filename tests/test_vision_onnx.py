@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import subprocess
 import sys
@@ -15,7 +16,7 @@ onnx = pytest.importorskip("onnx")
 
 from edgevlm.exporters import onnx_export  # noqa: E402
 from edgevlm.exporters.qwen2_vl_vision import export_qwen2_vl_vision, find_visual  # noqa: E402
-from edgevlm.runtimes.vision import VisionEncoder, qwen2_vl_patch_positions  # noqa: E402
+from edgevlm.runtimes.vision import VisionEncoder, qwen2_vl_patch_positions, return_freed_memory  # noqa: E402
 
 # Grids not used at export (the export samples (1,4,6), (1,8,8), (1,2,16)) prove the patch axis is not baked in:
 # square, wide, tall, one merged row (h = 2), a single token, and an odd number of merged rows/columns.
@@ -229,3 +230,20 @@ def test_runtime_runs_without_torch(exported):
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc_trim")
+def test_freed_heap_pages_go_back_to_the_os():
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.free.argtypes = [ctypes.c_void_p]
+    size = 64 * 1024  # below glibc's mmap threshold: these blocks live in the heap
+    blocks = [libc.malloc(size) for _ in range(256)]
+    guard = libc.malloc(size)  # keeps the freed blocks below the heap's top, where free() alone leaves them resident
+    for block in blocks:
+        ctypes.memset(block, 1, size)
+        libc.free(block)
+    try:
+        assert return_freed_memory() is True
+    finally:
+        libc.free(guard)
