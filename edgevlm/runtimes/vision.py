@@ -55,7 +55,7 @@ def return_freed_memory() -> bool:
 
     Loading a graph parses it and copies its weights; what onnxruntime frees afterwards stays resident in glibc's
     heaps, by an amount that varies run to run. Trimmed after loading, `edgevlm run` on the 2B bundle peaked at
-    1.95 GiB four times out of four, against 2.08-2.21 GiB untrimmed.
+    1.94-1.95 GiB in 6 runs, against 2.08-2.21 GiB in 8 runs untrimmed.
     """
     if not sys.platform.startswith("linux"):
         return False
