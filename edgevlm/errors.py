@@ -47,3 +47,7 @@ class GrammarError(RequestError):
 
 class ImageNotAllowedError(ImageError):
     """An image source the caller's policy refuses: a remote URL, or a local path outside the allowed directory."""
+
+
+class ModelClosedError(EdgeVLMError):
+    """A loaded model used after `close()`."""

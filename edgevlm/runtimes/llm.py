@@ -228,13 +228,23 @@ class LlamaLM:
             n = llama_cpp.llama_tokenize(self._vocab, data, len(data), tokens, capacity, add_special, parse_special)
         return list(tokens[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        """The bytes of one token (a piece of a UTF-8 character possibly); control tokens render as nothing."""
+    def special_tokens(self) -> dict[int, str]:
+        """The texts of the tokens llama.cpp matches by their text: control, user-defined and unknown ones."""
+        kinds = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_USER_DEFINED | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN  # fmt: skip
+        out = {}
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_get_attr(self._vocab, token) & kinds:
+                out[token] = self.token_bytes(token, special=True).decode("utf-8", errors="replace")
+        return out
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (a piece of a UTF-8 character possibly); control tokens render as nothing unless
+        `special`."""
         buf = ctypes.create_string_buffer(64)
-        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, False)
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, 64, 0, special)
         if n < 0:
             buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, False)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, buf, -n, 0, special)
         return buf.raw[:n]
 
     def is_end_of_generation(self, token: int) -> bool:

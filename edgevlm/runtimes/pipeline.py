@@ -3,20 +3,16 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
 import logging
 import os
 import threading
 import time
-import unicodedata
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
-from jinja2 import Template, TemplateError, nodes
-from jinja2.ext import Extension
-from jinja2.parser import Parser
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from PIL import Image
 
 from ..budget import (
@@ -25,11 +21,12 @@ from ..budget import (
 )  # fmt: skip
 from ..bundle import Bundle
 from ..chat import ChatChunk, ChatResult, ImagePolicy, check_sampling, collect, grammar_for, parse_messages, parse_stop, resolve_image, stop_at  # fmt: skip
-from ..errors import BundleError, ContextOverflowError, ProfileError, RequestError
+from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
 from ..images import PreparedImage, image_size, load_image, preprocess, preprocessing_from_dict
 from ..profiles import Overrides, Profile, resolve_settings
 from .llm import LlamaLM, SamplingParams
 from .positions import image_positions, text_embedding_positions, text_positions
+from .prompt import PromptRenderer, Segment, SpecialTokens, joined
 from .reuse import EmbeddingCache, KVRecord, Unit, image_key
 from .token_embeddings import open_token_embeddings
 from .turns import Turns
@@ -102,29 +99,6 @@ class _Span:
     @property
     def units(self) -> list[Unit]:
         return list(self.tokens) if self.tokens is not None else [self.key]
-
-
-class _GenerationTags(Extension):
-    """`{% generation %}…{% endgeneration %}` (transformers marks assistant text with it, e.g. LLaVA's template):
-    rendered as its body, as transformers renders it."""
-
-    tags: ClassVar[set[str]] = {"generation"}
-
-    def parse(self, parser: Parser) -> nodes.Node:
-        lineno = next(parser.stream).lineno
-        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-        return nodes.Scope(body, lineno=lineno)
-
-
-def _compile_chat_template(template: str) -> Template:
-    """The model's chat template, compiled once in a sandbox (it comes from a file, not from us)."""
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTags])
-
-    def raise_exception(message: str) -> None:
-        raise ValueError(f"chat template: {message}")
-
-    env.globals["raise_exception"] = raise_exception
-    return env.from_string(template)
 
 
 CropArg = Crop | Sequence[Crop | None] | None
@@ -200,8 +174,12 @@ class EdgeVLM:
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
-        self._chat = _compile_chat_template(self.chat_template)
+        specials = SpecialTokens(self.llm.special_tokens())
+        self.prompts = PromptRenderer(self.chat_template, specials, manifest.tokens.image_pad, manifest.llm.text_normalization)  # fmt: skip
         self.turns = Turns()  # one generation at a time; the others wait, first come, first served
+        # held while llama.cpp or onnxruntime runs for this model, so close() never frees what they use
+        self._native = threading.RLock()
+        self._closed = False
         self._kv = KVRecord()  # what the KV cache holds, for reuse by the next request
         self.embedding_cache = EmbeddingCache(EMBEDDING_CACHE_BYTES)
 
@@ -219,27 +197,20 @@ class EdgeVLM:
     # -- prompt ---------------------------------------------------------------------------------------------------
     def render_prompt(self, prompt: str, n_images: int) -> str:
         """The chat-formatted prompt text for one user turn with `n_images` images before the text."""
+        return joined(self._prompt_segments(prompt, n_images))
+
+    def _prompt_segments(self, prompt: str, n_images: int) -> list[Segment]:
         content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
-        return self._chat.render(messages=[{"role": "user", "content": content}], add_generation_prompt=True)
+        return self.prompts.segments([{"role": "user", "content": content}])
 
     def render_messages(self, messages: list[dict[str, Any]]) -> str:
         """The chat-formatted text of a conversation, ending where the assistant speaks next.
 
         `messages` are in the template's form: role and content, a string or parts {"type": "text", "text": …} and
-        {"type": "image"} (`edgevlm.chat.parse_messages` makes them from OpenAI-style messages).
+        {"type": "image"} (`edgevlm.chat.parse_messages` makes them from OpenAI-style messages). Their texts are
+        text: special tokens' texts in them are never parsed as special tokens (`edgevlm.runtimes.prompt`).
         """
-        try:
-            return self._chat.render(messages=messages, add_generation_prompt=True)
-        except (TemplateError, ValueError) as err:
-            raise RequestError(f"the model's chat template refused these messages: {err}") from err
-
-    def _text_pieces(self, rendered: str) -> list[list[int]]:
-        """Tokens of the text between image placeholders: one more piece than there are image spans. The first
-        piece starts with the GGUF's BOS token when its tokenizer adds one (Llama's `<s>`), as transformers'."""
-        if self.manifest.llm.text_normalization:
-            rendered = unicodedata.normalize(self.manifest.llm.text_normalization, rendered)
-        pieces = rendered.split(self.manifest.tokens.image_pad)
-        return [self.llm.tokenize(piece, add_special=i == 0) if piece or i == 0 else [] for i, piece in enumerate(pieces)]  # fmt: skip
+        return joined(self.prompts.segments(messages))
 
     def resolve_limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
         """The token limits in force for a request: request > cli (this object's) > profile > bundle."""
@@ -260,12 +231,13 @@ class EdgeVLM:
         """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding)."""
         requests = _image_requests([image_size(image) for image in images], crop, tiles)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        return self._plan(lambda n: self.render_prompt(prompt, n), requests, max_new_tokens, request_limits)[0]
+        return self._plan(lambda n: self._prompt_segments(prompt, n), requests, max_new_tokens, request_limits)[0]
 
-    def _plan(self, render: Callable[[int], str], requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
-        """Plan the image spans; `render(n_spans)` gives the prompt text with one image placeholder per span."""
+    def _plan(self, render: Callable[[int], list[Segment]], requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
+        """Plan the image spans; `render(n_spans)` gives the prompt with one image placeholder per span."""
         n_spans = count_spans(requests, self.preprocessing)
-        pieces = self._text_pieces(render(n_spans))
+        with self._using():
+            pieces = self.prompts.pieces(render(n_spans), self.llm)
         if len(pieces) - 1 != n_spans:
             raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {n_spans} image spans were planned "
                              f"(is {self.manifest.tokens.image_pad} in the prompt text?)")  # fmt: skip
@@ -275,7 +247,7 @@ class EdgeVLM:
         )  # fmt: skip
         return plan, pieces
 
-    def _prepare(self, render: Callable[[int], str], images: Sequence[Any], max_new_tokens: int,
+    def _prepare(self, render: Callable[[int], list[Segment]], images: Sequence[Any], max_new_tokens: int,
                  request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> tuple[list[_Span], BudgetPlan]:  # fmt: skip
         """Decode the images, plan their spans, and cut/resize/patchify each span exactly as planned."""
         loaded = [load_image(image) for image in images]
@@ -323,7 +295,7 @@ class EdgeVLM:
         """
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        yield from self._stream(lambda n: self.render_prompt(prompt, n), images, max_new_tokens, sampling,
+        yield from self._stream(lambda n: self._prompt_segments(prompt, n), images, max_new_tokens, sampling,
                                 request_limits, crop, tiles, cancel)  # fmt: skip
 
     def chat(
@@ -365,15 +337,16 @@ class EdgeVLM:
         images = [load_image(resolve_image(source, image_policy or ImagePolicy())) for source in sources]
         grammar = grammar_for(response_format)
         if grammar is not None:
-            self.llm.check_grammar(grammar)
+            with self._using():
+                self.llm.check_grammar(grammar)
         stops = parse_stop(stop)
-        rendered = self.render_messages(template_messages)
+        segments = self.prompts.segments(template_messages)
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
-        steps = self._stream(lambda n: rendered, images, max_tokens, sampling, BudgetLimits(max_image_tokens), None, None, cancel)  # fmt: skip
+        steps = self._stream(lambda n: segments, images, max_tokens, sampling, BudgetLimits(max_image_tokens), None, None, cancel)  # fmt: skip
         chunks = stop_at(steps, stops)
         return chunks if stream else collect(chunks)
 
-    def _stream(self, render: Callable[[int], str], images: Sequence[Any], max_new_tokens: int, sampling: SamplingParams,
+    def _stream(self, render: Callable[[int], list[Segment]], images: Sequence[Any], max_new_tokens: int, sampling: SamplingParams,
                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None,
                 cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
         """Wait for the model, then prepare, encode, prefill and stream one request.
@@ -385,30 +358,43 @@ class EdgeVLM:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         t_queue = time.perf_counter()
         if not self.turns.take(cancel):
+            self._check_open()
             yield GenerationStep("", None, "cancelled", Timings(queue_ms=(time.perf_counter() - t_queue) * 1000))
             return
         try:
             timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000)
             t_begin = time.perf_counter()
-            spans, _ = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
-            timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
-            timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
-            timings.n_image_tokens = sum(s.image.n_tokens for s in spans if s.image is not None)
-            n_prompt = timings.n_prompt_tokens + timings.n_image_tokens
-            if n_prompt + 1 > self.llm.n_ctx:  # text only: the planner reserved room whenever there are images
-                raise ContextOverflowError(
-                    f"the prompt needs {n_prompt} tokens ({timings.n_prompt_tokens} text + {timings.n_image_tokens} "
-                    f"image) plus at least 1 to generate, but the context holds {self.llm.n_ctx}; shorten the prompt, "
-                    "use fewer or smaller images, or load with a larger n_ctx."
-                )
-            self.llm.set_sampling(sampling)
-            position = self._prefill(spans, timings, cancel)
+            with self._using():
+                spans, _ = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
+                timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
+                position = self._prefill_request(spans, sampling, timings, cancel)
             if position is None:
                 yield GenerationStep("", None, "cancelled", timings)
                 return
-            yield from self._decode_loop(position, max_new_tokens, timings, t_begin, cancel)
+            steps = self._decode_loop(position, max_new_tokens, timings, t_begin, cancel)
+            while True:
+                with self._native:  # one token's native work at a time; close() frees the model between tokens
+                    step = GenerationStep("", None, "cancelled", timings) if self._closed else next(steps)
+                yield step
+                if step.finish_reason is not None:
+                    return
         finally:
             self.turns.give_back()
+
+    def _prefill_request(self, spans: list[_Span], sampling: SamplingParams, timings: Timings,
+                         cancel: threading.Event | None) -> int | None:  # fmt: skip
+        """Check that the prompt fits, set the sampler and prefill: the next text position, or None when cancelled."""
+        timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
+        timings.n_image_tokens = sum(s.image.n_tokens for s in spans if s.image is not None)
+        n_prompt = timings.n_prompt_tokens + timings.n_image_tokens
+        if n_prompt + 1 > self.llm.n_ctx:  # text only: the planner reserved room whenever there are images
+            raise ContextOverflowError(
+                f"the prompt needs {n_prompt} tokens ({timings.n_prompt_tokens} text + {timings.n_image_tokens} "
+                f"image) plus at least 1 to generate, but the context holds {self.llm.n_ctx}; shorten the prompt, "
+                "use fewer or smaller images, or load with a larger n_ctx."
+            )
+        self.llm.set_sampling(sampling)
+        return self._prefill(spans, timings, cancel)
 
     def _prefill(self, spans: list[_Span], timings: Timings, cancel: threading.Event | None) -> int | None:
         """Make the KV cache hold the prompt, decoding only what the previous request did not leave there.
@@ -520,14 +506,14 @@ class EdgeVLM:
 
     def clear_caches(self) -> None:
         """Forget the reusable KV prefix and the cached image embeddings: the next request starts cold."""
-        with self.turns.hold():
+        with self._exclusive():
             self._forget()
             self.embedding_cache.clear()
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
-        spans, _ = self._prepare(lambda n: self.render_prompt(prompt, n), images, 0, BudgetLimits(), None, None)
-        with self.turns.hold():
+        spans, _ = self._prepare(lambda n: self._prompt_segments(prompt, n), images, 0, BudgetLimits(), None, None)
+        with self._exclusive():
             self._forget()  # every position's logits: decode from scratch; the cache is not recorded for reuse
             position = 0
             rows = []
@@ -577,6 +563,42 @@ class EdgeVLM:
             raise
         self._kv.append(token, position, 1, position + 1)
 
+    # -- lifetime -------------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _using(self) -> Iterator[None]:
+        """Hold the model's native parts for a piece of work; a closed model raises `ModelClosedError`."""
+        with self._native:
+            self._check_open()
+            yield
+
+    @contextlib.contextmanager
+    def _exclusive(self) -> Iterator[None]:
+        """The model's turn and its native parts, for work outside generation (parity logits, clearing caches)."""
+        if not self.turns.take():
+            self._check_open()
+        try:
+            with self._using():
+                yield
+        finally:
+            self.turns.give_back()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise ModelClosedError("this model was closed (EdgeVLM.close()); load the bundle again with edgevlm.load()")
+
     def close(self) -> None:
-        self.llm.close()
-        self.token_embeddings = None  # unmaps the GGUF's embedding rows
+        """Free the model. A generation running in another thread ends before its next token (finish_reason
+        "cancelled"), requests waiting for their turn and every later call raise `ModelClosedError`. Waits for
+        llama.cpp or onnxruntime work in progress (at most one token's or one prefill's). Closing twice is fine."""
+        self._closed = True  # before the lock: waiters and the running generation stop at their next step
+        self.turns.close()
+        with self._native:
+            self.llm.close()
+            self.vision.close()
+            self.token_embeddings = None  # unmaps the GGUF's embedding rows
+
+    def __enter__(self) -> EdgeVLM:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from collections import deque
-from collections.abc import Iterator
 
 
 class Turns:
@@ -19,21 +17,24 @@ class Turns:
         self._changed = threading.Condition()
         self._line: deque[object] = deque()
         self._busy = False
+        self._closed = False
 
     @property
     def n_waiting(self) -> int:
         return len(self._line)
 
     def take(self, cancel: threading.Event | None = None) -> bool:
-        """Wait for this caller's turn; False (without the turn) if `cancel` is set first."""
+        """Wait for this caller's turn; False (without the turn) if `cancel` is set or the line is closed first."""
         me = object()
         with self._changed:
             self._line.append(me)
             try:
                 while self._busy or self._line[0] is not me:
-                    if cancel is not None and cancel.is_set():
+                    if self._closed or (cancel is not None and cancel.is_set()):
                         return False
                     self._changed.wait(timeout=None if cancel is None else 0.05)
+                if self._closed:
+                    return False
                 self._busy = True
                 return True
             finally:
@@ -47,10 +48,8 @@ class Turns:
             self._busy = False
             self._changed.notify_all()
 
-    @contextlib.contextmanager
-    def hold(self) -> Iterator[None]:
-        self.take()
-        try:
-            yield
-        finally:
-            self.give_back()
+    def close(self) -> None:
+        """Turn away every waiter and every later caller: `take` returns False from now on."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()

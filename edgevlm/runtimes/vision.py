@@ -140,6 +140,10 @@ class VisionEncoder:
         return_freed_memory()
         logger.info("vision graph %s on %s", onnx_path, self.providers)
 
+    def close(self) -> None:
+        """Release the onnxruntime session (its weights and buffers); `encode` may not be called afterwards."""
+        self.vision_session = None
+
     @property
     def providers(self) -> list[str]:
         """Execution providers the session really runs on (onnxruntime drops ones it cannot use)."""
