@@ -174,7 +174,7 @@ class EdgeVLM:
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
-        specials = SpecialTokens(self.llm.special_tokens())
+        specials = SpecialTokens(self.llm.special_tokens(), also=(manifest.tokens.image_pad,))
         self.prompts = PromptRenderer(self.chat_template, specials, manifest.tokens.image_pad, manifest.llm.text_normalization)  # fmt: skip
         self.turns = Turns()  # one generation at a time; the others wait, first come, first served
         # held while llama.cpp or onnxruntime runs for this model, so close() never frees what they use

@@ -66,9 +66,10 @@ class Tokenizer(Protocol):
 class SpecialTokens:
     """The vocabulary's special tokens (control, user-defined, unknown: what llama.cpp matches by their text)."""
 
-    def __init__(self, texts_by_id: Mapping[int, str]):
+    def __init__(self, texts_by_id: Mapping[int, str], also: Sequence[str] = ()):
+        """`also`: more texts a request's text must not form (the image placeholder, whatever its token type)."""
         self.texts_by_id = dict(texts_by_id)
-        self._texts = tuple({text for text in self.texts_by_id.values() if text})
+        self._texts = tuple({text for text in (*self.texts_by_id.values(), *also) if text})
 
     def may_form(self, text: str) -> bool:
         """Whether `text` holds a special token's text, or could form one with the text before or after it: it
