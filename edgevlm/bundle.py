@@ -461,4 +461,3 @@ def _is_running(pid: int, start: int) -> bool:
         pass
     actual = _process_start(pid)
     return start == 0 or actual is None or actual == start
-

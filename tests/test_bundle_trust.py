@@ -23,7 +23,9 @@ from edgevlm.integrity import CACHE_DIR_ENV, sha256_file
 
 
 def edgevlm_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "edgevlm.cli", *args], capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "edgevlm.cli", *args], check=False, capture_output=True, text=True, timeout=300
+    )
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, command: str, *fragments: str) -> None:

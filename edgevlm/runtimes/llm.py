@@ -36,7 +36,7 @@ _interrupts: list[BaseException] = []
 def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
     try:
         _log_llama_message(level, text)
-    except BaseException as exc:
+    except BaseException as exc:  # noqa: BLE001 (kept for `deliver_interrupts`, which raises it)
         _interrupts.append(exc)
 
 
