@@ -288,7 +288,7 @@ def _verify(args: argparse.Namespace) -> int:
     from .bundle import Bundle
 
     bundle = Bundle.open(args.bundle)
-    for name in bundle.verify():  # every file, hashed again
+    for name in bundle.verify():
         print(f"ok  {name}")
     print(f"{args.bundle}: all {len(bundle.manifest.files)} files match their sha256")
     return 0
