@@ -31,17 +31,23 @@ __all__ = [
 ]  # fmt: skip
 
 
-def load(bundle: str | os.PathLike | Bundle, profile: str | os.PathLike | Profile = "auto", **overrides) -> EdgeVLM:
+def load(
+    bundle: str | os.PathLike | Bundle, profile: str | os.PathLike | Profile = "auto", *, verify: bool = True, **overrides
+) -> EdgeVLM:
     """Load a bundle for generation with a hardware profile: "auto" (detect this machine), a shipped name ("cpu",
     "cuda", "jetson-orin-nano", ...; `edgevlm profiles` lists them), a TOML file or a `edgevlm.profiles.Profile`.
 
-    Overrides beat the profile: n_ctx, n_threads, n_gpu_layers, vision_dtype, providers (onnxruntime names or
-    (name, options) pairs), max_image_tokens, min_image_tokens, image_budget.
+    `verify` checks every bundle file's sha256 before loading, the first time this device sees the file; later
+    loads only compare sizes and times with the record of verified files (`edgevlm.integrity`). A file that fails
+    raises BundleError. Overrides beat the profile: n_ctx, n_threads, n_gpu_layers, vision_dtype, providers
+    (onnxruntime names or (name, options) pairs), max_image_tokens, min_image_tokens, image_budget.
     """
     from .runtimes.pipeline import EdgeVLM
 
     if not isinstance(bundle, Bundle):
         bundle = Bundle.open(bundle)
+    if verify:
+        bundle.verify(cached=True)
     return EdgeVLM(bundle, profile=profile, **overrides)
 
 

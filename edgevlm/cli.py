@@ -3,29 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
+import signal
 import sys
 import time
+from collections.abc import Iterator
 
 from .errors import EdgeVLMError
 
 QUANT_FLAGS = {"int4": "Q4_K_M", "int8": "Q8_0", "f16": "F16", "f32": "F32"}
+NO_VERIFY_HELP = "skip the sha256 check of the bundle's files (default: checked the first time this device loads them)"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an interruption so that `with` blocks clean up on the way out (an export's partial folder)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def _sigterm_interrupts() -> Iterator[None]:
+    def interrupt(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _export(args: argparse.Namespace) -> int:
     from .exporters import export
 
     quantization = next((q for flag, q in QUANT_FLAGS.items() if getattr(args, flag)), "Q4_K_M")
-    out = export(
-        args.model,
-        args.output,
-        quantization=quantization,
-        vision_dtypes=_export_vision_dtypes(args.vision_dtype or [], args.profile or []),
-        force=args.force,
-        verify=args.verify,
-        max_image_tokens=args.max_image_tokens,
-    )
+    with _sigterm_interrupts():  # SIGINT raises KeyboardInterrupt already; either removes the partial bundle
+        out = export(
+            args.model,
+            args.output,
+            quantization=quantization,
+            vision_dtypes=_export_vision_dtypes(args.vision_dtype or [], args.profile or []),
+            force=args.force,
+            verify=args.verify,
+            max_image_tokens=args.max_image_tokens,
+        )
     print(f"bundle written to {out}")
     return 0
 
@@ -49,6 +72,7 @@ def _run(args: argparse.Namespace) -> int:
     vlm = edgevlm.load(
         args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
         max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
+        verify=not args.no_verify,
     )  # fmt: skip
     load_s = time.perf_counter() - t0
     last = None
@@ -190,6 +214,7 @@ def _serve(args: argparse.Namespace) -> int:
     vlm = edgevlm.load(
         args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
         max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
+        verify=not args.no_verify,
     )  # fmt: skip
     if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
         print(f"edgevlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
@@ -359,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None,
                    help="vision graph precision (default: the profile's preference the bundle has)")  # fmt: skip
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     _add_budget_flags(p)
     p.set_defaults(handler=_run)
 
@@ -419,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-image-tokens", type=int, help="most visual tokens per image (default: the bundle's)")
     p.add_argument("--min-image-tokens", type=int, help="fewest visual tokens per image (default: the model's)")
     p.add_argument("--image-budget", type=int, help="most visual tokens for all images of a request")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     p.set_defaults(handler=_serve)
 
     p = sub.add_parser("profiles", help="list hardware profiles and which one auto picks here")
@@ -449,8 +476,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as e:
         print(f"edgevlm {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM during an export (`Terminated`)
+        signum = getattr(e, "signum", signal.SIGINT)
+        print(f"edgevlm {args.command}: interrupted ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ os.environ.setdefault("EDGEVLM_PROFILE", "cpu")
 from edgevlm.exporters.verify import sample_image as random_image  # noqa: F401  (tests import it from here)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def verified_files_cache(tmp_path_factory) -> Path:
+    """The record of bundle files `edgevlm.load` has hashed: one per session (each file hashed once), never the
+    user's ~/.cache. Subprocesses inherit it."""
+    os.environ.setdefault("EDGEVLM_CACHE_DIR", str(tmp_path_factory.mktemp("edgevlm-cache")))
+    return Path(os.environ["EDGEVLM_CACHE_DIR"])
+
+
 def random_frame(seed: int, size: tuple[int, int]) -> np.ndarray:
     """A random (height, width, 3) uint8 camera frame."""
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
-from ..bundle import Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
+from ..bundle import VISION_DTYPES, Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..images import Preprocessing
 from ..progress import stage
@@ -21,7 +21,6 @@ from .gguf import quantize_gguf
 logger = logging.getLogger(__name__)
 
 QUANTIZATIONS = ("Q4_K_M", "Q8_0", "F16", "F32")
-VISION_DTYPES = ("fp32", "fp16", "int8")
 # files a VLM export needs from a hub repository (not the optimizer states, not other formats)
 HUB_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
 
@@ -122,9 +121,10 @@ def export(
             edgevlm_version=__version__,
         )
         if verify:
+            from ..runtimes.llm import deliver_interrupts
             from .verify import verify_bundle
 
-            with stage("verifying the bundle against transformers"):
+            with stage("verifying the bundle against transformers"), deliver_interrupts():  # Ctrl-C in llama.cpp
                 report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, loaded)
             manifest = dataclasses.replace(manifest, validation={**manifest.validation, "end_to_end": report})
         return writer.commit(manifest)

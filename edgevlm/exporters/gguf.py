@@ -22,6 +22,8 @@ import numpy as np
 from edgevlm.errors import EdgeVLMError
 from edgevlm.gguf_header import GGUF_MAGIC, read_gguf_header
 
+from .quantize_process import run_quantizer
+
 logger = logging.getLogger(__name__)
 
 # A zero-argument callable returning a fresh iterator of (gguf_tensor_name, array). The writer walks it twice:
@@ -415,7 +417,8 @@ def quantize_gguf(src_path: str | Path, dst_path: str | Path, qtype: str, *, n_t
 
     `qtype` is one of `QUANT_FTYPES` ("F16", "Q8_0", "Q4_K_M", ...). K-quants need every row length to be a
     multiple of 256; llama.cpp falls back to another type for tensors that are not. The output is written to
-    `<dst>.partial` and renamed on success; on failure nothing is left at `dst_path`.
+    `<dst>.partial` and renamed on success; on failure or interruption nothing is left at `dst_path`. llama.cpp
+    runs in a child process (`quantize_process`), killed if this one is interrupted.
     """
     qtype_key = qtype.upper()
     if qtype_key not in QUANT_FTYPES:
@@ -431,24 +434,11 @@ def quantize_gguf(src_path: str | Path, dst_path: str | Path, qtype: str, *, n_t
         raise FileNotFoundError(f"output directory {dst_path.parent} does not exist")
     if dst_path.resolve() == src_path.resolve():
         raise ValueError(f"quantizing {src_path} onto itself; choose another output path")
-    try:
-        import llama_cpp
-
-        from ..runtimes.llm import collect_llama_errors  # also routes llama.cpp's log to `logging`
-    except ImportError as e:
-        raise ImportError("quantizing needs llama-cpp-python: pip install llama-cpp-python") from e
-
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = getattr(llama_cpp, QUANT_FTYPES[qtype_key])
-    if n_threads is not None:
-        params.nthread = n_threads
     partial = dst_path.with_name(dst_path.name + ".partial")
     logger.info("quantizing %s → %s (%s)", src_path, dst_path, qtype_key)
     try:
-        with collect_llama_errors() as errors:
-            rc = llama_cpp.llama_model_quantize(str(src_path).encode(), str(partial).encode(), params)
-        if rc != 0:
-            reason = " ".join(line.strip() for line in errors) or "no error message from llama.cpp"
+        reason = run_quantizer(src_path, partial, QUANT_FTYPES[qtype_key], n_threads)  # a child process: interruptible
+        if reason is not None:
             raise QuantizationError(f"llama.cpp could not quantize {src_path} to {qtype_key}: {reason}")
         os.replace(partial, dst_path)
     finally:

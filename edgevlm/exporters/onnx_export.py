@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgevlm.bundle import external_data_name
 from edgevlm.errors import ExportValidationError
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,7 @@ def _require(module_name: str):
 def onnx_data_path(path: str | Path) -> Path:
     """The external data file that belongs to graph `path` when its weights do not fit inside it."""
     path = Path(path)
-    return path.with_name(path.name + ".data")
+    return path.with_name(external_data_name(path.name))
 
 
 def _save_model(model, path: Path, n_weight_bytes: int) -> None:

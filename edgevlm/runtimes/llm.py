@@ -27,10 +27,32 @@ _llama_logger = logging.getLogger("edgevlm.llama_cpp")
 _GGML_LOG_LEVELS = {0: logging.CRITICAL, 1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
 _last_level = logging.DEBUG
 _error_sinks: list[list[str]] = []
+# Exceptions raised inside the log callback, i.e. by a signal handler (Ctrl-C) that ran there: ctypes cannot pass
+# them through llama.cpp's C frames and would drop them. `deliver_interrupts` raises them once the C call returns.
+_interrupts: list[BaseException] = []
 
 
 @llama_cpp.llama_log_callback
 def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+    try:
+        _log_llama_message(level, text)
+    except BaseException as exc:  # noqa: BLE001 (kept for `deliver_interrupts`, which raises it)
+        _interrupts.append(exc)
+
+
+@contextlib.contextmanager
+def deliver_interrupts() -> Iterator[None]:
+    """Raise, when the block ends, the first interruption (KeyboardInterrupt, a signal handler's exception) that
+    arrived while llama.cpp's C code ran inside the block: there it reached only the log callback."""
+    _interrupts.clear()
+    yield
+    if _interrupts:
+        exc = _interrupts[0]
+        _interrupts.clear()
+        raise exc
+
+
+def _log_llama_message(level: int, text: bytes) -> None:
     global _last_level
     _last_level = _GGML_LOG_LEVELS.get(level, _last_level)
     message = text.decode("utf-8", errors="replace").rstrip("\n")
