@@ -20,7 +20,7 @@ from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
-CACHE_DIR_ENV = "EDGEVLM_CACHE_DIR"
+CACHE_DIR_ENV = "EDGEVLM_CACHE"
 VERIFIED_FILE_NAME = "verified.json"
 _CACHE_FORMAT = 1
 
@@ -34,9 +34,9 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
 
 
 def cache_dir() -> Path:
-    """edgevlm's cache directory: $EDGEVLM_CACHE_DIR, else $XDG_CACHE_HOME/edgevlm, else ~/.cache/edgevlm."""
+    """edgevlm's cache directory (verified files, the demo's bundles and scenes): $EDGEVLM_CACHE, else $XDG_CACHE_HOME/edgevlm, else ~/.cache/edgevlm."""
     if os.environ.get(CACHE_DIR_ENV):
-        return Path(os.environ[CACHE_DIR_ENV])
+        return Path(os.environ[CACHE_DIR_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg and Path(xdg).is_absolute() else Path.home() / ".cache") / "edgevlm"
 

@@ -17,14 +17,15 @@ from PIL import Image
 os.environ.setdefault("EDGEVLM_PROFILE", "cpu")
 
 from edgevlm.exporters.verify import sample_image as random_image  # noqa: F401  (tests import it from here)
+from edgevlm.integrity import CACHE_DIR_ENV
 
 
 @pytest.fixture(scope="session", autouse=True)
 def verified_files_cache(tmp_path_factory) -> Path:
     """The record of bundle files `edgevlm.load` has hashed: one per session (each file hashed once), never the
     user's ~/.cache. Subprocesses inherit it."""
-    os.environ.setdefault("EDGEVLM_CACHE_DIR", str(tmp_path_factory.mktemp("edgevlm-cache")))
-    return Path(os.environ["EDGEVLM_CACHE_DIR"])
+    os.environ.setdefault(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("edgevlm-cache")))
+    return Path(os.environ[CACHE_DIR_ENV])
 
 
 def random_frame(seed: int, size: tuple[int, int]) -> np.ndarray:

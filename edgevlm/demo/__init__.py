@@ -8,12 +8,12 @@ answer next to the expected one. Drawing and answering need no torch; the one-ti
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..integrity import cache_dir
 from .scenes import Scene, scene
 
 MODEL_DIR = Path(__file__).resolve().parent / "model"
@@ -32,18 +32,13 @@ class DemoResult:
     timings: object  # the last step's `Timings` from the runtime
 
 
-def cache_root() -> Path:
-    """Where demo bundles and scenes go: $EDGEVLM_CACHE, else ~/.cache/edgevlm."""
-    return Path(os.environ.get("EDGEVLM_CACHE") or Path.home() / ".cache" / "edgevlm").expanduser()
-
-
 def demo_bundle(quantization: str = "Q4_K_M", cache: Path | None = None) -> tuple[Path, float]:
     """The demo model's bundle in `quantization` (fp32 and int8 vision), exported on first use: (path, export s).
 
     The directory name carries a digest of the checkpoint, so a new edgevlm version with a retrained model exports
     again instead of reusing a stale bundle.
     """
-    bundle = (cache or cache_root()) / f"demo-{quantization}-{_checkpoint_digest()}"
+    bundle = (cache or cache_dir()) / f"demo-{quantization}-{_checkpoint_digest()}"
     if (bundle / "edgevlm.json").is_file():
         return bundle, 0.0
     try:
@@ -82,7 +77,7 @@ def run_demo(
     (with hardware profile `profile`, see `edgevlm.load`)."""
     import edgevlm
 
-    cache = cache or cache_root()
+    cache = cache or cache_dir()
     seed = secrets.randbelow(2**31) if seed is None else seed
     demo_scene = scene(seed, "demo", question_type)  # checks question_type before any export
     bundle, export_s = demo_bundle(quantization, cache)
