@@ -47,3 +47,7 @@ class GrammarError(RequestError):
 
 class ImageNotAllowedError(ImageError):
     """An image source the caller's policy refuses: a remote URL, or a local path outside the allowed directory."""
+
+
+class ServerSettingsError(EdgeVLMError, ValueError):
+    """Server settings that are invalid: an empty API key, a limit or timeout that is not positive."""
