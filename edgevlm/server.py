@@ -8,7 +8,10 @@ disconnects cancels its request (within one token). Endpoints:
   whole, with `usage` and edgevlm's `timings`;
 - `GET /v1/models`, `GET /v1/models/{id}`: the one model; `GET /health`: liveness and the queue.
 
-Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`.
+Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`, whatever fails (uvicorn's own
+answers included). Against slow, many or hostile clients (`ServerSettings`, each with a flag): header, body and
+keep-alive timeouts, a connection limit, a request deadline that cancels the generation, and limits on the body's
+size, its JSON nesting and its number of messages; `edgevlm.chat` bounds grammars and stop strings.
 """
 
 from __future__ import annotations
@@ -214,6 +217,8 @@ class ChatServer:
                                 code="invalid_request").response()  # fmt: skip
             finish = first.finish_reason if stream else answer.finish_reason
             if finish == "cancelled" and deadline.expired:
+                if stream:
+                    await anyio.to_thread.run_sync(answer.close)
                 self.stats.timed_out += 1
                 return self._timeout_error().response()
             if not stream:

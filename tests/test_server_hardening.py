@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_server import ENDLESS, _free_port, running
 
@@ -329,7 +329,7 @@ def test_loopback_hosts_are_told_from_others():
 # -- a fuzzer for request bodies -------------------------------------------------------------------------------------
 
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False) | st.text(max_size=20),
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
     max_leaves=12,
 )
@@ -340,6 +340,7 @@ _content = st.text(max_size=40) | st.lists(
 ) | _json  # fmt: skip
 _message = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]) | _json},
                                  optional={"content": _content})  # fmt: skip
+_user_text = st.fixed_dictionaries({"role": st.just("user"), "content": st.text(min_size=1, max_size=40)})
 _response_format = st.one_of(
     _json,
     st.fixed_dictionaries({"type": st.sampled_from(["text", "json_object", "json_schema", "gbnf", "xml"])},
@@ -347,12 +348,22 @@ _response_format = st.one_of(
 )  # fmt: skip
 _body = st.fixed_dictionaries(
     {"max_tokens": st.integers(1, 3) | _json},  # valid values stay small: each valid request generates
-    optional={"messages": st.lists(_message, max_size=MAX_MESSAGES + 2) | _json, "stream": st.booleans() | _json,
+    optional={"messages": st.lists(_user_text, min_size=1, max_size=3) | st.lists(_message, max_size=MAX_MESSAGES + 2) | _json,
+              "stream": st.booleans() | _json,
               "stop": st.text(max_size=5) | st.lists(st.text(max_size=5), max_size=4) | _json,
               "response_format": _response_format, "temperature": st.floats(0, 2) | _json,
               "top_p": st.floats(0, 1) | _json, "top_k": st.integers(-5, 100) | _json,
-              "seed": st.integers(-(2**65), 2**65) | _json, "n": st.integers(0, 2) | _json, "model": _json,
+              "seed": st.integers(-(2**65), 2**65) | _json, "n": st.integers(0, 2) | _json, "model": st.none() | _json,
               "stream_options": _json, "max_image_tokens": _json},
+)  # fmt: skip
+
+_valid_body = st.fixed_dictionaries(
+    {"messages": st.lists(_user_text, min_size=1, max_size=3), "max_tokens": st.integers(1, 3)},
+    optional={"stream": st.booleans(), "stop": st.lists(st.text(min_size=1, max_size=5), max_size=4),
+              "response_format": st.sampled_from([{"type": "text"}, {"type": "json_object"}, {"type": "gbnf", "grammar": 'root ::= [a-z]+'},
+                                                  {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}]),
+              "temperature": st.floats(0, 2), "top_p": st.floats(0, 1), "top_k": st.integers(0, 100),
+              "seed": st.integers(0, 2**32), "stream_options": st.fixed_dictionaries({"include_usage": st.booleans()})},
 )  # fmt: skip
 
 
@@ -372,10 +383,11 @@ def _check_reply(response: httpx.Response, stream: bool) -> None:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-@given(body=_body)
+@given(body=_valid_body | _body)
 def test_fuzzed_request_bodies_get_json_answers_never_500(serve, body):
     base, proc = serve
     response = post(base, body, timeout=60)
+    event(f"HTTP {response.status_code}")  # pytest --hypothesis-show-statistics shows the mix
     _check_reply(response, body.get("stream") is True)
     assert proc.poll() is None
 
