@@ -199,6 +199,7 @@ def _serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(
         model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key, image_policy=policy,
         max_body_bytes=max_body, max_queue=args.queue, max_messages=args.max_messages,
+        max_text_chars=args.max_text_chars,
         request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
         keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
     )  # fmt: skip
@@ -429,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default: 20 MB)")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (default: 16)")
     p.add_argument("--max-messages", type=int, default=256, help="most messages in one request (default: 256)")
+    p.add_argument("--max-text-chars", type=int, default=2**20,
+                   help="most characters of text in one request (default: 1048576)")  # fmt: skip
     p.add_argument("--max-connections", type=int, default=64,
                    help="most open connections; more get 503 and are closed (default: 64)")  # fmt: skip
     p.add_argument("--request-timeout", type=float, default=300.0, metavar="S",

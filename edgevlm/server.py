@@ -72,9 +72,12 @@ class ServerSettings:
     max_body_bytes: int = 20 * 2**20  # --max-body-mb
     max_queue: int = 16  # requests waiting for the model besides the one it is answering (--queue)
     max_messages: int = 256  # messages in one request (--max-messages)
-    request_timeout_s: float = 300.0  # from a request's arrival to its last token; then it is cancelled (--request-timeout)
+    # characters of text in one request: far more than any context holds, far less than tokenizing 20 MB costs
+    # (19M characters: 3 s holding the model and +1.2 GB of memory, to learn that they do not fit)
+    max_text_chars: int = 2**20  # --max-text-chars
+    request_timeout_s: float = 300.0  # arrival to last token, then cancelled (--request-timeout)
     body_timeout_s: float = 30.0  # to receive a request's whole body (--body-timeout)
-    header_timeout_s: float = 10.0  # to receive a request's headers, from connecting or the previous answer (--header-timeout)
+    header_timeout_s: float = 10.0  # to receive request headers after connecting or an answer (--header-timeout)
     keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this (--keep-alive-timeout)
     max_connections: int = 64  # open connections; more are answered 503 and closed (--max-connections)
 
@@ -84,6 +87,7 @@ class ServerSettings:
                                       "without one (loopback only is the default)")  # fmt: skip
         positive = {"max_body_bytes (--max-body-mb)": self.max_body_bytes,
                     "max_messages (--max-messages)": self.max_messages,
+                    "max_text_chars (--max-text-chars)": self.max_text_chars,
                     "request_timeout_s (--request-timeout)": self.request_timeout_s,
                     "body_timeout_s (--body-timeout)": self.body_timeout_s,
                     "header_timeout_s (--header-timeout)": self.header_timeout_s,
@@ -293,6 +297,11 @@ class ChatServer:
             raise ApiError(400, f"'messages' has {len(messages)} messages; this server takes at most "
                                 f"{self.settings.max_messages} (--max-messages)", param="messages",
                            code="too_many_messages")  # fmt: skip
+        n_chars = _text_chars(messages)
+        if n_chars > self.settings.max_text_chars:
+            raise ApiError(400, f"the messages hold {n_chars} characters of text; this server takes at most "
+                                f"{self.settings.max_text_chars} (--max-text-chars), far more than the context window "
+                                "holds", param="messages", code="text_too_long")  # fmt: skip
         stream = payload.get("stream") or False
         if not isinstance(stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
@@ -404,6 +413,16 @@ class _Deadline:
 
     def stop(self) -> None:
         self._timer.cancel()
+
+
+def _text_chars(messages: Any) -> int:
+    """Characters of text in request messages of any shape (their shape is checked later)."""
+    if not isinstance(messages, list):
+        return 0
+    contents = [m.get("content") for m in messages if isinstance(m, dict)]
+    parts = [p for c in contents if isinstance(c, list) for p in c if isinstance(p, dict)]
+    texts = [c for c in contents if isinstance(c, str)] + [p["text"] for p in parts if isinstance(p.get("text"), str)]
+    return sum(map(len, texts))
 
 
 def _next_chunk(chunks: Iterator[ChatChunk]) -> ChatChunk:

@@ -191,23 +191,24 @@ def test_malformed_bodies_get_json_4xx(serve, image_dir):
         (post(base, b'{"messages": ' + b"[" * 100_000), 400, "deep"),
         (post(base, {"messages": HELLO, "max_tokens": 2, "metadata": json.loads("[" * 65 + "]" * 65)}), 400, "64 deep"),
         (post(base, {"messages": HELLO * (MAX_MESSAGES + 1), "max_tokens": 2}), 400, f"at most {MAX_MESSAGES}"),
+        (post(base, {"messages": [{"role": "user", "content": [{"type": "text", "text": "word " * 300_000}]}]}), 400, f"at most {2**20}"),
         (post(base, b'{"messages": [{"role": "user", "content": "\\ud800"}], "max_tokens": 2}'), 400, "not valid Unicode"),
         (post(base, b"\xff\xfe not utf-8"), 400, "not valid JSON"),
-        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a\x00b.png"}}]}]}), 422, "NUL"),  # fmt: skip
-        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "d/" * 3000 + "x.png"}}]}]}), 422, "longer than"),  # fmt: skip
-        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x" * 300 + ".png"}}]}]}), 422, "longer than"),  # fmt: skip
-        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///a%00b.png"}}]}]}), 422, "NUL"),  # fmt: skip
+        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "a\x00b.png"}}]}]}), 422, "NUL"),
+        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "d/" * 3000 + "x.png"}}]}]}), 422, "longer than"),
+        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x" * 300 + ".png"}}]}]}), 422, "longer than"),
+        (post(base, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "file:///a%00b.png"}}]}]}), 422, "NUL"),
         (httpx.get(f"{base}/v1/nothing"), 404, "Not Found"),
         (httpx.get(f"{base}/v1/chat/completions"), 405, "Method Not Allowed"),
-    ]  # fmt: skip
+    ]
     for response, status, words in cases:
         refused(response, status, words)
         still_serving(base, proc)
 
 
-def raw_exchange(base: str, data: bytes, *, wait: float = 0.0, timeout: float = 20) -> tuple[bytes, float]:
-    """Send `data` on a new connection (optionally waiting `wait` s before), read until the server closes it;
-    (everything read, seconds from the last byte sent to the close)."""
+def raw_exchange(base: str, data: bytes, *, timeout: float = 20) -> tuple[bytes, float]:
+    """Send `data` on a new connection and read until the server closes it: (everything read, seconds from the
+    last byte sent to the close)."""
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=timeout) as sock:
         sock.sendall(data)
@@ -292,7 +293,6 @@ def vlm(tiny_bundles):
 
 def test_request_deadline_cancels_generation_and_frees_the_slot(vlm):
     app = create_app(vlm, ServerSettings(model_id="m", request_timeout_s=1.0))
-    server = app.state.server
     endless = {"messages": HELLO, "max_tokens": 1500, "response_format": ENDLESS}
     with running(app) as base:
         t0 = time.monotonic()
