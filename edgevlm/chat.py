@@ -13,6 +13,8 @@ import binascii
 import json
 import math
 import os
+import re
+import reprlib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -28,6 +30,15 @@ if TYPE_CHECKING:
     from .runtimes.pipeline import GenerationStep, Timings
 
 ROLES = ("system", "user", "assistant")
+
+# Bounds on what a request may ask for, checked before anything costly (llama.cpp's GBNF parser recurses once per
+# nested group, and so does the JSON-schema converter per nested schema; stop matching costs time per stop string).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 512
+MAX_GRAMMAR_BYTES = 64 * 2**10
+MAX_GRAMMAR_DEPTH = 1000  # nested ( ) groups; llama.cpp crashed at ~50,000 (see tests/test_server_hardening.py)
+MAX_SCHEMA_BYTES = 64 * 2**10
+MAX_JSON_DEPTH = 64  # nesting of JSON objects and arrays in a request body or a json_schema
 
 
 @dataclass
@@ -82,6 +93,7 @@ def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
         if content is None and role == "assistant":
             content = ""
         if isinstance(content, str):
+            _utf8(content, f"{where}.content")
             # as one text part: VLM templates all render parts, some (LLaVA's) render nothing for a plain string
             rendered.append({"role": role, "content": [{"type": "text", "text": content}]})
             continue
@@ -101,6 +113,7 @@ def _parse_part(part: Any, where: str, role: str, images: list[Any]) -> dict[str
     if kind == "text":
         if not isinstance(part.get("text"), str):
             raise RequestError(f"{where}.text must be a string")
+        _utf8(part["text"], f"{where}.text")
         return {"type": "text", "text": part["text"]}
     if kind in ("image_url", "image"):
         if role != "user":
@@ -171,7 +184,20 @@ def decode_data_url(url: str) -> bytes:
     return unquote_to_bytes(payload)
 
 
+# PATH_MAX and NAME_MAX on Linux: longer paths fail in stat() and open() with "File name too long"
+MAX_PATH_CHARS = 4096
+MAX_NAME_CHARS = 255
+
+
 def _local_path(path: str | os.PathLike, policy: ImagePolicy) -> Path:
+    text = os.fspath(path)
+    if ("\0" if isinstance(text, str) else b"\0") in text:
+        raise ImageError("the image path contains a NUL byte, which no file name can; send a valid path or a data: URL")
+    longest_name = max((len(name) for name in Path(text).parts), default=0)
+    if len(text) > MAX_PATH_CHARS or longest_name > MAX_NAME_CHARS:
+        raise ImageError(f"the image path ({len(text)} characters, a name of {longest_name}) is longer than a path "
+                         f"({MAX_PATH_CHARS}) or a file name ({MAX_NAME_CHARS}) may be; send a valid path or a data: "
+                         "URL")  # fmt: skip
     if not policy.allow_local:
         raise ImageNotAllowedError("local image paths are not allowed here; send the image as a data: URL "
                                    "(a server allows a directory with --allow-local-images DIR)")  # fmt: skip
@@ -222,12 +248,19 @@ def _number(name: str, value: Any, kind: type, low: float, high: float | None = 
 
 
 def parse_stop(stop: Any) -> tuple[str, ...]:
-    """`stop` as a tuple of non-empty strings (None: none)."""
+    """`stop` as a tuple of non-empty strings (None: none): at most `MAX_STOPS` of at most `MAX_STOP_CHARS` each."""
     if stop is None:
         return ()
     stops = (stop,) if isinstance(stop, str) else stop
-    if not isinstance(stops, Sequence) or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError(f"stop must be a non-empty string or a list of them, got {stop!r}")
+    if not isinstance(stops, Sequence) or isinstance(stops, bytes):
+        raise RequestError(f"stop must be a non-empty string or a list of them, got {reprlib.repr(stop)}")
+    if len(stops) > MAX_STOPS:
+        raise RequestError(f"stop has {len(stops)} strings; at most {MAX_STOPS} are allowed")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(f"stop must be a non-empty string or a list of them, got {reprlib.repr(stop)}")
+    longest = max((len(s) for s in stops), default=0)
+    if longest > MAX_STOP_CHARS:
+        raise RequestError(f"a stop string is {longest} characters long; at most {MAX_STOP_CHARS} are allowed")
     return tuple(stops)
 
 
@@ -254,19 +287,67 @@ def grammar_for(response_format: Any) -> str | None:
         schema = spec.get("schema") if isinstance(spec, Mapping) else None
         if not isinstance(schema, Mapping):
             raise RequestError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+        check_json_depth(schema, MAX_JSON_DEPTH, "response_format json_schema")
+        try:
+            schema_json = json.dumps(schema)
+        except (TypeError, ValueError) as err:
+            raise GrammarError(f"response_format json_schema is not JSON ({err})") from err
+        if len(schema_json) > MAX_SCHEMA_BYTES:
+            raise GrammarError(f"response_format json_schema is {len(schema_json)} characters as JSON; at most "
+                               f"{MAX_SCHEMA_BYTES} are allowed")  # fmt: skip
         _refuse_unenforced(schema, "schema")
         try:
-            return llama_grammar.json_schema_to_gbnf(json.dumps(schema))
+            grammar = llama_grammar.json_schema_to_gbnf(schema_json)
         except Exception as err:  # the converter raises bare ValueError/KeyError/... on what it cannot handle
             raise GrammarError(f"response_format json_schema: cannot turn this schema into a grammar "
                                f"({type(err).__name__}: {err})") from err  # fmt: skip
+        check_grammar_limits(grammar, "the grammar made from response_format json_schema")
+        return grammar
     if kind == "gbnf":
         grammar = response_format.get("grammar")
         if not isinstance(grammar, str) or not grammar.strip():
             raise RequestError("response_format gbnf needs {'type': 'gbnf', 'grammar': 'root ::= ...'}")
+        check_grammar_limits(grammar, "response_format gbnf grammar")
         return grammar
-    raise RequestError(f"response_format type {kind!r} is not supported; use 'text', 'json_object', "
+    raise RequestError(f"response_format type {reprlib.repr(kind)} is not supported; use 'text', 'json_object', "
                        "'json_schema' or 'gbnf'")  # fmt: skip
+
+
+# The parts of GBNF that can hold parentheses which do not group: "literals", [character classes] and # comments.
+_GBNF_TOKENS = re.compile(r'"(?:\\.|[^"\\])*"|\[(?:\\.|[^\]\\])*\]|#[^\r\n]*|[()]')
+
+
+def check_grammar_limits(grammar: str, what: str) -> None:
+    """Refuse a GBNF grammar larger than `MAX_GRAMMAR_BYTES` or with groups nested deeper than `MAX_GRAMMAR_DEPTH`,
+    before llama.cpp's recursive parser sees it (nested deeply enough, it overflows the stack and kills the process).
+    """
+    size = len(_utf8(grammar, what))
+    if size > MAX_GRAMMAR_BYTES:
+        raise GrammarError(f"{what} is {size} bytes; at most {MAX_GRAMMAR_BYTES} are allowed")
+    depth = deepest = 0
+    for token in _GBNF_TOKENS.finditer(grammar):
+        depth += {"(": 1, ")": -1}.get(token.group(), 0)
+        deepest = max(deepest, depth)
+    if deepest > MAX_GRAMMAR_DEPTH:
+        raise GrammarError(f"{what} nests ( ) groups {deepest} deep; at most {MAX_GRAMMAR_DEPTH} are allowed")
+
+
+def _utf8(text: str, what: str) -> bytes:
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError as err:  # JSON's \ud800 escapes make lone surrogates, which no UTF-8 encodes
+        raise RequestError(f"{what} is not valid Unicode ({err.reason} at character {err.start})") from err
+
+
+def check_json_depth(value: Any, limit: int, what: str) -> None:
+    """Refuse JSON-like data (dicts and lists) nested deeper than `limit`, without recursing (cycles included)."""
+    level: list[Any] = [value]
+    depth = 0
+    while level := [v for v in level if isinstance(v, (Mapping, list, tuple))]:
+        depth += 1
+        if depth > limit:
+            raise RequestError(f"{what} nests objects and arrays more than {limit} deep; flatten it")
+        level = [child for container in level for child in (container.values() if isinstance(container, Mapping) else container)]  # fmt: skip
 
 
 # Keywords llama-cpp-python's schema converter ignores: a grammar made without them lets invalid output through.
@@ -302,26 +383,72 @@ def _refuse_unenforced(schema: Any, where: str) -> None:
 def stop_at(steps: Iterator[GenerationStep], stops: tuple[str, ...]) -> Iterator[ChatChunk]:
     """Chunks of the generated text, ending before the first stop string (finish_reason "stop").
 
-    Text that could be the start of a stop string is held back until it is known not to be one. Closing this
-    iterator, or reaching a stop string, closes `steps` (which frees the model for the next request).
+    Text that could be the start of a stop string is held back until it is known not to be one. Each new character
+    costs O(len(stops)) (amortized), however long the stop strings and the answer are. Closing this iterator, or
+    reaching a stop string, closes `steps` (which frees the model for the next request).
     """
-    pending = ""
+    scanner = _StopScanner(stops)
+    pending = ""  # generated text not yet given out: at most the longest stop string, plus the newest step
     try:
         for step in steps:
             pending += step.text
-            hits = [i for i in (pending.find(s) for s in stops) if i >= 0]
-            if hits:
-                yield ChatChunk(pending[: min(hits)], "stop", step.timings)
+            match_back = scanner.feed(step.text)
+            if match_back is not None:
+                yield ChatChunk(pending[: len(pending) - match_back], "stop", step.timings)
                 return
-            held = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
             if step.finish_reason is not None:
                 yield ChatChunk(pending, step.finish_reason, step.timings)
                 return
-            if len(pending) > held:
-                yield ChatChunk(pending[: len(pending) - held], None, step.timings)
-                pending = pending[len(pending) - held :]
+            if len(pending) > scanner.held:
+                yield ChatChunk(pending[: len(pending) - scanner.held], None, step.timings)
+                pending = pending[len(pending) - scanner.held :]
     finally:
         steps.close()
+
+
+class _StopScanner:
+    """Finds stop strings in text that arrives in pieces: one Knuth-Morris-Pratt automaton per stop string, whose
+    state is how many of its first characters the text so far ends with."""
+
+    def __init__(self, stops: tuple[str, ...]):
+        self.stops = stops
+        self.failure = [_prefix_function(s) for s in stops]
+        self.matched = [0] * len(stops)
+
+    @property
+    def held(self) -> int:
+        """How many of the last characters could still begin a stop string."""
+        return max(self.matched, default=0)
+
+    def feed(self, text: str) -> int | None:
+        """Advance over `text`; the distance from the earliest-starting stop string found to the end of `text`, or
+        None when none ends in it."""
+        back = None
+        for i, (stop, failure) in enumerate(zip(self.stops, self.failure, strict=True)):
+            k = self.matched[i]
+            for j, char in enumerate(text):
+                while k and stop[k] != char:
+                    k = failure[k - 1]
+                if stop[k] == char:
+                    k += 1
+                if k == len(stop):
+                    back = max(back or 0, len(text) - j - 1 + len(stop))
+                    break
+            self.matched[i] = k
+        return back
+
+
+def _prefix_function(text: str) -> list[int]:
+    """For each prefix of `text`, the length of its longest proper prefix that is also its suffix."""
+    failure = [0] * len(text)
+    k = 0
+    for i in range(1, len(text)):
+        while k and text[k] != text[i]:
+            k = failure[k - 1]
+        if text[k] == text[i]:
+            k += 1
+        failure[i] = k
+    return failure
 
 
 def collect(chunks: Iterator[ChatChunk]) -> ChatResult:

@@ -191,6 +191,18 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is only reachable from this machine."""
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # another host name: it may resolve beyond loopback
+
+
 def _serve(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -204,20 +216,25 @@ def _serve(args: argparse.Namespace) -> int:
         local_dir = Path(args.allow_local_images).resolve()
         if not local_dir.is_dir():
             raise EdgeVLMError(f"--allow-local-images {args.allow_local_images}: not a directory")
-    if args.max_body_mb <= 0 or args.queue < 0:
-        raise EdgeVLMError("--max-body-mb must be > 0 and --queue >= 0")
     max_body = int(args.max_body_mb * 2**20)
+    # the settings check every limit (and refuse an empty --api-key) before the model loads
     policy = ImagePolicy(allow_local=local_dir is not None, local_root=local_dir,
                          allow_remote=args.allow_remote_images, max_bytes=max_body)  # fmt: skip
-    settings = ServerSettings(model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key,
-                              image_policy=policy, max_body_bytes=max_body, max_queue=args.queue)  # fmt: skip
+    settings = ServerSettings(
+        model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key, image_policy=policy,
+        max_body_bytes=max_body, max_queue=args.queue, max_messages=args.max_messages,
+        max_text_chars=args.max_text_chars,
+        request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
+        keep_alive_s=args.keep_alive_timeout, max_connections=args.max_connections,
+    )  # fmt: skip
     vlm = edgevlm.load(
         args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
         max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
         verify=not args.no_verify,
     )  # fmt: skip
-    if args.host not in ("127.0.0.1", "localhost", "::1") and args.api_key is None:
-        print(f"edgevlm serve: warning: listening on {args.host} without --api-key", file=sys.stderr)
+    if not _is_loopback(args.host) and settings.api_key is None:
+        print(f"edgevlm serve: warning: listening on {args.host}, beyond this machine, without --api-key: anyone "
+              "who can reach the port can use the model", file=sys.stderr)  # fmt: skip
     print(f"serving {settings.model_id} at http://{args.host}:{args.port}/v1 (OpenAI-compatible)", flush=True)
     serve(vlm, settings, host=args.host, port=args.port)
     return 0
@@ -438,6 +455,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept image paths and file:// URLs inside DIR (default: refused)")  # fmt: skip
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default: 20 MB)")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (default: 16)")
+    p.add_argument("--max-messages", type=int, default=256, help="most messages in one request (default: 256)")
+    p.add_argument("--max-text-chars", type=int, default=2**20,
+                   help="most characters of text in one request (default: 1048576)")  # fmt: skip
+    p.add_argument("--max-connections", type=int, default=64,
+                   help="most open connections; more get 503 and are closed (default: 64)")  # fmt: skip
+    p.add_argument("--request-timeout", type=float, default=300.0, metavar="S",
+                   help="a request still unanswered this long after it arrived is cancelled: 504 (default: 300)")  # fmt: skip
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="S",
+                   help="most time to receive a request's body: 408 (default: 30)")  # fmt: skip
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="S",
+                   help="most time to receive a request's headers after connecting or the previous answer (default: 10)")  # fmt: skip
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="S",
+                   help="an idle keep-alive connection is closed after this (default: 5)")  # fmt: skip
     _add_profile_flag(p)
     p.add_argument("--n-ctx", type=int, default=None, help="context size (default: the profile's)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: the profile's)")

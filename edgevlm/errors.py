@@ -51,3 +51,7 @@ class ImageNotAllowedError(ImageError):
 
 class ModelClosedError(EdgeVLMError):
     """A loaded model used after `close()`."""
+
+
+class ServerSettingsError(EdgeVLMError, ValueError):
+    """Server settings that are invalid: an empty API key, a limit or timeout that is not positive."""

@@ -8,7 +8,10 @@ disconnects cancels its request (within one token). Endpoints:
   whole, with `usage` and edgevlm's `timings`;
 - `GET /v1/models`, `GET /v1/models/{id}`: the one model; `GET /health`: liveness and the queue.
 
-Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`.
+Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`, whatever fails (uvicorn's own
+answers included). Against slow, many or hostile clients (`ServerSettings`, each with a flag): header, body and
+keep-alive timeouts, a connection limit, a request deadline that cancels the generation, and limits on the body's
+size, its JSON nesting and its number of messages; `edgevlm.chat` bounds grammars and stop strings.
 """
 
 from __future__ import annotations
@@ -24,16 +27,20 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import h11
+import uvicorn
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .chat import ChatChunk, ChatResult, ImagePolicy
+from .chat import MAX_JSON_DEPTH, ChatChunk, ChatResult, ImagePolicy, check_json_depth
 from .errors import (
     BudgetError,
     ContextOverflowError,
@@ -41,6 +48,7 @@ from .errors import (
     ImageError,
     ImageNotAllowedError,
     RequestError,
+    ServerSettingsError,
 )
 
 if TYPE_CHECKING:
@@ -49,17 +57,47 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_TOKENS = 256
+WORKER_STACK_BYTES = 8 * 2**20  # glibc's default on Linux
 # request fields passed to EdgeVLM.chat as they are (chat checks their types and ranges)
 _CHAT_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "response_format", "max_image_tokens")
 
 
 @dataclass(frozen=True)
 class ServerSettings:
+    """What the server allows and how long it waits. Each limit has an `edgevlm serve` flag (named in comments)."""
+
     model_id: str
-    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1 when set
+    api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1 when set (--api-key)
     image_policy: ImagePolicy = field(default_factory=lambda: ImagePolicy(allow_local=False))
-    max_body_bytes: int = 20 * 2**20
-    max_queue: int = 16  # requests waiting for the model besides the one it is answering
+    max_body_bytes: int = 20 * 2**20  # --max-body-mb
+    max_queue: int = 16  # requests waiting for the model besides the one it is answering (--queue)
+    max_messages: int = 256  # messages in one request (--max-messages)
+    # characters of text in one request: far more than any context holds, far less than tokenizing 20 MB costs
+    # (19M characters: 3 s holding the model and +1.2 GB of memory, to learn that they do not fit)
+    max_text_chars: int = 2**20  # --max-text-chars
+    request_timeout_s: float = 300.0  # arrival to last token, then cancelled (--request-timeout)
+    body_timeout_s: float = 30.0  # to receive a request's whole body (--body-timeout)
+    header_timeout_s: float = 10.0  # to receive request headers after connecting or an answer (--header-timeout)
+    keep_alive_s: float = 5.0  # an idle keep-alive connection is closed after this (--keep-alive-timeout)
+    max_connections: int = 64  # open connections; more are answered 503 and closed (--max-connections)
+
+    def __post_init__(self) -> None:
+        if self.api_key is not None and not self.api_key.strip():
+            raise ServerSettingsError("the API key is empty: give a non-empty --api-key, or leave it out to serve "
+                                      "without one (loopback only is the default)")  # fmt: skip
+        positive = {"max_body_bytes (--max-body-mb)": self.max_body_bytes,
+                    "max_messages (--max-messages)": self.max_messages,
+                    "max_text_chars (--max-text-chars)": self.max_text_chars,
+                    "request_timeout_s (--request-timeout)": self.request_timeout_s,
+                    "body_timeout_s (--body-timeout)": self.body_timeout_s,
+                    "header_timeout_s (--header-timeout)": self.header_timeout_s,
+                    "keep_alive_s (--keep-alive-timeout)": self.keep_alive_s,
+                    "max_connections (--max-connections)": self.max_connections}  # fmt: skip
+        for name, value in positive.items():
+            if not value > 0:
+                raise ServerSettingsError(f"{name} must be > 0, got {value!r}")
+        if self.max_queue < 0:
+            raise ServerSettingsError(f"max_queue (--queue) must be >= 0, got {self.max_queue!r}")
 
 
 @dataclass
@@ -70,6 +108,7 @@ class ServerStats:
     completed: int = 0
     cancelled: int = 0  # the client went away before the answer ended
     rejected_busy: int = 0
+    timed_out: int = 0  # ran past the request deadline and was cancelled
     created: float = field(default_factory=time.time)
 
 
@@ -126,7 +165,7 @@ class ChatServer:
                 Route("/v1/models/{model_id:path}", self.model, methods=["GET"]),
                 Route("/v1/chat/completions", self.chat_completions, methods=["POST"]),
             ],
-            exception_handlers={HTTPException: self._http_error},
+            exception_handlers={HTTPException: self._http_error, Exception: self._server_error},
         )
         self.app.state.server = self
 
@@ -135,7 +174,7 @@ class ChatServer:
         s = self.stats
         return JSONResponse({"status": "ok", "model": self.settings.model_id, "in_flight": s.in_flight,
                              "max_queue": self.settings.max_queue, "completed": s.completed,
-                             "cancelled": s.cancelled, "rejected_busy": s.rejected_busy})  # fmt: skip
+                             "cancelled": s.cancelled, "rejected_busy": s.rejected_busy, "timed_out": s.timed_out})  # fmt: skip
 
     async def models(self, request: Request) -> Response:
         try:
@@ -153,6 +192,7 @@ class ChatServer:
         return JSONResponse(self._model_card())
 
     async def chat_completions(self, request: Request) -> Response:
+        deadline = _Deadline(self.settings.request_timeout_s)
         try:
             self._authorize(request)
             payload = await self._read_json(request)
@@ -163,29 +203,37 @@ class ChatServer:
                                     f"holds {self.settings.max_queue}; retry shortly", type_="server_error",
                                code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
         except ApiError as err:
+            deadline.stop()
             return err.response()
         self.stats.in_flight += 1
-        cancel = threading.Event()
-        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, cancel))
+        watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, deadline.cancel))
         released = False
         try:
             try:
                 answer = await anyio.to_thread.run_sync(partial(self.vlm.chat, payload["messages"], stream=stream,
-                                                                cancel=cancel, **options))  # fmt: skip
+                                                                cancel=deadline.cancel, **options))  # fmt: skip
                 first = await anyio.to_thread.run_sync(_next_chunk, answer) if stream else None
             except EdgeVLMError as err:
                 return api_error_for(err).response()
-            except Exception:
-                logger.exception("chat completion failed")
-                return ApiError(500, "the server failed while answering; see its log", "server_error").response()
+            except (ValueError, OSError) as err:  # from reading the request's inputs (an image path, its bytes)
+                logger.warning("chat request refused: %s", err, exc_info=True)
+                return ApiError(400, f"the request could not be read ({type(err).__name__}: {err})",
+                                code="invalid_request").response()  # fmt: skip
+            finish = first.finish_reason if stream else answer.finish_reason
+            if finish == "cancelled" and deadline.expired:
+                if stream:
+                    await anyio.to_thread.run_sync(answer.close)
+                self.stats.timed_out += 1
+                return self._timeout_error().response()
             if not stream:
                 return self._completion(answer)
-            response = StreamingResponse(self._events(answer, first, cancel, watcher, include_usage),
+            response = StreamingResponse(self._events(answer, first, deadline, watcher, include_usage),
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
             released = True  # the event stream releases the slot when it ends
             return response
         finally:
             if not released:
+                deadline.stop()
                 watcher.cancel()
                 self.stats.in_flight -= 1
 
@@ -214,14 +262,27 @@ class ChatServer:
         if declared.isdigit() and int(declared) > limit:
             raise too_large
         body = bytearray()
-        async for piece in request.stream():
-            body += piece
-            if len(body) > limit:
-                raise too_large
+        try:
+            with anyio.fail_after(self.settings.body_timeout_s):
+                async for piece in request.stream():
+                    body += piece
+                    if len(body) > limit:
+                        raise too_large
+        except TimeoutError:
+            raise ApiError(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s (the "
+                                f"server's --body-timeout); send it at once", code="request_timeout",
+                           headers={"Connection": "close"}) from None  # fmt: skip
         try:
             payload = json.loads(body)
         except (UnicodeDecodeError, json.JSONDecodeError) as err:
             raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from err
+        except RecursionError:  # the C parser stops at Python's recursion limit (~1000 levels)
+            raise ApiError(400, f"the request body nests JSON objects and arrays more than {MAX_JSON_DEPTH} deep",
+                           code="invalid_json") from None  # fmt: skip
+        try:
+            check_json_depth(payload, MAX_JSON_DEPTH, "the request body")
+        except RequestError as err:
+            raise ApiError(400, str(err), code="invalid_json") from None
         if not isinstance(payload, dict):
             raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
         return payload
@@ -231,6 +292,16 @@ class ChatServer:
         self._check_model(payload.get("model"))
         if "messages" not in payload:
             raise ApiError(400, "'messages' is required", param="messages")
+        messages = payload["messages"]
+        if isinstance(messages, list) and len(messages) > self.settings.max_messages:
+            raise ApiError(400, f"'messages' has {len(messages)} messages; this server takes at most "
+                                f"{self.settings.max_messages} (--max-messages)", param="messages",
+                           code="too_many_messages")  # fmt: skip
+        n_chars = _text_chars(messages)
+        if n_chars > self.settings.max_text_chars:
+            raise ApiError(400, f"the messages hold {n_chars} characters of text; this server takes at most "
+                                f"{self.settings.max_text_chars} (--max-text-chars), far more than the context window "
+                                "holds", param="messages", code="text_too_long")  # fmt: skip
         stream = payload.get("stream") or False
         if not isinstance(stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
@@ -262,9 +333,10 @@ class ChatServer:
             "usage": result.usage, "timings": timings_dict(result.timings),
         })  # fmt: skip
 
-    async def _events(self, chunks: Iterator[ChatChunk], chunk: ChatChunk, cancel: threading.Event,
+    async def _events(self, chunks: Iterator[ChatChunk], chunk: ChatChunk, deadline: _Deadline,
                       watcher: asyncio.Task, include_usage: bool) -> AsyncIterator[str]:  # fmt: skip
-        """Server-sent events of one streamed answer; however it ends, the generation stops and its slot frees."""
+        """Server-sent events of one streamed answer; however it ends, the generation stops and its slot frees.
+        An error after the headers went out (a refused request, the deadline, a failure) is the last event."""
         base = {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion.chunk", "created": int(time.time()),
                 "model": self.settings.model_id}  # fmt: skip
 
@@ -277,6 +349,9 @@ class ChatServer:
             yield event({"role": "assistant", "content": ""})
             while True:
                 if chunk.finish_reason == "cancelled":
+                    if deadline.expired:
+                        self.stats.timed_out += 1
+                        yield f"data: {json.dumps(self._timeout_error().body())}\n\n"
                     return
                 if chunk.text:
                     yield event({"content": chunk.text})
@@ -289,10 +364,14 @@ class ChatServer:
                     finished = True
                     return
                 chunk = await anyio.to_thread.run_sync(_next_chunk, chunks)
-        except EdgeVLMError as err:  # after the headers went out: the error is the last event
+        except EdgeVLMError as err:
             yield f"data: {json.dumps(api_error_for(err).body())}\n\n"
+        except Exception:
+            logger.exception("streamed chat completion failed")
+            yield f"data: {json.dumps(_SERVER_ERROR.body())}\n\n"
         finally:
-            cancel.set()
+            deadline.cancel.set()
+            deadline.stop()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(chunks.close)
             watcher.cancel()
@@ -302,9 +381,48 @@ class ChatServer:
             else:
                 self.stats.cancelled += 1
 
+    def _timeout_error(self) -> ApiError:
+        return ApiError(504, f"the answer took longer than the server's request deadline of "
+                             f"{self.settings.request_timeout_s:g} s (--request-timeout) and was stopped; ask for "
+                             "fewer tokens or retry later", type_="server_error", code="request_timeout")  # fmt: skip
+
     async def _http_error(self, request: Request, exc: HTTPException) -> Response:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return ApiError(exc.status_code, f"{request.method} {request.url.path}: {exc.detail}", code=code).response()
+
+    async def _server_error(self, request: Request, exc: Exception) -> Response:
+        """Any exception no endpoint handled (starlette logs it and re-raises it to uvicorn after this answer)."""
+        return _SERVER_ERROR.response()
+
+
+_SERVER_ERROR = ApiError(500, "the server failed while answering; see its log", "server_error")
+
+
+class _Deadline:
+    """A request's deadline, from its arrival: when it passes, `cancel` is set (the generation stops before its
+    next token, and a request still waiting for the model gives up its place)."""
+
+    def __init__(self, seconds: float):
+        self.cancel = threading.Event()
+        self.expired = False
+        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+
+    def _expire(self) -> None:
+        self.expired = True
+        self.cancel.set()
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+def _text_chars(messages: Any) -> int:
+    """Characters of text in request messages of any shape (their shape is checked later)."""
+    if not isinstance(messages, list):
+        return 0
+    contents = [m.get("content") for m in messages if isinstance(m, dict)]
+    parts = [p for c in contents if isinstance(c, list) for p in c if isinstance(p, dict)]
+    texts = [c for c in contents if isinstance(c, str)] + [p["text"] for p in parts if isinstance(p.get("text"), str)]
+    return sum(map(len, texts))
 
 
 def _next_chunk(chunks: Iterator[ChatChunk]) -> ChatChunk:
@@ -326,8 +444,109 @@ def create_app(vlm: EdgeVLM, settings: ServerSettings) -> Starlette:
     return ChatServer(vlm, settings).app
 
 
-def serve(vlm: EdgeVLM, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8080) -> None:
-    """Serve until interrupted (uvicorn, one worker: the model lives in this process)."""
-    import uvicorn
+def uvicorn_config(app: Starlette, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8080,
+                   **overrides: Any) -> uvicorn.Config:  # fmt: skip
+    """uvicorn's configuration for `app`: HTTP/1.1 through `GuardedH11Protocol` (the header timeout, the connection
+    limit, JSON for errors before the app), the keep-alive timeout, and one worker (the model lives in this process)."""
+    protocol = partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s,
+                       max_connections=settings.max_connections)  # fmt: skip
+    options: dict[str, Any] = {"host": host, "port": port, "log_level": "info", "timeout_graceful_shutdown": 5,
+                               "timeout_keep_alive": settings.keep_alive_s, "http": protocol, **overrides}  # fmt: skip
+    return uvicorn.Config(app, **options)
 
-    uvicorn.run(create_app(vlm, settings), host=host, port=port, log_level="info", timeout_graceful_shutdown=5)
+
+def serve(vlm: EdgeVLM, settings: ServerSettings, host: str = "127.0.0.1", port: int = 8080) -> None:
+    """Serve until interrupted."""
+    # llama.cpp parses and matches grammars recursively in the worker threads; the grammar limits in edgevlm.chat
+    # keep that within 2 MiB of stack, which not every libc gives a thread by default (musl: 128 KiB)
+    threading.stack_size(max(threading.stack_size(), WORKER_STACK_BYTES))
+    uvicorn.Server(uvicorn_config(create_app(vlm, settings), settings, host, port)).run()
+
+
+# -- connections ---------------------------------------------------------------------------------------------------
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with what it lacks against slow or many clients: a connection that has not sent a
+    request's headers `header_timeout_s` after connecting (or after its previous answer) is closed (with a 408 if it
+    sent part of them); connections beyond `max_connections` get 503 and are closed at once; and these answers, like
+    uvicorn's own 400 for a malformed request, are OpenAI-style JSON."""
+
+    def __init__(self, *args: Any, header_timeout_s: float, max_connections: int, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.header_timeout_s = header_timeout_s
+        self.max_connections = max_connections
+        self._header_timer: asyncio.TimerHandle | None = None
+        self._waiting_after: object = None  # the request cycle the timer waits to see followed by a new one
+        self._refused = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            self._refuse(ApiError(503, f"the server has {self.max_connections} connections open, its limit "
+                                       "(--max-connections); retry shortly", type_="server_error",
+                                  code="too_many_connections", headers={"Retry-After": "1"}))  # fmt: skip
+            return
+        self._arm_header_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_header_timer()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return  # read and dropped while the refusal goes out
+        super().data_received(data)
+        if self.cycle is not self._waiting_after:  # a new request's headers are in
+            self._disarm_header_timer()
+
+    def on_response_complete(self) -> None:
+        answered = self.cycle
+        super().on_response_complete()
+        if not self.transport.is_closing() and self.cycle is answered:  # no pipelined request started
+            self._arm_header_timer()
+
+    def send_400_response(self, msg: str) -> None:
+        self._refuse(ApiError(400, f"invalid HTTP request: {msg}", code="invalid_http"))
+
+    def _arm_header_timer(self) -> None:
+        self._disarm_header_timer()
+        self._waiting_after = self.cycle
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_timeout)
+
+    def _disarm_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_timeout(self) -> None:
+        self._header_timer = None
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.IDLE and self.conn.trailing_data[0]:  # part of a request's head came
+            self._refuse(ApiError(408, f"the request headers did not arrive within {self.header_timeout_s:g} s "
+                                       "(the server's --header-timeout)", code="request_timeout"))  # fmt: skip
+        else:  # idle, or still sending the body of a request already answered
+            self.transport.close()
+
+    def _refuse(self, error: ApiError) -> None:
+        """Answer `error` outside any request (h11's state machine has no place for it) and close the connection:
+        first our side only, reading what the client still sends for a moment (closing with unread data would reset
+        the connection, and the client could lose the answer)."""
+        self._disarm_header_timer()
+        self._unset_keepalive_if_required()
+        self._refused = True
+        body = json.dumps(error.body()).encode()
+        headers = [("content-type", "application/json"), ("content-length", str(len(body))), ("connection", "close"),
+                   *(error.headers or {}).items()]  # fmt: skip
+        head = f"HTTP/1.1 {error.status} {HTTPStatus(error.status).phrase}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in headers)
+        self.transport.write(head.encode("latin-1") + b"\r\n" + body)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+            self.loop.call_later(LINGER_S, self.transport.close)
+        else:
+            self.transport.close()
+
+
+LINGER_S = 1.0

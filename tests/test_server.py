@@ -27,7 +27,7 @@ from PIL import Image
 
 import edgevlm
 from edgevlm.chat import ImagePolicy
-from edgevlm.server import ServerSettings, create_app
+from edgevlm.server import ServerSettings, create_app, uvicorn_config
 
 API_KEY = "test-key"
 MODEL = "tiny-qwen2-vl"
@@ -36,8 +36,10 @@ ENDLESS = {"type": "gbnf", "grammar": 'root ::= "a"+'}  # never ends by itself: 
 
 @contextmanager
 def running(app):
-    """Serve `app` with uvicorn in a thread on a free loopback port; yields the base URL."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", lifespan="off"))
+    """Serve `app` with uvicorn, configured as `edgevlm serve` does from the app's settings, in a thread on a free
+    loopback port; yields the base URL."""
+    config = uvicorn_config(app, app.state.server.settings, port=0, log_level="warning", lifespan="off")
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
