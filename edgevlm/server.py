@@ -47,6 +47,7 @@ from .errors import (
     EdgeVLMError,
     ImageError,
     ImageNotAllowedError,
+    ModelClosedError,
     RequestError,
     ServerSettingsError,
 )
@@ -140,6 +141,8 @@ def api_error_for(err: EdgeVLMError) -> ApiError:
         return ApiError(400, str(err), code="image_budget")
     if isinstance(err, RequestError):
         return ApiError(400, str(err), code="invalid_request")
+    if isinstance(err, ModelClosedError):  # the server is shutting down
+        return ApiError(503, str(err), type_="server_error", code="model_closed")
     return ApiError(400, str(err))
 
 
