@@ -266,8 +266,10 @@ def _fetch_once(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, st
     connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
     connection = connection_class(host, port)
     connection.sock = _connect(host, port, policy, deadline)  # connected to the address that was checked
+    # The watchdog's own descriptor of the connection: TLS wrapping and http.client replace or drop `sock`.
+    guard = connection.sock.dup()
     expired = threading.Event()
-    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _expire, (connection, expired))
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _expire, (guard, expired))
     watchdog.daemon = True
     watchdog.start()
     try:
@@ -290,6 +292,7 @@ def _fetch_once(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, st
     finally:
         watchdog.cancel()
         connection.close()
+        guard.close()
 
 
 def _read_body(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
@@ -304,12 +307,12 @@ def _read_body(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
     return bytes(body)
 
 
-def _expire(connection: http.client.HTTPConnection, expired: threading.Event) -> None:
+def _expire(guard: socket.socket, expired: threading.Event) -> None:
     expired.set()
-    try:  # the plain socket's shutdown, also under TLS: a blocked read returns at once
-        socket.socket.shutdown(connection.sock, socket.SHUT_RDWR)
-    except (OSError, TypeError):
-        pass  # already closed
+    try:
+        guard.shutdown(socket.SHUT_RDWR)  # a blocked read on the connection returns at once
+    except OSError:
+        pass  # the connection is already closed
 
 
 def _connect(host: str, port: int, policy: ImagePolicy, deadline: float) -> socket.socket:
@@ -365,7 +368,9 @@ _NAT64 = ipaddress.ip_network("64:ff9b::/96")
 def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
     """A globally routable unicast address; IPv6 forms that embed an IPv4 address are judged by it too."""
     if isinstance(ip, ipaddress.IPv6Address):
-        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo or (None, None))[1]
+        if ip.ipv4_mapped is not None:  # reaches the IPv4 address itself
+            return _is_public(ip.ipv4_mapped)
+        embedded = ip.sixtofour or (ip.teredo or (None, None))[1]
         if embedded is None and ip in _NAT64:
             embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
         if embedded is not None and not _is_public(embedded):
