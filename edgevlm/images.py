@@ -273,9 +273,11 @@ def _open_regular_file(path: Path) -> IO[bytes]:
         _check_regular(os.stat(path), text)
         fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError as err:
-        raise ImageError(f"Image file not found: {text}. Check the path (relative paths start at {Path.cwd()}).") from err
-    except OSError as err:
-        raise ImageError(f"Cannot read image file {text} ({err}). Check that it is a readable file.") from err
+        raise ImageError(
+            f"Image file not found: {text}. Check the path (relative paths start at {Path.cwd()})."
+        ) from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ImageError(f"Cannot read image file {text[:300]!r} ({err}). Check that it is a readable file.") from err
     try:
         _check_regular(os.fstat(fd), text)
     except BaseException:

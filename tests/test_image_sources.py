@@ -194,7 +194,9 @@ def test_waiting_requests_hold_no_decoded_images_and_bad_ones_fail_at_once(vlm, 
 
     def request() -> None:
         try:
-            outcome["result"] = vlm.chat([{"role": "user", "content": [{"type": "image", "image": path}]}], max_tokens=1)
+            outcome["result"] = vlm.chat(
+                [{"role": "user", "content": [{"type": "image", "image": path}]}], max_tokens=1
+            )
         except ImageError as err:
             outcome["error"] = err
 
@@ -286,6 +288,12 @@ def test_fifos_sockets_and_devices_are_refused_without_opening(fifo, tmp_path):
                     within(10, partial(reader, path))
     finally:
         listener.close()
+
+
+def test_unreadable_paths_are_image_errors(tmp_path):
+    for path in ("bad\0name.png", "x" * 6000 + ".png"):
+        with pytest.raises(ImageError, match="Cannot read image file"):
+            check_images([path])
 
 
 def test_a_file_swapped_for_a_fifo_after_its_stat_cannot_block(fifo, tmp_path, monkeypatch):
