@@ -332,6 +332,17 @@ def test_cli_run_with_a_fifo_image_exits_2_quickly(tiny_bundles, fifo):
     assert result.returncode == 2 and "must be at least 1" in result.stderr
 
 
+def test_cli_pixel_flags_raise_the_caps_and_pillows_ceiling(tmp_path):
+    big = tmp_path / "big.png"
+    big.write_bytes(bomb_png(9500))  # 90,250,000 pixels: above the default cap and Pillow's 89,478,485
+    missing = str(tmp_path / "no-bundle")
+    refused = _edgevlm("run", missing, "--image", str(big), "-p", "hi", timeout=60)
+    assert refused.returncode == 2 and "above the per-image cap of 50,000,000" in refused.stderr
+    raised = _edgevlm("run", missing, "--image", str(big), "-p", "hi", "--max-image-pixels", "100000000", timeout=60)
+    assert raised.returncode == 2 and "pixels" not in raised.stderr, raised.stderr  # the images passed; no bundle
+    assert "no-bundle" in raised.stderr
+
+
 @contextmanager
 def serving(bundle: Path, *flags: str) -> Iterator[str]:
     """`edgevlm serve` in a subprocess on a free loopback port; yields its base URL."""
