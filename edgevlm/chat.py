@@ -10,24 +10,32 @@ from __future__ import annotations
 
 import base64
 import binascii
+import http.client
+import ipaddress
 import json
+import logging
 import math
 import os
 import re
 import reprlib
-import urllib.error
-import urllib.request
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote_to_bytes, urlsplit
+from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 from urllib.request import url2pathname
 
 from .errors import GrammarError, ImageError, ImageNotAllowedError, RequestError
+from .images import ImageLimits, image_size
 
 if TYPE_CHECKING:
     from .runtimes.pipeline import GenerationStep, Timings
+
+logger = logging.getLogger(__name__)
 
 ROLES = ("system", "user", "assistant")
 
@@ -137,20 +145,38 @@ def _parse_part(part: Any, where: str, role: str, images: list[Any]) -> dict[str
 
 @dataclass(frozen=True)
 class ImagePolicy:
-    """Where image parts may come from. `EdgeVLM.chat` allows any local file and no remote URL by default; the
-    server allows local files only under `--allow-local-images DIR` and remote URLs only with `--allow-remote-images`.
+    """Where image parts may come from, and how large they may be. `EdgeVLM.chat` allows any local file and no
+    remote URL by default; the server allows local files only under `--allow-local-images DIR` and remote URLs only
+    with `--allow-remote-images`.
+
+    A local path must be a regular file (no FIFO, device or socket). A remote fetch has one deadline,
+    `fetch_timeout_s`, for all the remote images of a request together (DNS, connect, headers and body), reads at
+    most `max_bytes` per image, follows at most 3 redirects and only to the same scheme, host and port, and connects
+    only to public addresses: a host that resolves to any loopback, private, link-local, multicast, unspecified or
+    reserved address is refused unless `allow_private_hosts` (it connects to the address it checked, so DNS cannot
+    swap it afterwards; proxy settings are not used). Every failure of the remote side gives the same message, so
+    errors cannot map a network; the detail is logged at INFO. `limits` caps decoded pixels (`ImageLimits`).
     """
 
     allow_local: bool = True
     local_root: Path | None = None  # when set, a local path must resolve (symlinks, ..) to a file inside it
     allow_remote: bool = False
     max_bytes: int = 20 * 2**20  # most bytes fetched from a remote URL
-    fetch_timeout_s: float = 10.0
+    fetch_timeout_s: float = 10.0  # total, for all remote images of one request
+    allow_private_hosts: bool = False
+    limits: ImageLimits = field(default_factory=ImageLimits)
 
 
-def resolve_image(source: Any, policy: ImagePolicy) -> Any:
+def resolve_images(sources: Sequence[Any], policy: ImagePolicy) -> list[Any]:
+    """`resolve_image` of each source, the remote ones fetched within one deadline of `policy.fetch_timeout_s`."""
+    deadline = time.monotonic() + policy.fetch_timeout_s
+    return [resolve_image(source, policy, deadline=deadline) for source in sources]
+
+
+def resolve_image(source: Any, policy: ImagePolicy, *, deadline: float | None = None) -> Any:
     """An image part's source as `load_image` takes it: a `data:` URL becomes bytes, a remote URL is fetched (if
-    allowed), a path or file:// URL is checked against the policy; bytes, PIL images and arrays pass through."""
+    allowed; by `deadline`, a `time.monotonic()` value, default `policy.fetch_timeout_s` from now), a path or
+    file:// URL is checked against the policy; bytes, PIL images and arrays pass through."""
     if isinstance(source, str):
         if source[:5].lower() == "data:":
             return decode_data_url(source)
@@ -159,7 +185,7 @@ def resolve_image(source: Any, policy: ImagePolicy) -> Any:
             if not policy.allow_remote:
                 raise ImageNotAllowedError(f"remote image URLs are not allowed here ({source[:80]}); send the image "
                                            "as a data: URL (a server allows them with --allow-remote-images)")  # fmt: skip
-            return _fetch(source, policy)
+            return _fetch(source, policy, time.monotonic() + policy.fetch_timeout_s if deadline is None else deadline)
         if scheme == "file":
             return _local_path(url2pathname(urlsplit(source).path), policy)
         if len(scheme) > 1:  # one letter: a Windows drive
@@ -211,16 +237,174 @@ def _local_path(path: str | os.PathLike, policy: ImagePolicy) -> Path:
     return resolved
 
 
-def _fetch(url: str, policy: ImagePolicy) -> bytes:
-    request = urllib.request.Request(url, headers={"User-Agent": "edgevlm"})
+_MAX_REDIRECTS = 3
+_REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+class _FetchFailed(Exception):
+    """Why a fetch failed, for the log only: the caller sees one message whatever the reason."""
+
+
+def _fetch(url: str, policy: ImagePolicy, deadline: float) -> bytes:
+    """The image bytes at `url`, or one ImageError for every failure of the remote side (detail logged at INFO)."""
+    target = url
     try:
-        with urllib.request.urlopen(request, timeout=policy.fetch_timeout_s) as response:
-            data = response.read(policy.max_bytes + 1)
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        raise ImageError(f"could not fetch the image {url[:200]} ({err}); check the URL or send a data: URL") from err
-    if len(data) > policy.max_bytes:
-        raise ImageError(f"the image at {url[:200]} is larger than {policy.max_bytes} bytes; send a smaller image")
-    return data
+        for _ in range(_MAX_REDIRECTS + 1):
+            status, location, body = _fetch_once(target, policy, deadline)
+            if status not in _REDIRECT_STATUSES:
+                break
+            target = _same_origin_redirect(target, location)
+        else:
+            raise _FetchFailed(f"more than {_MAX_REDIRECTS} redirects")
+        if status != 200:
+            raise _FetchFailed(f"HTTP status {status}")
+        image_size(body)  # not an image: the same failure as any other
+        return body
+    except (_FetchFailed, OSError, http.client.HTTPException, ValueError) as err:  # ImageError is a ValueError
+        if isinstance(err, ImageNotAllowedError):
+            raise
+        logger.info("fetching the image %s failed: %s: %s", target[:200], type(err).__name__, err)
+        raise ImageError(f"could not fetch an image from {url[:200]}: no image of at most {policy.max_bytes} bytes "
+                         f"arrived within {policy.fetch_timeout_s:g} s. Check the URL, or send the image as a data: "
+                         "URL") from err  # fmt: skip
+
+
+def _same_origin_redirect(url: str, location: str | None) -> str:
+    target = urljoin(url, location or "")
+    if not location or _origin(target) != _origin(url):
+        raise _FetchFailed(f"redirect to another scheme, host or port refused ({target[:200]})")
+    return target
+
+
+def _origin(url: str) -> tuple[str, str, int]:
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return scheme, (parts.hostname or "").lower(), parts.port or _DEFAULT_PORTS.get(scheme, 0)
+
+
+def _fetch_once(url: str, policy: ImagePolicy, deadline: float) -> tuple[int, str | None, bytes]:
+    """(status, Location header, body) of one GET; the whole exchange ends by `deadline` (a watchdog shuts the
+    socket then: per-read timeouts alone let a server trickle one byte at a time for ever)."""
+    scheme, host, port = _origin(url)
+    if scheme not in _DEFAULT_PORTS or not host:
+        raise _FetchFailed("not an http(s) URL with a host")
+    connection_class = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+    connection = connection_class(host, port)
+    connection.sock = _connect(host, port, policy, deadline)  # connected to the address that was checked
+    # The watchdog's own descriptor of the connection: TLS wrapping and http.client replace or drop `sock`.
+    guard = connection.sock.dup()
+    expired = threading.Event()
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), _expire, (guard, expired))
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        if scheme == "https":
+            connection.sock = ssl.create_default_context().wrap_socket(connection.sock, server_hostname=host)
+        parts = urlsplit(url)
+        connection.request("GET", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""),
+                           headers={"User-Agent": "edgevlm", "Accept": "image/*", "Accept-Encoding": "identity"})  # fmt: skip
+        response = connection.getresponse()
+        if response.status != 200:
+            return response.status, response.getheader("Location"), b""
+        body = _read_body(response, policy.max_bytes)
+        if expired.is_set():  # the body may look complete when the watchdog cut it
+            raise _FetchFailed(f"the deadline of {policy.fetch_timeout_s:g} s passed")
+        return response.status, None, body
+    except OSError as err:
+        if expired.is_set():
+            raise _FetchFailed(f"the deadline of {policy.fetch_timeout_s:g} s passed") from err
+        raise
+    finally:
+        watchdog.cancel()
+        connection.close()
+        guard.close()
+
+
+def _read_body(response: http.client.HTTPResponse, max_bytes: int) -> bytes:
+    declared = response.getheader("Content-Length", "")
+    if declared.strip().isdigit() and int(declared) > max_bytes:
+        raise _FetchFailed(f"Content-Length {declared} is above {max_bytes} bytes")
+    body = bytearray()
+    while piece := response.read(min(2**16, max_bytes + 1 - len(body))):
+        body += piece
+        if len(body) > max_bytes:
+            raise _FetchFailed(f"the body is longer than {max_bytes} bytes")
+    return bytes(body)
+
+
+def _expire(guard: socket.socket, expired: threading.Event) -> None:
+    expired.set()
+    try:
+        guard.shutdown(socket.SHUT_RDWR)  # a blocked read on the connection returns at once
+    except OSError:
+        pass  # the connection is already closed
+
+
+def _connect(host: str, port: int, policy: ImagePolicy, deadline: float) -> socket.socket:
+    """A socket connected to one of `host`'s addresses, all of which were checked first."""
+    addresses = _resolve(host, port, deadline)
+    if not policy.allow_private_hosts:
+        for *_, sockaddr in addresses:
+            ip = ipaddress.ip_address(sockaddr[0])
+            if not _is_public(ip):
+                raise ImageNotAllowedError(
+                    f"the image host {host!r} resolves to {ip}, a loopback, private, link-local, multicast or reserved "
+                    "address, which is not fetched from (a guard against reaching internal services); use a public "
+                    "URL or send the image as a data: URL (servers allow such hosts with --allow-private-image-hosts, "
+                    "Python with ImagePolicy(allow_private_hosts=True))"
+                )
+    failure: OSError = OSError("no address")
+    for family, kind, proto, _, sockaddr in addresses:
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.settimeout(max(0.001, deadline - time.monotonic()))
+            sock.connect(sockaddr)
+            return sock
+        except OSError as err:
+            sock.close()
+            failure = err
+    raise failure
+
+
+def _resolve(host: str, port: int, deadline: float) -> list[tuple]:
+    """getaddrinfo of `host` by `deadline` (in a thread: the system resolver has no timeout of its own)."""
+    found: list[Any] = []
+    lookup = threading.Thread(target=lambda: found.append(_getaddrinfo(host, port)), daemon=True)
+    lookup.start()
+    lookup.join(max(0.0, deadline - time.monotonic()))
+    if not found:
+        raise _FetchFailed(f"no answer from DNS for {host!r} in time")
+    if isinstance(found[0], OSError):
+        raise found[0]
+    return found[0]
+
+
+def _getaddrinfo(host: str, port: int) -> list[tuple] | OSError:
+    try:
+        return socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        return err
+
+
+# IPv6 prefixes that carry an IPv4 address in their low 32 bits (NAT64 well-known prefix).
+_NAT64 = ipaddress.ip_network("64:ff9b::/96")
+
+
+def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """A globally routable unicast address; IPv6 forms that embed an IPv4 address are judged by it too."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:  # reaches the IPv4 address itself
+            return _is_public(ip.ipv4_mapped)
+        embedded = ip.sixtofour or (ip.teredo or (None, None))[1]
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None and not _is_public(embedded):
+            return False
+        if ip.is_site_local:
+            return False
+    special = ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_multicast or ip.is_unspecified or ip.is_reserved  # fmt: skip
+    return ip.is_global and not special
 
 
 # ------------------------------------------------------------------------------------------- sampling and format

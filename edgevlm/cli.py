@@ -10,8 +10,12 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from .errors import EdgeVLMError
+
+if TYPE_CHECKING:
+    from .images import ImageLimits
 
 QUANT_FLAGS = {"int4": "Q4_K_M", "int8": "Q8_0", "f16": "F16", "f32": "F32"}
 NO_VERIFY_HELP = "skip the sha256 check of the bundle's files (default: checked the first time this device loads them)"
@@ -65,9 +69,12 @@ def _run(args: argparse.Namespace) -> int:
     import edgevlm
 
     from .budget import Crop
+    from .images import check_images
 
     crop = Crop.parse(args.crop) if args.crop else None  # flag errors before the model loads
     _check_tiles(args.tiles)
+    image_limits = _image_limits(args)
+    check_images(args.image or [], image_limits)  # a missing, non-regular or oversized image fails before loading
     t0 = time.perf_counter()
     vlm = edgevlm.load(
         args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
@@ -84,6 +91,7 @@ def _run(args: argparse.Namespace) -> int:
         seed=args.seed,
         crop=crop,
         tiles=args.tiles,
+        image_limits=image_limits,
     ):
         print(step.text, end="", flush=True)
         last = step
@@ -102,7 +110,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size, within_model_range  # fmt: skip
+    from .budget import (  # fmt: skip
+        DEFAULT_VISION_GFLOPS,
+        BudgetLimits,
+        Crop,
+        ImageRequest,
+        plan_images,
+        resolve_limits,
+        vision_tower_size,
+        within_model_range,
+    )
     from .bundle import Bundle
     from .images import image_size, preprocessing_from_dict
     from .profiles import Overrides, resolve_settings
@@ -166,6 +183,27 @@ def _add_profile_flag(p: argparse.ArgumentParser) -> None:
                    help="hardware profile: auto (default: detect), a name from `edgevlm profiles`, or a .toml file")  # fmt: skip
 
 
+def _add_image_limit_flags(p: argparse.ArgumentParser) -> None:
+    from .images import DEFAULT_MAX_IMAGE_PIXELS, DEFAULT_MAX_REQUEST_PIXELS
+
+    p.add_argument("--max-image-pixels", type=_at_least(1), default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N",
+                   help="refuse an image of more than N pixels (width x height) from its header, before decoding "
+                        f"(default: {DEFAULT_MAX_IMAGE_PIXELS:,}; a 48 MP photo passes)")  # fmt: skip
+    p.add_argument("--max-request-pixels", type=_at_least(1), default=DEFAULT_MAX_REQUEST_PIXELS, metavar="N",
+                   help=f"refuse a request whose images have more than N pixels together (default: {DEFAULT_MAX_REQUEST_PIXELS:,})")  # fmt: skip
+
+
+def _image_limits(args: argparse.Namespace) -> ImageLimits:
+    """The pixel caps of the flags; Pillow's process-wide ceiling is raised to match a per-image cap above it."""
+    from PIL import Image
+
+    from .images import ImageLimits
+
+    if Image.MAX_IMAGE_PIXELS is not None and args.max_image_pixels > Image.MAX_IMAGE_PIXELS:
+        Image.MAX_IMAGE_PIXELS = args.max_image_pixels
+    return ImageLimits(args.max_image_pixels, args.max_request_pixels)
+
+
 def _add_budget_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-image-tokens", type=int, help="most visual tokens per image span (default: the bundle's)")
     p.add_argument("--min-image-tokens", type=int, help="fewest visual tokens per image span (default: the model's)")
@@ -219,7 +257,8 @@ def _serve(args: argparse.Namespace) -> int:
     max_body = int(args.max_body_mb * 2**20)
     # the settings check every limit (and refuse an empty --api-key) before the model loads
     policy = ImagePolicy(allow_local=local_dir is not None, local_root=local_dir,
-                         allow_remote=args.allow_remote_images, max_bytes=max_body)  # fmt: skip
+                         allow_remote=args.allow_remote_images, max_bytes=max_body,
+                         allow_private_hosts=args.allow_private_image_hosts, limits=_image_limits(args))  # fmt: skip
     settings = ServerSettings(
         model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key, image_policy=policy,
         max_body_bytes=max_body, max_queue=args.queue, max_messages=args.max_messages,
@@ -403,6 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print timings to stderr")
     p.add_argument("--no-verify", action="store_true", help=NO_VERIFY_HELP)
     _add_budget_flags(p)
+    _add_image_limit_flags(p)
     p.set_defaults(handler=_run)
 
     p = sub.add_parser("plan", help="show how many tokens images will cost, without loading the model")
@@ -450,9 +490,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--model-id", default=None, help="model name in the API (default: the bundle directory's name)")
-    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (default: refused)")
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image URLs from public addresses (default: refused)")  # fmt: skip
+    p.add_argument("--allow-private-image-hosts", action="store_true",
+                   help="with --allow-remote-images, also fetch from loopback, private and link-local addresses "
+                        "(default: refused, as a guard against reaching internal services)")  # fmt: skip
     p.add_argument("--allow-local-images", metavar="DIR", default=None,
-                   help="accept image paths and file:// URLs inside DIR (default: refused)")  # fmt: skip
+                   help="accept image paths and file:// URLs of regular files inside DIR (default: refused)")  # fmt: skip
+    _add_image_limit_flags(p)
     p.add_argument("--max-body-mb", type=float, default=20.0, help="largest request body (default: 20 MB)")
     p.add_argument("--queue", type=int, default=16, help="requests that may wait for the model (default: 16)")
     p.add_argument("--max-messages", type=int, default=256, help="most messages in one request (default: 256)")

@@ -9,6 +9,11 @@ class ImageError(EdgeVLMError, ValueError):
     """An image could not be read or is not usable (missing, a directory, not an image, truncated, too large)."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image, or a request's images together, above a pixel cap (`edgevlm.images.ImageLimits`), refused from the
+    headers before decoding."""
+
+
 class BundleError(EdgeVLMError):
     """A bundle is missing, incomplete, corrupt, or of a format this version cannot read."""
 

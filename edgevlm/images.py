@@ -18,6 +18,8 @@ RGB; optionally pad to a square with the mean colour (the original LLaVA's `pad`
 PIL BICUBIC; center crop; rescale and normalize as above; patchify row-major, each row (channel, patch row, col).
 
 Large photos are resized by PIL before any float work, so memory scales with the resized image, not the photo.
+Untrusted images are measured from their headers first (`check_images`): a request above the pixel caps of
+`ImageLimits` is refused before any of it is decoded.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import io
 import logging
 import math
 import os
+import stat
 import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
@@ -35,7 +38,7 @@ from typing import IO, Any, ClassVar
 import numpy as np
 from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
-from edgevlm.errors import ImageError
+from edgevlm.errors import ImageError, ImageTooLargeError
 
 logger = logging.getLogger(__name__)
 
@@ -51,10 +54,104 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 
+# --------------------------------------------------------------------------------------------------- limits
+
+# A 48-megapixel phone photo (8000x6000) passes per image, and two of them per request; the 88-megapixel 1-bit PNG
+# bomb of issue 17 (9400x9400, 14 KB, 265 MB once RGB) does not.
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000
+DEFAULT_MAX_REQUEST_PIXELS = 100_000_000
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Pixel caps checked from image headers before anything is decoded (a guard against decompression bombs).
+
+    `max_image_pixels` caps width x height of each image, `max_request_pixels` the sum over one request's images;
+    None: no cap. Decoding costs about 3 bytes per pixel (RGB), up to 15 with transparency, so the defaults
+    (50 and 100 megapixels) bound one request to a few hundred MB. Pillow's own `PIL.Image.MAX_IMAGE_PIXELS`
+    (89.5 megapixels unless changed) stays a process-wide ceiling above these: a cap beyond it needs it raised
+    too (`edgevlm run/serve --max-image-pixels` do that).
+    """
+
+    max_image_pixels: int | None = DEFAULT_MAX_IMAGE_PIXELS
+    max_request_pixels: int | None = DEFAULT_MAX_REQUEST_PIXELS
+
+    def __post_init__(self) -> None:
+        for name in ("max_image_pixels", "max_request_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"ImageLimits {name}={value!r}: expected a positive number of pixels or None")
+
+    def check_image(self, width: int, height: int, what: str) -> None:
+        """Refuse one image above the per-image cap or above Pillow's MAX_IMAGE_PIXELS, naming the cap that binds."""
+        pixels = width * height
+        if self.max_image_pixels is not None and pixels > self.max_image_pixels:
+            raise ImageTooLargeError(
+                f"{what} is {width}x{height} = {pixels:,} pixels, above the per-image cap of {self.max_image_pixels:,} "
+                "pixels (a guard against decompression bombs). Downscale it, or raise the cap if the device has the "
+                "memory (about 3 bytes per pixel): ImageLimits(max_image_pixels=...) in Python, --max-image-pixels "
+                "for edgevlm run/serve."
+            )
+        ceiling = Image.MAX_IMAGE_PIXELS
+        if ceiling is not None and pixels > ceiling:
+            raise ImageTooLargeError(
+                f"{what} is {width}x{height} = {pixels:,} pixels, above Pillow's process-wide limit "
+                f"PIL.Image.MAX_IMAGE_PIXELS = {ceiling:,} (a guard against decompression bombs). Downscale it, or "
+                "raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted."
+            )
+
+    def check_request(self, sizes: Sequence[tuple[int, int]]) -> None:
+        """Refuse a request whose images have more pixels together than the per-request cap."""
+        total = sum(width * height for width, height in sizes)
+        if self.max_request_pixels is not None and total > self.max_request_pixels:
+            raise ImageTooLargeError(
+                f"the request's {len(sizes)} images have {total:,} pixels together, above the per-request cap of "
+                f"{self.max_request_pixels:,} pixels. Send fewer or smaller images, or raise the cap: "
+                "ImageLimits(max_request_pixels=...) in Python, --max-request-pixels for edgevlm run/serve."
+            )
+
+
+@dataclass(frozen=True)
+class CheckedImages:
+    """A request's image sources whose headers passed the pixel caps: sizes known, nothing decoded yet.
+
+    `check_images` makes one; `decode(i)` decodes image i when the model's turn comes, so requests waiting in a
+    queue hold encoded bytes (or paths), never decoded pixels.
+    """
+
+    sources: tuple[Any, ...]
+    sizes: tuple[tuple[int, int], ...]  # (width, height), upright
+    limits: ImageLimits
+
+    def decode(self, index: int) -> Image.Image:
+        """Image `index` as `load_image` gives it; refused if it is not the size its header gave."""
+        image = load_image(self.sources[index], self.limits)
+        if image.size != self.sizes[index]:
+            (w, h), (now_w, now_h) = self.sizes[index], image.size
+            raise ImageError(f"image {index + 1} is {now_w}x{now_h} once decoded, but its header said {w}x{h}: the "
+                             "file changed while the request waited, or it is a PNG whose EXIF orientation comes "
+                             "after its pixels. Send it again, saved with the orientation applied.")  # fmt: skip
+        return image
+
+
+def check_images(sources: Sequence[ImageSource], limits: ImageLimits | None = None) -> CheckedImages:
+    """Read every image's header (`image_size`) and refuse the request, before decoding any of it, when an image is
+    above `limits.max_image_pixels` or all of them together above `limits.max_request_pixels` (default
+    `ImageLimits()`). Raises ImageError (`ImageTooLargeError` for a cap) naming the image and the cap."""
+    limits = ImageLimits() if limits is None else limits
+    sizes = []
+    for index, source in enumerate(sources):
+        width, height = image_size(source)
+        limits.check_image(width, height, f"image {index + 1} of {len(sources)}")
+        sizes.append((width, height))
+    limits.check_request(sizes)
+    return CheckedImages(tuple(sources), tuple(sizes), limits)
+
+
 # --------------------------------------------------------------------------------------------------- loading
 
 
-def load_image(source: ImageSource) -> Image.Image:
+def load_image(source: ImageSource, limits: ImageLimits | None = None) -> Image.Image:
     """Load `source` as a fully decoded RGB PIL image.
 
     `source` is a file path, the encoded bytes of an image file, a PIL image (any mode), an HxWx3 uint8 RGB array
@@ -62,28 +159,33 @@ def load_image(source: ImageSource) -> Image.Image:
     is applied to PIL sources; like its image processors' `convert_to_rgb`, transparency (an alpha band or a
     `transparency` entry, as in palette PNGs) is composited onto white.
 
-    Encoded images larger than `PIL.Image.MAX_IMAGE_PIXELS` (about 89 megapixels unless changed) are refused
-    before decoding, to stop decompression bombs; set that Pillow attribute to allow larger files.
+    An image above `limits.max_image_pixels` (default `ImageLimits()`: 50 megapixels) or Pillow's
+    `PIL.Image.MAX_IMAGE_PIXELS` is refused from its header, before decoding. A path must be a regular file: a FIFO,
+    device, socket or directory is refused before it is opened, so it cannot block.
 
     Raises:
-        ImageError: missing file, a directory, bytes that are not an image, a truncated or corrupt file, an array
-            of the wrong shape or dtype, or an image above the pixel limit. The message says what to do.
+        ImageError: missing file, not a regular file, bytes that are not an image, a truncated or corrupt file, an
+            array of the wrong shape or dtype, or an image above a pixel cap (`ImageTooLargeError`). The message says
+            what to do.
     """
+    limits = ImageLimits() if limits is None else limits
     if isinstance(source, Image.Image):
+        limits.check_image(*source.size, what="the PIL image")
         return _decoded_rgb(source, what="the PIL image")
     if isinstance(source, np.ndarray):
+        _check_array(source)
+        limits.check_image(source.shape[1], source.shape[0], what="the array")
         return _array_to_rgb(source)
     if isinstance(source, (bytes, bytearray, memoryview)):
         data = bytes(source)
         if not data:
             raise ImageError("The image bytes are empty (0 bytes); pass the contents of an image file (JPEG, PNG).")
-        return _open_encoded(io.BytesIO(data), what=f"image bytes ({len(data)} bytes)")
+        return _open_encoded(io.BytesIO(data), f"image bytes ({len(data)} bytes)", limits)
     if isinstance(source, (str, os.PathLike)):
-        if isinstance(source, str) and "://" in source and not os.path.exists(source):
-            raise ImageError(
-                f"{source!r} looks like a URL; edgevlm loads local files only. Download it and pass the path."
-            )
-        return _open_path(Path(source))
+        path = _as_path(source)
+        with _open_regular_file(path) as file:
+            # Decoded completely inside the `with`: the returned image no longer needs the file.
+            return _open_encoded(file, str(path), limits)
     raise ImageError(
         f"Cannot load an image from a {type(source).__name__}; pass a file path, encoded image bytes, "
         "a PIL image, or an HxWx3 uint8 numpy array."
@@ -99,7 +201,7 @@ def image_size(source: ImageSource) -> tuple[int, int]:
 
     Instant even for a 12-megapixel photo: the token-budget planner needs only sizes. EXIF orientation is applied
     (a portrait photo stored sideways reports its upright size). Errors are `load_image`'s, except for the ones only
-    decoding finds (a truncated body).
+    decoding finds (a truncated body); no pixel cap is applied here (`check_images` does that).
     """
     if isinstance(source, np.ndarray):
         _check_array(source)
@@ -109,18 +211,11 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     if isinstance(source, (bytes, bytearray, memoryview)):
         if not bytes(source):
             raise ImageError("The image bytes are empty (0 bytes); pass the contents of an image file (JPEG, PNG).")
-        return _upright_size(_identify(io.BytesIO(bytes(source)), what=f"image bytes ({len(source)} bytes)"))
+        return _upright_size(_identify(io.BytesIO(bytes(source)), what=f"image bytes ({len(source)} bytes)"), header_only=True)  # fmt: skip
     if isinstance(source, (str, os.PathLike)):
-        path = Path(source)
-        if not path.is_file():
-            load_image(source)  # raises the same clear error for a URL, a missing file or a directory
-        try:
-            with open(path, "rb") as file:
-                if os.fstat(file.fileno()).st_size == 0:
-                    raise ImageError(f"Image file {path} is empty (0 bytes); re-copy or re-capture it.")
-                return _upright_size(_identify(file, what=str(path)))
-        except OSError as err:
-            raise ImageError(f"Cannot read image file {path} ({err}). Check that it is a readable file.") from err
+        path = _as_path(source)
+        with _open_regular_file(path) as file:
+            return _upright_size(_identify(file, what=str(path)), header_only=True)
     return load_image(source).size  # raises the clear error for an unsupported type
 
 
@@ -129,8 +224,10 @@ def _identify(file: IO[bytes], what: str) -> Image.Image:
     try:
         return Image.open(file)
     except Image.DecompressionBombError as err:
-        raise ImageError(
-            f"Refusing to decode {what}: {err} Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS if it is trusted."
+        raise ImageTooLargeError(
+            f"Refusing to decode {what}: {err} That is above Pillow's process-wide ceiling (twice "
+            "PIL.Image.MAX_IMAGE_PIXELS) and edgevlm's per-image cap. Downscale it, or, if it is trusted, raise "
+            "PIL.Image.MAX_IMAGE_PIXELS and the cap (ImageLimits(max_image_pixels=...), --max-image-pixels)."
         ) from err
     except _DECODE_ERRORS as err:
         # UnidentifiedImageError's own text only repeats the file object's repr.
@@ -141,43 +238,69 @@ def _identify(file: IO[bytes], what: str) -> Image.Image:
         ) from err
 
 
-def _upright_size(image: Image.Image) -> tuple[int, int]:
+def _upright_size(image: Image.Image, *, header_only: bool = False) -> tuple[int, int]:
     width, height = image.size
     try:
-        orientation = image.getexif().get(ExifTags.Base.Orientation, 1)
+        # Pillow's PNG plugin decodes the whole image to look for EXIF after the pixels (and a 14 KB PNG can hold
+        # 88 megapixels): header_only reads the orientation from the chunks before them.
+        exif = Image.Image.getexif(image) if header_only else image.getexif()
+        orientation = exif.get(ExifTags.Base.Orientation, 1)
     except _DECODE_ERRORS:
         orientation = 1  # unreadable EXIF: load_image fails on it too, with its own message
     return (height, width) if orientation in _SWAPPING_ORIENTATIONS else (width, height)
 
 
-def _open_path(path: Path) -> Image.Image:
+def _as_path(source: str | os.PathLike) -> Path:
+    if isinstance(source, str) and "://" in source and not os.path.exists(source):
+        raise ImageError(f"{source!r} looks like a URL; edgevlm loads local files only. Download it and pass the path.")
+    return Path(source)
+
+
+# Files that are not regular ones, as stat names them: reading a FIFO or a device can block forever or never end.
+_NOT_REGULAR = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))  # fmt: skip
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+
+
+def _open_regular_file(path: Path) -> IO[bytes]:
+    """Open `path` for reading if it is a non-empty regular file; anything else is an ImageError.
+
+    `os.stat` refuses FIFOs, devices, sockets and directories before anything opens them; the open itself is
+    non-blocking and `fstat` checks the opened file again, so a file swapped for a FIFO in between cannot block.
+    """
     text = str(path)
-    if not path.exists():
-        raise ImageError(f"Image file not found: {text}. Check the path (relative paths start at {Path.cwd()}).")
-    if path.is_dir():
-        raise ImageError(f"{text} is a directory, not an image file; pass the path of one image inside it.")
     try:
-        file = open(path, "rb")
-    except OSError as err:
-        raise ImageError(f"Cannot read image file {text} ({err}). Check that it is a readable file.") from err
-    with file:
-        if os.fstat(file.fileno()).st_size == 0:
-            raise ImageError(f"Image file {text} is empty (0 bytes); re-copy or re-capture it.")
-        # Decoded completely inside the `with`: the returned image no longer needs the file.
-        return _open_encoded(file, what=text)
+        _check_regular(os.stat(path), text)
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError as err:
+        raise ImageError(
+            f"Image file not found: {text}. Check the path (relative paths start at {Path.cwd()})."
+        ) from err
+    except (OSError, ValueError) as err:  # ValueError: a NUL byte in the path
+        raise ImageError(f"Cannot read image file {text[:300]!r} ({err}). Check that it is a readable file.") from err
+    try:
+        _check_regular(os.fstat(fd), text)
+    except BaseException:
+        os.close(fd)
+        raise
+    return os.fdopen(fd, "rb")
 
 
-def _open_encoded(file: IO[bytes], what: str) -> Image.Image:
+def _check_regular(info: os.stat_result, text: str) -> None:
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(f"{text} is a directory, not an image file; pass the path of one image inside it.")
+    kind = next((name for is_kind, name in _NOT_REGULAR if is_kind(info.st_mode)), None)
+    if kind is not None or not stat.S_ISREG(info.st_mode):
+        raise ImageError(f"{text} is {kind or 'not a regular file'}, not an image file: edgevlm reads images from "
+                         "regular files only (a pipe or device could block). Save the image to a file and pass it.")  # fmt: skip
+    if info.st_size == 0:
+        raise ImageError(f"Image file {text} is empty (0 bytes); re-copy or re-capture it.")
+
+
+def _open_encoded(file: IO[bytes], what: str, limits: ImageLimits) -> Image.Image:
     """Identify, size-check, fully decode and convert an encoded image; all decoding errors become ImageError."""
     image = _identify(file, what)
-    width, height = image.size
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and width * height > limit:
-        raise ImageError(
-            f"Refusing to decode {what}: it is {width}x{height} = {width * height} pixels, above the limit of "
-            f"{limit} pixels (a guard against decompression bombs). Downscale it, or raise PIL.Image.MAX_IMAGE_PIXELS "
-            "if it is trusted."
-        )
+    limits.check_image(*image.size, what=what)
     return _decoded_rgb(image, what=what)
 
 

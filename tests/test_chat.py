@@ -4,6 +4,7 @@ cancellation and threads, on the tiny random Qwen2-VL (real onnxruntime and llam
 from __future__ import annotations
 
 import base64
+import dataclasses
 import http.server
 import io
 import json
@@ -266,12 +267,15 @@ def test_remote_images_are_fetched_only_when_allowed_and_within_the_size_limit(v
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}/frame.png"
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
-        with pytest.raises(ImageNotAllowedError):
+        with pytest.raises(ImageNotAllowedError, match="remote"):
             vlm.chat(messages, max_tokens=1)
-        result = vlm.chat(messages, max_tokens=1, image_policy=ImagePolicy(allow_remote=True))
+        with pytest.raises(ImageNotAllowedError, match="resolves to 127.0.0.1, a loopback"):  # this server is local
+            vlm.chat(messages, max_tokens=1, image_policy=ImagePolicy(allow_remote=True))
+        loopback = ImagePolicy(allow_remote=True, allow_private_hosts=True)
+        result = vlm.chat(messages, max_tokens=1, image_policy=loopback)
         assert result.timings.n_image_tokens == 15
-        with pytest.raises(ImageError, match="larger than"):
-            vlm.chat(messages, max_tokens=1, image_policy=ImagePolicy(allow_remote=True, max_bytes=len(body) - 1))
+        with pytest.raises(ImageError, match=f"no image of at most {len(body) - 1} bytes"):
+            vlm.chat(messages, max_tokens=1, image_policy=dataclasses.replace(loopback, max_bytes=len(body) - 1))
     finally:
         server.shutdown()
         server.server_close()

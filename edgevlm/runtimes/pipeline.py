@@ -16,13 +16,31 @@ import numpy as np
 from PIL import Image
 
 from ..budget import (
-    BudgetLimits, BudgetPlan, Crop, ImageRequest, ResolvedLimits, count_spans, plan_images, resolve_limits,
+    BudgetLimits,
+    BudgetPlan,
+    Crop,
+    ImageRequest,
+    ResolvedLimits,
+    count_spans,
+    plan_images,
+    resolve_limits,
     vision_tower_size,
 )  # fmt: skip
 from ..bundle import Bundle
-from ..chat import ChatChunk, ChatResult, ImagePolicy, check_sampling, collect, grammar_for, parse_messages, parse_stop, resolve_image, stop_at  # fmt: skip
+from ..chat import (  # fmt: skip
+    ChatChunk,
+    ChatResult,
+    ImagePolicy,
+    check_sampling,
+    collect,
+    grammar_for,
+    parse_messages,
+    parse_stop,
+    resolve_images,
+    stop_at,
+)
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
-from ..images import PreparedImage, image_size, load_image, preprocess, preprocessing_from_dict
+from ..images import CheckedImages, ImageLimits, PreparedImage, check_images, preprocess, preprocessing_from_dict
 from ..profiles import Overrides, Profile, resolve_settings
 from .llm import LlamaLM, SamplingParams
 from .positions import image_positions, text_embedding_positions, text_positions
@@ -30,7 +48,7 @@ from .prompt import PromptRenderer, Segment, SpecialTokens, joined
 from .reuse import EmbeddingCache, KVRecord, Unit, image_key
 from .token_embeddings import open_token_embeddings
 from .turns import Turns
-from .vision import VisionEncoder
+from .vision import VisionEncoder, return_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -227,9 +245,11 @@ class EdgeVLM:
         image_budget: int | None = None,
         crop: CropArg = None,
         tiles: int | None = None,
+        image_limits: ImageLimits | None = None,
     ) -> BudgetPlan:
-        """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding)."""
-        requests = _image_requests([image_size(image) for image in images], crop, tiles)
+        """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding);
+        images above the pixel caps are refused as `generate` refuses them."""
+        requests = _image_requests(list(check_images(images, image_limits).sizes), crop, tiles)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
         return self._plan(lambda n: self._prompt_segments(prompt, n), requests, max_new_tokens, request_limits)[0]
 
@@ -247,16 +267,20 @@ class EdgeVLM:
         )  # fmt: skip
         return plan, pieces
 
-    def _prepare(self, render: Callable[[int], list[Segment]], images: Sequence[Any], max_new_tokens: int,
+    def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int,
                  request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> tuple[list[_Span], BudgetPlan]:  # fmt: skip
-        """Decode the images, plan their spans, and cut/resize/patchify each span exactly as planned."""
-        loaded = [load_image(image) for image in images]
-        requests = _image_requests([image.size for image in loaded], crop, tiles)
+        """Plan the image spans from the checked sizes, then decode one image at a time and cut/resize/patchify its
+        spans exactly as planned: at most one decoded image is alive, and its memory goes back to the OS after."""
+        requests = _image_requests(list(images.sizes), crop, tiles)
         plan, pieces = self._plan(render, requests, max_new_tokens, request_limits)
-        prepared = [
-            preprocess(_region(loaded[span.image_index], span.box), self.preprocessing, resized_size=span.resized_size)
-            for span in plan.spans
-        ]
+        prepared: list[PreparedImage] = []  # in span order, which is image order
+        for index in range(len(images.sources)):
+            decoded = images.decode(index)
+            prepared += [preprocess(_region(decoded, span.box), self.preprocessing, resized_size=span.resized_size)
+                         for span in plan.spans if span.image_index == index]  # fmt: skip
+            del decoded
+        if images.sources:
+            return_freed_memory()  # else glibc keeps the freed decode buffers resident
         spans: list[_Span] = []
         for i, piece in enumerate(pieces):
             if piece:
@@ -283,6 +307,7 @@ class EdgeVLM:
         tiles: int | None = None,
         grammar: str | None = None,
         cancel: threading.Event | None = None,
+        image_limits: ImageLimits | None = None,
     ) -> Iterator[GenerationStep]:
         """Stream the answer to `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
 
@@ -292,10 +317,13 @@ class EdgeVLM:
         the prompt and `max_new_tokens` in the context; `plan` shows the spans without encoding anything.
         `grammar` (GBNF, rule `root`) restricts the answer; setting `cancel` (from any thread) ends the stream
         before the next token with finish_reason "cancelled". Generations run one at a time (see `chat`).
+        `image_limits` caps decoded pixels per image and per call (default `ImageLimits()`: 50 and 100 megapixels),
+        checked from the headers before the model's turn; images are decoded in it.
         """
+        checked = check_images(images, image_limits)
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        yield from self._stream(lambda n: self._prompt_segments(prompt, n), images, max_new_tokens, sampling,
+        yield from self._stream(lambda n: self._prompt_segments(prompt, n), checked, max_new_tokens, sampling,
                                 request_limits, crop, tiles, cancel)  # fmt: skip
 
     def chat(
@@ -320,7 +348,8 @@ class EdgeVLM:
         `messages`: dicts with `role` (system, user, assistant) and `content`, a string or a list of parts:
         {"type": "text", "text": …}, {"type": "image_url", "image_url": {"url": …}} with a `data:` URL, a file path
         or a file:// URL, and {"type": "image", "image": …} with a path, bytes, a PIL image or an HxWx3 uint8 array.
-        `image_policy` says where images may come from (default: any local file, no remote URL).
+        `image_policy` says where images may come from and how large they may be (default: any local regular file,
+        no remote URL, `ImageLimits()`).
         `response_format`: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": …}} or
         {"type": "gbnf", "grammar": …} constrains the answer through a llama.cpp grammar. `stop` strings end the
         answer (they are not part of it). `cancel`, set from any thread, ends it before the next token
@@ -328,25 +357,27 @@ class EdgeVLM:
 
         Requests on one model run one at a time, in any thread; a follow-up that repeats the conversation so far
         decodes only what is new (the KV cache is reused up to the longest common prefix) and does not re-encode
-        an image seen recently (see `Timings`). The request is checked and its images decoded before it waits for
-        the model, so a bad request fails at once (`edgevlm.EdgeVLMError`).
+        an image seen recently (see `Timings`). The request is checked, remote images fetched and every image's header
+        read against the pixel caps before it waits for the model, so a bad request fails at once
+        (`edgevlm.EdgeVLMError`); images are decoded only in the model's turn, one at a time.
         """
         check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
                        max_image_tokens=max_image_tokens)  # fmt: skip
         template_messages, sources = parse_messages(messages)
-        images = [load_image(resolve_image(source, image_policy or ImagePolicy())) for source in sources]
         grammar = grammar_for(response_format)
         if grammar is not None:
             with self._using():
                 self.llm.check_grammar(grammar)
         stops = parse_stop(stop)
         segments = self.prompts.segments(template_messages)
+        policy = image_policy or ImagePolicy()  # images last: a remote one may take the fetch deadline
+        images = check_images(resolve_images(sources, policy), policy.limits)  # headers only: decoding waits
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
         steps = self._stream(lambda n: segments, images, max_tokens, sampling, BudgetLimits(max_image_tokens), None, None, cancel)  # fmt: skip
         chunks = stop_at(steps, stops)
         return chunks if stream else collect(chunks)
 
-    def _stream(self, render: Callable[[int], list[Segment]], images: Sequence[Any], max_new_tokens: int, sampling: SamplingParams,
+    def _stream(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int, sampling: SamplingParams,
                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None,
                 cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
         """Wait for the model, then prepare, encode, prefill and stream one request.
@@ -512,8 +543,8 @@ class EdgeVLM:
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
-        spans, _ = self._prepare(lambda n: self._prompt_segments(prompt, n), images, 0, BudgetLimits(), None, None)
         with self._exclusive():
+            spans, _ = self._prepare(lambda n: self._prompt_segments(prompt, n), check_images(images), 0, BudgetLimits(), None, None)  # fmt: skip
             self._forget()  # every position's logits: decode from scratch; the cache is not recorded for reuse
             position = 0
             rows = []
