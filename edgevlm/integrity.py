@@ -34,7 +34,8 @@ def sha256_file(path: Path, chunk_size: int = 1 << 22) -> str:
 
 
 def cache_dir() -> Path:
-    """edgevlm's cache directory (verified files, the demo's bundles and scenes): $EDGEVLM_CACHE, else $XDG_CACHE_HOME/edgevlm, else ~/.cache/edgevlm."""
+    """edgevlm's cache directory (verified files, the demo's bundles and scenes): $EDGEVLM_CACHE, else
+    $XDG_CACHE_HOME/edgevlm, else ~/.cache/edgevlm."""
     if os.environ.get(CACHE_DIR_ENV):
         return Path(os.environ[CACHE_DIR_ENV]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")

@@ -218,10 +218,6 @@ class ChatServer:
                 first = await anyio.to_thread.run_sync(_next_chunk, answer) if stream else None
             except EdgeVLMError as err:
                 return api_error_for(err).response()
-            except (ValueError, OSError) as err:  # from reading the request's inputs (an image path, its bytes)
-                logger.warning("chat request refused: %s", err, exc_info=True)
-                return ApiError(400, f"the request could not be read ({type(err).__name__}: {err})",
-                                code="invalid_request").response()  # fmt: skip
             finish = first.finish_reason if stream else answer.finish_reason
             if finish == "cancelled" and deadline.expired:
                 if stream:

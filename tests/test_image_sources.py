@@ -200,7 +200,8 @@ def test_waiting_requests_hold_no_decoded_images_and_bad_ones_fail_at_once(vlm, 
         except ImageError as err:
             outcome["error"] = err
 
-    with vlm.turns.hold():  # the model is busy
+    assert vlm.turns.take()  # the model is busy
+    try:
         waiting = threading.Thread(target=request)
         waiting.start()
         _wait_for(lambda: vlm.turns.n_waiting == 1)
@@ -208,6 +209,8 @@ def test_waiting_requests_hold_no_decoded_images_and_bad_ones_fail_at_once(vlm, 
         path.write_bytes(png_bytes(random_frame(6, (40, 40))))
         with pytest.raises(ImageTooLargeError):  # refused while the model is busy: no wait for a turn
             within(30, lambda: vlm.chat(ask(data_url(bomb_png(9400))), max_tokens=1))
+    finally:
+        vlm.turns.give_back()
     waiting.join(timeout=60)
     assert "is 40x40 once decoded, but its header said 84x56" in str(outcome.get("error"))
 
