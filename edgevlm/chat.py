@@ -44,8 +44,12 @@ ROLES = ("system", "user", "assistant")
 MAX_STOPS = 16
 MAX_STOP_CHARS = 512
 MAX_GRAMMAR_BYTES = 64 * 2**10
-MAX_GRAMMAR_DEPTH = 1000  # nested ( ) groups; llama.cpp crashed at ~50,000 (see tests/test_server_hardening.py)
+MAX_GRAMMAR_DEPTH = 1000  # nested ( ) groups; llama.cpp's parser crashed past ~18,600 on an 8 MiB stack, ~2,300 on 1 MiB
 MAX_SCHEMA_BYTES = 64 * 2**10
+# Largest repetition a json_schema may ask for (minLength, maxItems, a pattern's {m,n}, multiplied when nested): the
+# converter writes each repetition out, ~8 bytes a unit, before the grammar's size can be checked
+MAX_SCHEMA_REPEAT = 1000
+MAX_IMAGES = 64  # image parts in one request
 MAX_JSON_DEPTH = 64  # nesting of JSON objects and arrays in a request body or a json_schema
 
 
@@ -110,6 +114,8 @@ def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
         parts = []
         for j, part in enumerate(content):
             parts.append(_parse_part(part, f"{where}.content[{j}]", role, images))
+            if len(images) > MAX_IMAGES:
+                raise RequestError(f"the request has more than {MAX_IMAGES} images; send at most {MAX_IMAGES}")
         rendered.append({"role": role, "content": parts})
     return rendered, images
 
@@ -180,7 +186,12 @@ def resolve_image(source: Any, policy: ImagePolicy, *, deadline: float | None = 
     if isinstance(source, str):
         if source[:5].lower() == "data:":
             return decode_data_url(source)
-        scheme = urlsplit(source).scheme.lower()
+        _utf8(source, "the image URL")
+        try:
+            scheme = urlsplit(source).scheme.lower()
+        except ValueError as err:  # e.g. "Invalid IPv6 URL"
+            raise ImageError(f"the image URL {source[:200]!r} does not parse ({err}); send a data: URL, an "
+                             "http(s) URL or a path") from err  # fmt: skip
         if scheme in ("http", "https"):
             if not policy.allow_remote:
                 raise ImageNotAllowedError(f"remote image URLs are not allowed here ({source[:80]}); send the image "
@@ -216,6 +227,9 @@ MAX_NAME_CHARS = 255
 
 
 def _local_path(path: str | os.PathLike, policy: ImagePolicy) -> Path:
+    if not policy.allow_local:
+        raise ImageNotAllowedError("local image paths are not allowed here; send the image as a data: URL "
+                                   "(a server allows a directory with --allow-local-images DIR)")  # fmt: skip
     text = os.fspath(path)
     if ("\0" if isinstance(text, str) else b"\0") in text:
         raise ImageError("the image path contains a NUL byte, which no file name can; send a valid path or a data: URL")
@@ -224,9 +238,6 @@ def _local_path(path: str | os.PathLike, policy: ImagePolicy) -> Path:
         raise ImageError(f"the image path ({len(text)} characters, a name of {longest_name}) is longer than a path "
                          f"({MAX_PATH_CHARS}) or a file name ({MAX_NAME_CHARS}) may be; send a valid path or a data: "
                          "URL")  # fmt: skip
-    if not policy.allow_local:
-        raise ImageNotAllowedError("local image paths are not allowed here; send the image as a data: URL "
-                                   "(a server allows a directory with --allow-local-images DIR)")  # fmt: skip
     if policy.local_root is None:
         return Path(path)
     root = Path(policy.local_root).resolve()
@@ -348,9 +359,10 @@ def _connect(host: str, port: int, policy: ImagePolicy, deadline: float) -> sock
         for *_, sockaddr in addresses:
             ip = ipaddress.ip_address(sockaddr[0])
             if not _is_public(ip):
+                logger.info("image host %r resolves to %s, which is not public: refused", host, ip)
                 raise ImageNotAllowedError(
-                    f"the image host {host!r} resolves to {ip}, a loopback, private, link-local, multicast or reserved "
-                    "address, which is not fetched from (a guard against reaching internal services); use a public "
+                    f"the image host {host!r} is not at a public address, and only public ones are fetched from (a "
+                    "guard against reaching internal services); use a public "
                     "URL or send the image as a data: URL (servers allow such hosts with --allow-private-image-hosts, "
                     "Python with ImagePolicy(allow_private_hosts=True))"
                 )
@@ -424,7 +436,8 @@ def check_sampling(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any,
 
 def _number(name: str, value: Any, kind: type, low: float, high: float | None = None) -> None:
     ok_type = (int,) if kind is int else (int, float)
-    if isinstance(value, bool) or not isinstance(value, ok_type) or not math.isfinite(value):
+    # an int is range-checked as it is: math.isfinite() of a 400-digit one overflows
+    if isinstance(value, bool) or not isinstance(value, ok_type) or (isinstance(value, float) and not math.isfinite(value)):
         raise RequestError(f"{name} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
     if value < low or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
@@ -480,6 +493,7 @@ def grammar_for(response_format: Any) -> str | None:
             raise GrammarError(f"response_format json_schema is {len(schema_json)} characters as JSON; at most "
                                f"{MAX_SCHEMA_BYTES} are allowed")  # fmt: skip
         _refuse_unenforced(schema, "schema")
+        _refuse_large_repeats(schema)
         try:
             grammar = llama_grammar.json_schema_to_gbnf(schema_json)
         except Exception as err:  # the converter raises bare ValueError/KeyError/... on what it cannot handle
@@ -495,6 +509,31 @@ def grammar_for(response_format: Any) -> str | None:
         return grammar
     raise RequestError(f"response_format type {reprlib.repr(kind)} is not supported; use 'text', 'json_object', "
                        "'json_schema' or 'gbnf'")  # fmt: skip
+
+
+_REPEAT_KEYWORDS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+_QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
+
+
+def _refuse_large_repeats(schema: Any) -> None:
+    """Refuse repetitions above `MAX_SCHEMA_REPEAT` in a json_schema (the depth is checked already, so a loop)."""
+    level = [schema]
+    while level := [node for node in level if isinstance(node, (Mapping, list))]:
+        for node in (n for n in level if isinstance(n, Mapping)):
+            for key in _REPEAT_KEYWORDS:
+                value = node.get(key)
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and value > MAX_SCHEMA_REPEAT:
+                    raise GrammarError(f"response_format json_schema: {key}={value}, but grammars are built with at "
+                                       f"most {MAX_SCHEMA_REPEAT} repetitions; use a smaller bound")  # fmt: skip
+            pattern = node.get("pattern")
+            if isinstance(pattern, str):
+                repeats = 1
+                for low, comma, high in ((m.group(1), "," in m.group(0), m.group(2)) for m in _QUANTIFIER.finditer(pattern)):  # fmt: skip
+                    repeats *= max(int(low), int(high) if comma and high else 1)
+                if repeats > MAX_SCHEMA_REPEAT:
+                    raise GrammarError(f"response_format json_schema: the pattern {pattern[:80]!r} repeats {repeats} "
+                                       f"times in all; at most {MAX_SCHEMA_REPEAT} are allowed")  # fmt: skip
+        level = [child for node in level for child in (node.values() if isinstance(node, Mapping) else node)]
 
 
 # The parts of GBNF that can hold parentheses which do not group: "literals", [character classes] and # comments.

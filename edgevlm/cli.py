@@ -110,16 +110,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import (  # fmt: skip
-        DEFAULT_VISION_GFLOPS,
-        BudgetLimits,
-        Crop,
-        ImageRequest,
-        plan_images,
-        resolve_limits,
-        vision_tower_size,
-        within_model_range,
-    )
+    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size, within_model_range  # fmt: skip
     from .bundle import Bundle
     from .images import image_size, preprocessing_from_dict
     from .profiles import Overrides, resolve_settings

@@ -24,6 +24,7 @@ Untrusted images are measured from their headers first (`check_images`): a reque
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import math
@@ -47,6 +48,9 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 
 # smart_resize refuses thinner images than this (same limit and check as transformers).
 MAX_ASPECT_RATIO = 200
+
+# The formats Pillow may open: photos and screenshots. Not every format Pillow knows: EPS, for one, runs Ghostscript.
+IMAGE_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "BMP", "GIF", "TIFF")
 
 # Exceptions Pillow raises for corrupt or truncated data while identifying or decoding a file.
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
@@ -219,10 +223,16 @@ def image_size(source: ImageSource) -> tuple[int, int]:
     return load_image(source).size  # raises the clear error for an unsupported type
 
 
+@functools.cache
+def _openable_formats() -> tuple[str, ...]:
+    Image.init()  # registers every plugin Pillow has (MPO, WebP, ... are not loaded up front)
+    return tuple(name for name in IMAGE_FORMATS if name in Image.OPEN)
+
+
 def _identify(file: IO[bytes], what: str) -> Image.Image:
     """Open an encoded image (header only); a file Pillow cannot identify or a decompression bomb is an ImageError."""
     try:
-        return Image.open(file)
+        return Image.open(file, formats=_openable_formats())
     except Image.DecompressionBombError as err:
         raise ImageTooLargeError(
             f"Refusing to decode {what}: {err} That is above Pillow's process-wide ceiling (twice "

@@ -195,6 +195,7 @@ class ChatServer:
         return JSONResponse(self._model_card())
 
     async def chat_completions(self, request: Request) -> Response:
+        _enough_threads(self.settings.max_queue)
         deadline = _Deadline(self.settings.request_timeout_s)
         try:
             self._authorize(request)
@@ -226,7 +227,7 @@ class ChatServer:
                 return self._timeout_error().response()
             if not stream:
                 return self._completion(answer)
-            response = StreamingResponse(self._events(answer, first, deadline, watcher, include_usage),
+            response = _DeadlineStream(self._events(answer, first, deadline, watcher, include_usage), deadline,
                                          media_type="text/event-stream", headers={"Cache-Control": "no-cache"})  # fmt: skip
             released = True  # the event stream releases the slot when it ends
             return response
@@ -271,9 +272,14 @@ class ChatServer:
             raise ApiError(408, f"the request body did not arrive within {self.settings.body_timeout_s:g} s (the "
                                 f"server's --body-timeout); send it at once", code="request_timeout",
                            headers={"Connection": "close"}) from None  # fmt: skip
+        # a 20 MB body of "[{},{},...]" is millions of Python objects: counted first, parsed off the event loop
+        n_containers = body.count(b"{") + body.count(b"[")
+        if n_containers > MAX_JSON_CONTAINERS:
+            raise ApiError(400, f"the request body has {n_containers} JSON objects and arrays; at most "
+                                f"{MAX_JSON_CONTAINERS} are read", code="invalid_json")  # fmt: skip
         try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            payload = await anyio.to_thread.run_sync(json.loads, bytes(body))
+        except ValueError as err:  # not JSON, not UTF-8, or an integer of more digits than Python converts
             raise ApiError(400, f"the request body is not valid JSON ({err})", code="invalid_json") from err
         except RecursionError:  # the C parser stops at Python's recursion limit (~1000 levels)
             raise ApiError(400, f"the request body nests JSON objects and arrays more than {MAX_JSON_DEPTH} deep",
@@ -395,6 +401,8 @@ class ChatServer:
 
 
 _SERVER_ERROR = ApiError(500, "the server failed while answering; see its log", "server_error")
+MAX_JSON_CONTAINERS = 100_000  # objects and arrays in a request body, counted by their opening bytes
+STREAM_GRACE_S = 5.0  # a stream still sending this long after its request's deadline is cut (its client stopped reading)
 
 
 class _Deadline:
@@ -404,7 +412,12 @@ class _Deadline:
     def __init__(self, seconds: float):
         self.cancel = threading.Event()
         self.expired = False
-        self._timer = asyncio.get_running_loop().call_later(seconds, self._expire)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(seconds, self._expire)
+        self._ends = loop.time() + seconds
+
+    def remaining(self) -> float:
+        return max(0.0, self._ends - asyncio.get_running_loop().time())
 
     def _expire(self) -> None:
         self.expired = True
@@ -412,6 +425,30 @@ class _Deadline:
 
     def stop(self) -> None:
         self._timer.cancel()
+
+
+class _DeadlineStream(StreamingResponse):
+    """An event stream that ends at the request's deadline even when the client stops reading: uvicorn's send then
+    waits for the socket, out of the generation's reach, and would hold the model's turn for good."""
+
+    def __init__(self, events: AsyncIterator[str], deadline: _Deadline, **options: Any):
+        super().__init__(events, **options)
+        self.deadline = deadline
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        try:
+            # a reading client gets the deadline's error event first: the generation stops within one token
+            with anyio.move_on_after(self.deadline.remaining() + STREAM_GRACE_S):
+                await super().__call__(scope, receive, send)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # the events' `finally`: the generation stops and its slot frees
+
+
+def _enough_threads(max_queue: int) -> None:
+    """Every request waiting for the model waits in a worker thread: keep threads for the running one's chunks."""
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    limiter.total_tokens = max(limiter.total_tokens, max_queue + 8)
 
 
 def _text_chars(messages: Any) -> int:

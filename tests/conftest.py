@@ -6,8 +6,16 @@ from __future__ import annotations
 import base64
 import io
 import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -26,6 +34,42 @@ def verified_files_cache(tmp_path_factory) -> Path:
     user's ~/.cache. Subprocesses inherit it."""
     os.environ.setdefault(CACHE_DIR_ENV, str(tmp_path_factory.mktemp("edgevlm-cache")))
     return Path(os.environ[CACHE_DIR_ENV])
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@contextmanager
+def edgevlm_serve(bundle: Path, *flags: str, startup_s: float = 90) -> Iterator[tuple[str, subprocess.Popen]]:
+    """`edgevlm serve BUNDLE FLAGS` in a child process on a free loopback port (1 thread, n_ctx 1024), up and
+    answering /health; yields (base URL, process) and terminates it afterwards."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    command = [sys.executable, "-m", "edgevlm.cli", "serve", str(bundle), "--port", str(port), "--n-ctx", "1024",
+               "--threads", "1", *flags]  # fmt: skip
+    log = tempfile.TemporaryFile("w+")  # a pipe nobody reads would block the server once full
+    proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + startup_s
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise AssertionError(f"edgevlm serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            try:
+                if httpx.get(f"{base}/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "edgevlm serve did not come up"
+                time.sleep(0.2)
+        yield base, proc
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+        log.close()
 
 
 def random_frame(seed: int, size: tuple[int, int]) -> np.ndarray:

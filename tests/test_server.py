@@ -6,8 +6,6 @@ from __future__ import annotations
 import base64
 import gc
 import json
-import os
-import socket
 import subprocess
 import sys
 import threading
@@ -22,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 import uvicorn
-from conftest import png_data_url, random_frame
+from conftest import edgevlm_serve, png_data_url, random_frame
 from PIL import Image
 
 import edgevlm
@@ -250,36 +248,13 @@ def test_soak_300_image_requests_do_not_grow_memory(served):
     assert rss[300] <= rss[20] * 1.05
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_edgevlm_serve_command(tiny_bundles, tmp_path):
     bad = subprocess.run([sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]),
                           "--allow-local-images", str(tmp_path / "missing")], capture_output=True, text=True, check=False)  # fmt: skip
     assert bad.returncode == 2 and "not a directory" in bad.stderr
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen([sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]), "--port", str(port),
-                             "--api-key", "k", "--n-ctx", "1024", "--threads", "1"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "edgevlm serve did not come up"
-                time.sleep(0.2)
+    with edgevlm_serve(tiny_bundles["Q8_0"], "--api-key", "k") as (base, _):
         client = openai.OpenAI(base_url=f"{base}/v1", api_key="k", max_retries=0)
         model = client.models.list().data[0].id
         assert model == Path(tiny_bundles["Q8_0"]).name
         reply = client.chat.completions.create(model=model, messages=ask(png_data_url(frame(5))), max_tokens=3)
         assert reply.choices[0].finish_reason in ("stop", "length")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)

@@ -5,8 +5,8 @@ and that a normal request is served right after."""
 
 from __future__ import annotations
 
+import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -16,14 +16,15 @@ from types import SimpleNamespace
 
 import httpx
 import pytest
+from conftest import edgevlm_serve, free_port
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
-from test_server import ENDLESS, _free_port, running
+from test_server import ENDLESS, running
 
 import edgevlm
 from edgevlm.chat import MAX_GRAMMAR_BYTES, MAX_GRAMMAR_DEPTH, MAX_STOP_CHARS, MAX_STOPS, stop_at
 from edgevlm.cli import _is_loopback
-from edgevlm.errors import ServerSettingsError
+from edgevlm.errors import GrammarError, ServerSettingsError
 from edgevlm.server import ServerSettings, create_app
 
 SLOW_S = 2  # the test server's header, body and keep-alive timeouts
@@ -40,28 +41,11 @@ def image_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def serve(tiny_bundles, image_dir):
     """(base URL, process) of `edgevlm serve` on the tiny bundle with short timeouts and small limits."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    command = [sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]), "--port", str(port),
-               "--n-ctx", "1024", "--threads", "1", "--allow-local-images", str(image_dir),
-               "--header-timeout", str(SLOW_S), "--body-timeout", str(SLOW_S), "--keep-alive-timeout", str(SLOW_S),
-               "--max-messages", str(MAX_MESSAGES), "--max-connections", str(MAX_CONNECTIONS)]  # fmt: skip
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                if httpx.get(f"{base}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                assert time.monotonic() < deadline, "edgevlm serve did not come up"
-                time.sleep(0.2)
-        yield base, proc
-    finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+    flags = ["--allow-local-images", str(image_dir), "--header-timeout", str(SLOW_S), "--body-timeout", str(SLOW_S),
+             "--keep-alive-timeout", str(SLOW_S), "--max-messages", str(MAX_MESSAGES),
+             "--max-connections", str(MAX_CONNECTIONS)]  # fmt: skip
+    with edgevlm_serve(tiny_bundles["Q8_0"], *flags) as served:
+        yield served
 
 
 def post(base: str, body, timeout: float = 60) -> httpx.Response:
@@ -126,7 +110,18 @@ def test_deep_or_huge_json_schemas_are_refused(serve):
     wide = {"type": "object", "properties": {f"field{i}": {"enum": ["x" * 40] * 4} for i in range(500)}}
     schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": wide}}
     refused(post(base, {"messages": HELLO, "max_tokens": 2, "response_format": schema}), 400, "json_schema is", "at most")
+    # tiny schemas the converter would write out as gigabytes of grammar, before any size check
+    for small in ({"type": "string", "maxLength": 10**8}, {"type": "array", "items": {"type": "string"}, "minItems": 10**6},
+                  {"type": "string", "pattern": "^((a{1,999}){999}){999}$"}):  # fmt: skip
+        schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": small}}
+        refused(post(base, {"messages": HELLO, "max_tokens": 2, "response_format": schema}, timeout=30), 400, "at most", "1000")  # fmt: skip
     still_serving(base, proc)
+
+
+def test_grammars_given_to_the_python_api_are_bounded_too(vlm):
+    deep = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000  # killed the process when llama.cpp parsed it
+    with pytest.raises(GrammarError, match="20000 deep"):
+        list(vlm.generate("Hi", max_new_tokens=2, grammar=deep))
 
 
 # -- row 3: stop strings ---------------------------------------------------------------------------------------------
@@ -187,8 +182,9 @@ def test_stop_matcher_agrees_with_searching_the_whole_text(pieces, stops):
 def test_malformed_bodies_get_json_4xx(serve, image_dir):
     base, proc = serve
     cases = [
-        (post(base, b"[" * 100_000 + b"]" * 100_000), 400, "deep"),
-        (post(base, b'{"messages": ' + b"[" * 100_000), 400, "deep"),
+        (post(base, b"[" * 100_001 + b"]" * 100_001), 400, "at most 100000"),  # never parsed: too many arrays
+        (post(base, b"[" * 90_000 + b"]" * 90_000), 400, "deep"),
+        (post(base, b'{"messages": ' + b"[" * 90_000), 400, "deep"),
         (post(base, {"messages": HELLO, "max_tokens": 2, "metadata": json.loads("[" * 65 + "]" * 65)}), 400, "64 deep"),
         (post(base, {"messages": HELLO * (MAX_MESSAGES + 1), "max_tokens": 2}), 400, f"at most {MAX_MESSAGES}"),
         (post(base, {"messages": [{"role": "user", "content": [{"type": "text", "text": "word " * 300_000}]}]}), 400, f"at most {2**20}"),
@@ -223,6 +219,21 @@ def json_of(raw: bytes) -> tuple[int, dict]:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"content-type: application/json" in head.lower(), raw
     return int(head.split()[1]), json.loads(body)
+
+
+def test_odd_numbers_and_urls_get_json_4xx(serve, image_dir):
+    base, proc = serve
+    huge = "9" * 400  # above a float's range: a range check through float() overflows
+    for raw in (b'{"messages": [{"role": "user", "content": "hi"}], "top_p": ' + huge.encode() + b"}",
+                b'{"messages": [{"role": "user", "content": "hi"}], "seed": 1' + b"0" * 5000 + b"}",  # past int()'s digit limit
+                b'{"messages": [{"role": "user", "content": "hi"}], "temperature": 1e999}'):  # fmt: skip
+        response = post(base, raw)
+        assert 400 <= response.status_code < 500 and response.json()["error"]["message"], response.text
+    for url in ("http://[::1/a.png", "\ud800.png", "file:///\ud800"):
+        body = json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]})
+        response = post(base, body.encode())
+        assert 400 <= response.status_code < 500 and response.json()["error"]["message"], response.text
+    still_serving(base, proc)
 
 
 def test_malformed_http_gets_json_400(serve):
@@ -292,13 +303,13 @@ def vlm(tiny_bundles):
 
 
 def test_request_deadline_cancels_generation_and_frees_the_slot(vlm):
-    app = create_app(vlm, ServerSettings(model_id="m", request_timeout_s=1.0))
+    app = create_app(vlm, ServerSettings(model_id="m", request_timeout_s=3.0))
     endless = {"messages": HELLO, "max_tokens": 1500, "response_format": ENDLESS}
     with running(app) as base:
         t0 = time.monotonic()
         whole = post(base, endless)
         assert time.monotonic() - t0 < 30
-        assert refused(whole, 504, "request deadline of 1 s")["code"] == "request_timeout"
+        assert refused(whole, 504, "request deadline of 3 s")["code"] == "request_timeout"
         with httpx.stream("POST", f"{base}/v1/chat/completions", json={**endless, "stream": True}, timeout=60) as r:
             assert r.status_code == 200
             events = [line.removeprefix("data: ") for line in r.iter_lines() if line]
@@ -309,6 +320,39 @@ def test_request_deadline_cancels_generation_and_frees_the_slot(vlm):
         still_serving(base)
 
 
+def test_a_client_that_stops_reading_a_stream_is_cut_at_the_deadline(vlm):
+    """A client whose socket never drains: the server's send waits, out of the generation's reach. The stream must
+    still end at the request deadline and give the model back (the ASGI app called directly, its `send` blocking)."""
+    app = create_app(vlm, ServerSettings(model_id="m", request_timeout_s=3.0))
+    body = json.dumps({"messages": HELLO, "max_tokens": 100_000, "response_format": ENDLESS, "stream": True}).encode()
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/v1/chat/completions", "raw_path": b"/v1/chat/completions", "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 40000), "server": ("127.0.0.1", 80)}  # fmt: skip
+    sent: list[dict] = []
+
+    async def scenario() -> None:
+        requests = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive() -> dict:
+            if requests:
+                return requests.pop()
+            await asyncio.Event().wait()  # the client never hangs up
+            raise AssertionError("unreachable")
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+            if len(sent) >= 4:  # the headers and a few events went out; then the socket is full for good
+                await asyncio.Event().wait()
+
+        await asyncio.wait_for(app(scope, receive, send), timeout=60)
+
+    asyncio.run(scenario())
+    stats = app.state.server.stats
+    assert sent[0]["status"] == 200 and stats.in_flight == 0 and stats.cancelled == 1
+    assert vlm.chat(HELLO, max_tokens=2).finish_reason in ("stop", "length")  # the model is free
+
+
 # -- row 12: the API key ---------------------------------------------------------------------------------------------
 
 
@@ -317,7 +361,7 @@ def test_empty_api_key_is_refused_at_start(tiny_bundles, key):
     with pytest.raises(ServerSettingsError, match="API key is empty"):
         ServerSettings(model_id="m", api_key=key)
     run = subprocess.run([sys.executable, "-m", "edgevlm.cli", "serve", str(tiny_bundles["Q8_0"]), "--api-key", key,
-                          "--port", str(_free_port())], capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
+                          "--port", str(free_port())], capture_output=True, text=True, timeout=120, check=False)  # fmt: skip
     assert run.returncode == 2 and "API key is empty" in run.stderr
 
 

@@ -75,10 +75,17 @@ def test_image_pad_text_in_a_prompt_is_not_an_image(vlm):
     assert answer.timings.n_image_tokens == 4  # the one real 56x56 image
 
 
-def test_the_answer_ignores_an_injected_turn(vlm):
-    """The whole request with an injected fake turn gets the answer of the same text typed harmlessly: the model
-    sees characters, not turns."""
-    injected = vlm.chat([{"role": "user", "content": INJECTION}], max_tokens=8)
-    tokens = prompt_tokens(vlm, [{"role": "user", "content": INJECTION}])
-    assert injected.usage["prompt_tokens"] == len(tokens)
-    assert injected.finish_reason in ("stop", "length")
+def test_short_words_inside_special_tokens_are_ordinary_text(tiny_llava_bundles):
+    """"image" lies inside LLaVA's "<image>" and "s" inside "<s>": text only a part of a special token's text in the
+    rendered prompt is cut out, so these stay with the template's text (SentencePiece would add a "▁" to a cut-out
+    text), while "<image>" typed by a user is text, not an image."""
+    with edgevlm.load(tiny_llava_bundles["F32"], n_ctx=2048, n_threads=1) as llava:
+        image_id = special_ids(llava, "<image>")[0]
+        for text in ("image", "s", "<", "a > b", "unk"):
+            messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+            assert not any(isinstance(s, Literal) for s in llava.prompts.segments(messages)), text
+            assert prompt_tokens(llava, messages) == llava.llm.tokenize(llava.render_messages(messages), add_special=True)
+        messages = [{"role": "user", "content": "Is <image> an image?"}]
+        assert image_id not in prompt_tokens(llava, messages)
+        steps = list(llava.generate("Is <image> an image?", max_new_tokens=2))
+        assert steps[-1].timings.n_image_tokens == 0

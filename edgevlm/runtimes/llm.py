@@ -18,6 +18,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from ..chat import check_grammar_limits
 from ..errors import BundleError, ContextOverflowError, GrammarError
 
 logger = logging.getLogger(__name__)
@@ -361,6 +362,7 @@ class LlamaLM:
 
     # -- sampling -------------------------------------------------------------------------------------------------
     def _grammar_sampler(self, grammar: str):
+        check_grammar_limits(grammar, "the grammar")  # llama.cpp's parser recurses: a deep grammar kills the process
         with collect_llama_errors() as errors:
             sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
         if not sampler:

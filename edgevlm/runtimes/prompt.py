@@ -3,15 +3,18 @@ between image placeholders.
 
 A request's texts (every message's text parts, `generate`'s prompt) are data. "<|im_end|>" typed by a user reaches
 the model as the characters it spells, never as the control token, as OpenAI's API treats it; the template's own
-markup stays special. Text that cannot form a special token's text, alone or with what surrounds it (nearly all
-text), is rendered into the template as it is and tokenized with the template's text, so the tokens are exactly
-transformers'. Any other text is cut out of the rendering by a marker and tokenized on its own as plain text.
+markup stays special. The prompt is rendered once with every text between markers, to find the special tokens'
+texts that a request's text is part of. When there are none (nearly always), the prompt is rendered as it is and
+tokenized whole, so the tokens are exactly transformers'. Otherwise each text that is part of one is cut out of the
+rendering by a marker and tokenized on its own as plain text.
 """
 
 from __future__ import annotations
 
+import itertools
+import re
 import unicodedata
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -22,8 +25,10 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from ..errors import RequestError
 
-# Private-use characters around a cut-out text's index in the rendered prompt; a text containing one is cut out too.
-_MARK = "\ue000"
+# Private-use characters: a text rendered between markers is OPEN index SEP text CLOSE, a cut-out text is CUT index
+# CUT. A text that contains one of them is always cut out.
+_OPEN, _SEP, _CLOSE, _CUT = "\ue000", "\ue001", "\ue002", "\ue003"
+_MARKED = re.compile(f"{_OPEN}(\\d+){_SEP}|{_CLOSE}")
 
 
 class _GenerationTags(Extension):
@@ -56,7 +61,7 @@ class Literal:
     text: str
 
 
-Segment = str | Literal  # template text (special tokens parsed, request text that cannot form one included) or a literal
+Segment = str | Literal  # template text (special tokens parsed; request text that is not part of one) or a literal
 
 
 class Tokenizer(Protocol):
@@ -71,13 +76,20 @@ class SpecialTokens:
         self.texts_by_id = dict(texts_by_id)
         self._texts = tuple({text for text in (*self.texts_by_id.values(), *also) if text})
 
+    def occurrences(self, text: str) -> Iterator[tuple[int, int]]:
+        """(start, end) of every occurrence of a special token's text in `text`, overlapping ones included."""
+        for special in self._texts:
+            start = text.find(special)
+            while start >= 0:
+                yield start, start + len(special)
+                start = text.find(special, start + 1)
+
     def may_form(self, text: str) -> bool:
         """Whether `text` holds a special token's text, or could form one with the text before or after it: it
-        contains one, lies inside one, or starts with the end of one or ends with the start of one."""
+        contains one, lies inside one, or starts with the end of one or ends with the start of one (what decides
+        when a template changed the marked texts, so their places in the prompt are unknown)."""
         if not text:
             return False
-        if _MARK in text:
-            return True
         for special in self._texts:
             if special in text or text in special:
                 return True
@@ -99,28 +111,47 @@ class PromptRenderer:
     def segments(self, messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
         """The prompt of `messages` (the template's form: role, content a string or text and image parts), ending
         where the assistant speaks next, as template text and the literals cut out of it."""
-        literals: list[str] = []
+        texts = _all_texts(messages)
+        forced = {i for i, text in enumerate(texts) if any(mark in text for mark in (_OPEN, _SEP, _CLOSE, _CUT))}
+        cut = forced | self._texts_in_specials(messages, forced)
+        if not cut:
+            return [self._render(messages, lambda i, text: text)]
+        rendered = self._render(messages, lambda i, text: f"{_CUT}{i}{_CUT}" if i in cut else text)
+        parts = rendered.split(_CUT)
+        if any(int(index) not in cut for index in parts[1::2]) or len(parts) % 2 == 0:
+            raise RequestError("the model's chat template changed a message text that holds special-token characters, "
+                               "so it cannot be kept as text; remove those characters")  # fmt: skip
+        out: list[Segment] = [Literal(texts[int(part)]) if i % 2 else part for i, part in enumerate(parts)]
+        return [segment for segment in out if segment != ""]
 
-        def cut(text: Any) -> Any:
-            if not isinstance(text, str) or not self.specials.may_form(text):
-                return text
-            literals.append(text)
-            return f"{_MARK}{len(literals) - 1}{_MARK}"
-
-        guarded = [_with_texts(message, cut) for message in messages]
+    def _render(self, messages: Sequence[Mapping[str, Any]], text_as: Callable[[int, str], str]) -> str:
+        """The template's output with each text (numbered in message order) replaced by `text_as(index, text)`."""
+        counter = itertools.count()
+        guarded = _with_texts(messages, lambda text: text_as(next(counter), text))
         try:
-            rendered = self._template.render(messages=guarded, add_generation_prompt=True)
+            return self._template.render(messages=guarded, add_generation_prompt=True)
         except (TemplateError, ValueError) as err:
             raise RequestError(f"the model's chat template refused these messages: {err}") from err
-        parts = rendered.split(_MARK)
-        indices = parts[1::2]
-        if indices != [str(i) for i in range(len(literals))]:
-            raise RequestError("the model's chat template changed or repeated a message text that holds special-token "
-                               "characters, so it cannot be kept as text; remove those characters")  # fmt: skip
-        out: list[Segment] = []
-        for i, part in enumerate(parts):
-            out.append(Literal(literals[int(part)]) if i % 2 else part)
-        return [segment for segment in out if segment != ""]
+
+    def _texts_in_specials(self, messages: Sequence[Mapping[str, Any]], forced: set[int]) -> set[int]:
+        """The texts that take part in a special token's text in the rendered prompt (`forced` ones are cut out)."""
+        marked = self._render(messages, lambda i, text: _CUT if i in forced else f"{_OPEN}{i}{_SEP}{text}{_CLOSE}")
+        clean, spans, opened, at = [], [], None, 0  # the prompt without markers, and (start, end, index) of texts
+        for match in _MARKED.finditer(marked):
+            clean.append(marked[at : match.start()])
+            at = match.end()
+            length = sum(map(len, clean))
+            if match.group(1) is not None and opened is None:
+                opened = (length, int(match.group(1)))
+            elif match.group(1) is None and opened is not None:
+                spans.append((opened[0], length, opened[1]))
+                opened = None
+            else:  # the template cut or repeated a marked text: judge each text by itself
+                return {i for i, text in enumerate(_all_texts(messages)) if self.specials.may_form(text)}
+        clean.append(marked[at:])
+        prompt = "".join(clean)
+        occurrences = list(self.specials.occurrences(prompt))
+        return {index for lo, hi, index in spans if any(start < hi and lo < end for start, end in occurrences)}
 
     def pieces(self, segments: Sequence[Segment], tokenizer: Tokenizer) -> list[list[int]]:
         """Tokens of the prompt between image placeholders: one more piece than there are images. The first piece
@@ -163,15 +194,27 @@ class PromptRenderer:
         return out
 
 
-def _with_texts(message: Mapping[str, Any], cut) -> dict[str, Any]:
-    """`message` with `cut` applied to its text (string content or the `text` of text parts)."""
-    content = message.get("content")
-    if isinstance(content, str):
-        return {**message, "content": cut(content)}
-    if isinstance(content, Sequence):
-        parts = [{**part, "text": cut(part.get("text"))} if isinstance(part, Mapping) and part.get("type") == "text" else part for part in content]  # fmt: skip
-        return {**message, "content": parts}
-    return dict(message)
+def _with_texts(messages: Sequence[Mapping[str, Any]], replace: Callable[[str], str]) -> list[dict[str, Any]]:
+    """`messages` with `replace` applied to each text (string content or the `text` of text parts), in order."""
+    out = []
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, str):
+            content = replace(content)
+        elif isinstance(content, Sequence):
+            content = [{**part, "text": replace(part["text"])} if _is_text_part(part) else part for part in content]
+        out.append({**message, "content": content})
+    return out
+
+
+def _is_text_part(part: Any) -> bool:
+    return isinstance(part, Mapping) and part.get("type") == "text" and isinstance(part.get("text"), str)
+
+
+def _all_texts(messages: Sequence[Mapping[str, Any]]) -> list[str]:
+    texts: list[str] = []
+    _with_texts(messages, lambda text: texts.append(text) or text)
+    return texts
 
 
 def joined(segments: Sequence[Segment]) -> str:

@@ -128,6 +128,7 @@ class VisionEncoder:
         self.vision_session = ort.InferenceSession(
             str(onnx_path), options, providers=providers if providers is not None else default_providers()
         )
+        self._providers = self.vision_session.get_providers()
         self.merge_size = merge_size
         self.patch_positions = patch_positions
         inputs = {i.name: i for i in self.vision_session.get_inputs()}
@@ -147,7 +148,7 @@ class VisionEncoder:
     @property
     def providers(self) -> list[str]:
         """Execution providers the session really runs on (onnxruntime drops ones it cannot use)."""
-        return self.vision_session.get_providers()
+        return self._providers
 
     def encode(self, pixel_patches: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
         """Embeddings (t*h*w / merge², hidden) float32 of one image's (or video's) patches on grid (t, h, w).
