@@ -282,6 +282,8 @@ def _open_regular_file(path: Path) -> IO[bytes]:
     try:
         _check_regular(os.stat(path), text)
         fd = os.open(path, _OPEN_FLAGS)
+    except ImageError:  # a ValueError too: not to be wrapped below
+        raise
     except FileNotFoundError as err:
         raise ImageError(
             f"Image file not found: {text}. Check the path (relative paths start at {Path.cwd()})."
