@@ -269,7 +269,7 @@ def test_remote_images_are_fetched_only_when_allowed_and_within_the_size_limit(v
         messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]
         with pytest.raises(ImageNotAllowedError, match="remote"):
             vlm.chat(messages, max_tokens=1)
-        with pytest.raises(ImageNotAllowedError, match="resolves to 127.0.0.1, a loopback"):  # this server is local
+        with pytest.raises(ImageNotAllowedError, match="127.0.0.1. is not at a public address"):  # this server is local
             vlm.chat(messages, max_tokens=1, image_policy=ImagePolicy(allow_remote=True))
         loopback = ImagePolicy(allow_remote=True, allow_private_hosts=True)
         result = vlm.chat(messages, max_tokens=1, image_policy=loopback)
