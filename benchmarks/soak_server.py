@@ -3,9 +3,10 @@
     python benchmarks/soak_server.py [BUNDLE] [--requests 2000] [--clients 4] [--json out.json]
 
 Starts one `edgevlm serve` on a free loopback port (the demo bundle by default, exported on first use), sends
-`--requests` requests from `--clients` threads in a fixed, seeded mix, and reports: the server's RSS after warm-up and
-at the end (growth should stay within 5%), answers by kind and status, p50/p99 latency of the valid requests, and
-that the server is still alive and answering. Only loopback traffic; every request has a client timeout.
+`--requests` requests from `--clients` threads in a fixed, seeded mix (after `--warmup` more of the same mix), and
+reports: the server's RSS after warm-up and at the end (growth should stay within 5%), answers by kind and status,
+p50/p99 latency of the valid requests, and that the server is still alive and answering (`--only KIND` sends one
+kind, to find which one grows memory). Only loopback traffic; every request has a client timeout.
 """
 
 from __future__ import annotations
@@ -74,9 +75,11 @@ class Soak:
     def body(self, kind: str) -> dict | bytes:
         ask = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": self.image}},
                                             {"type": "text", "text": "How many shapes are there?"}]}]  # fmt: skip
-        if kind in ("valid", "valid_stream", "cancelled_stream", "disconnected"):
-            # a disconnecting client asks for a long answer: it leaves while the model generates
-            return {"messages": ask, "max_tokens": 256 if kind == "disconnected" else 8, "stream": kind != "valid"}
+        if kind == "disconnected":  # a long answer (a grammar that never ends it): the client leaves mid-generation
+            endless = {"type": "gbnf", "grammar": 'root ::= "a" root'}
+            return {"messages": ask, "max_tokens": 256, "stream": True, "response_format": endless}
+        if kind in ("valid", "valid_stream", "cancelled_stream"):
+            return {"messages": ask, "max_tokens": 8, "stream": kind != "valid"}
         if kind == "malformed_json":
             return b'{"messages": [{"role": "user", "content": "hi"'
         if kind == "bad_fields":
@@ -108,10 +111,12 @@ class Soak:
         headers = {"content-type": "application/json"}
         start = time.perf_counter()
         try:
-            if kind == "disconnected":
-                with httpx.Client(timeout=0.05) as client:
-                    client.post(f"{self.base}/v1/chat/completions", content=content, headers=headers)
-                return kind, "answered before the disconnect", time.perf_counter() - start
+            if kind == "disconnected":  # the whole request, then the connection closes before any answer
+                host, port = self.base.removeprefix("http://").split(":")
+                with socket.create_connection((host, int(port)), timeout=10) as sock:
+                    sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                                 b"Content-Length: %d\r\n\r\n" % len(content) + content)  # fmt: skip
+                return kind, "disconnected", time.perf_counter() - start
             with httpx.Client(timeout=120) as client:
                 if kind in ("valid_stream", "cancelled_stream"):
                     with client.stream("POST", f"{self.base}/v1/chat/completions", content=content, headers=headers) as r:
@@ -124,7 +129,7 @@ class Soak:
                 r = client.post(f"{self.base}/v1/chat/completions", content=content, headers=headers)
                 return kind, _outcome(r), time.perf_counter() - start
         except httpx.TimeoutException:
-            return kind, "client timeout" if kind != "disconnected" else "disconnected", time.perf_counter() - start
+            return kind, "client timeout", time.perf_counter() - start
         except httpx.TransportError as err:
             return kind, f"transport error {type(err).__name__}", time.perf_counter() - start
 
@@ -172,9 +177,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("bundle", nargs="?", help="bundle directory (default: the demo bundle)")
     parser.add_argument("--requests", type=int, default=2000)
-    parser.add_argument("--warmup", type=int, default=100, help="requests before the first RSS reading")
+    parser.add_argument("--warmup", type=int, default=500,
+                        help="requests of the same mix before the first RSS reading (glibc's arenas fill up first)")  # fmt: skip
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", choices=list(SOAK_KINDS), action="append", help="send only these kinds (repeatable)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     if args.bundle:
@@ -187,14 +194,15 @@ def main() -> int:
     proc = start_server(bundle, port, ["--threads", "1", "--queue", "16"])
     base = f"http://127.0.0.1:{port}"
     rng = random.Random(args.seed)
-    kinds = rng.choices(list(SOAK_KINDS), weights=list(SOAK_KINDS.values()), k=args.requests)
+    mix = {kind: weight for kind, weight in SOAK_KINDS.items() if not args.only or kind in args.only}
+    kinds = rng.choices(list(mix), weights=list(mix.values()), k=args.warmup + args.requests)
     soak = Soak(base, args.seed)
     try:
         start = time.perf_counter()
         tick = max(1, args.requests // 20)
-        warm = run_mix(soak, ["valid"] * args.warmup, args.clients, lambda n: None)
+        warm = run_mix(soak, kinds[: args.warmup], args.clients, lambda n: None)  # the same mix, not counted
         rss_start = rss_bytes(proc.pid)
-        results = run_mix(soak, kinds, args.clients,
+        results = run_mix(soak, kinds[args.warmup :], args.clients,
                           lambda n: n % tick or print(f"{n}/{args.requests} requests, RSS {rss_bytes(proc.pid) / 2**20:.0f} MiB", file=sys.stderr))  # fmt: skip
         time.sleep(1.0)  # let cancelled generations end
         rss_end = rss_bytes(proc.pid)
