@@ -7,6 +7,7 @@ end, so a folder that carries a manifest is always complete.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -15,9 +16,12 @@ import math
 import os
 import re
 import shutil
+import signal
 import tempfile
+import threading
 import types
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -34,6 +38,7 @@ MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KB (the tokenizer and chat t
 VISION_DTYPES = ("fp32", "fp16", "int8")
 POSITION_KINDS = ("mrope", "linear")  # edgevlm.runtimes.positions
 PATCH_POSITION_KINDS = ("qwen2_vl", "none")  # edgevlm.runtimes.vision.GRAPH_INPUTS
+TEXT_NORMALIZATIONS = (None, "NFC", "NFD", "NFKC", "NFKD")  # unicodedata.normalize's forms
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -222,6 +227,11 @@ def _check_manifest(manifest: Manifest) -> None:
         raise _Malformed(f"vision.patch_positions: {vision.patch_positions!r} is not known to this edgevlm (it knows {', '.join(PATCH_POSITION_KINDS)})")  # fmt: skip
     if positions.kind not in POSITION_KINDS:
         raise _Malformed(f"positions.kind: {positions.kind!r} is not known to this edgevlm (it knows {', '.join(POSITION_KINDS)})")  # fmt: skip
+    if llm.text_normalization not in TEXT_NORMALIZATIONS:
+        raise _Malformed(f"llm.text_normalization: {llm.text_normalization!r} is not a Unicode normalization form "
+                         f"(one of {', '.join(map(str, TEXT_NORMALIZATIONS))})")  # fmt: skip
+    if not manifest.tokens.image_pad:
+        raise _Malformed("tokens.image_pad: the image placeholder's text is empty")
     for key, value in [("positions.merge_size", positions.merge_size), ("vision.embedding_dim", vision.embedding_dim),
                        ("llm.n_ctx_train", llm.n_ctx_train), ("llm.embedding_length", llm.embedding_length)]:  # fmt: skip
         if value < 1:
@@ -406,16 +416,36 @@ class BundleWriter:
         manifest = dataclasses.replace(manifest, files=files)
         (self.tmp_dir / MANIFEST_NAME).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n")
         old = None
-        if self.out_dir.exists():
-            check_output_dir(self.out_dir, self.force)  # re-check: the directory may have changed meanwhile
-            old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
-            self.out_dir.rename(old)
-        self.tmp_dir.rename(self.out_dir)
-        self.committed = True
+        with _interruptions_held():  # between the two renames, no bundle is at out_dir
+            if self.out_dir.exists():
+                check_output_dir(self.out_dir, self.force)  # re-check: the directory may have changed meanwhile
+                old = self.out_dir.with_name(f".{self.out_dir.name}.old-{os.getpid()}")
+                self.out_dir.rename(old)
+            self.tmp_dir.rename(self.out_dir)
+            self.committed = True
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         logger.info("bundle written to %s", self.out_dir)
         return self.out_dir
+
+
+@contextlib.contextmanager
+def _interruptions_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block are raised again after it (on the main thread, where Python
+    runs signal handlers; elsewhere a no-op)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: held.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        for signum in held:
+            signal.raise_signal(signum)
 
 
 def remove_stale_partials(out_dir: Path) -> None:

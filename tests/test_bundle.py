@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+from pathlib import Path
 
 import pytest
 
@@ -81,3 +84,37 @@ def test_writer_refuses_non_empty_output_without_force(tmp_path):
     with pytest.raises(BundleError, match="not empty; pass --force"):
         BundleWriter(tmp_path).__enter__()
     assert (tmp_path / "keep.txt").read_text() == "user data"
+
+
+def test_a_signal_between_commits_renames_arrives_once_the_bundle_is_in_place(bundle_copy, tmp_path, monkeypatch):
+    """Re-exporting over a bundle renames it away, then the new one into place: a SIGTERM in between used to leave
+    no bundle at all. It now waits until the new bundle is there."""
+    manifest = Bundle.open(bundle_copy).manifest
+    out = tmp_path / "out"
+    shutil.copytree(bundle_copy, out)
+
+    class Terminated(Exception):
+        pass
+
+    def terminate(signum, frame):
+        raise Terminated()
+
+    rename = Path.rename
+
+    def rename_then_signal(self, target):
+        moved = rename(self, target)
+        if self == out:  # the old bundle is gone, the new one not yet in place
+            os.kill(os.getpid(), signal.SIGTERM)
+        return moved
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    monkeypatch.setattr(Path, "rename", rename_then_signal)
+    try:
+        with pytest.raises(Terminated), BundleWriter(out, force=True) as writer:
+            for name in manifest.files:
+                shutil.copy(bundle_copy / name, writer.path(name))
+            writer.commit(manifest)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    monkeypatch.undo()
+    assert Bundle.open(out).manifest.files == manifest.files

@@ -257,6 +257,8 @@ def test_oversized_manifest_is_refused_before_parsing(bundle_copy):
         ("family", {}, "family: expected a string"),
         ("surprise", 1, "unknown key(s) 'surprise'"),
         ("tokens.image_pad", None, "tokens.image_pad: expected a string, got None"),
+        ("tokens.image_pad", "", "tokens.image_pad: the image placeholder's text is empty"),
+        ("llm.text_normalization", "NFX", "llm.text_normalization: 'NFX' is not a Unicode normalization form"),
         ("llm.file", None, "llm.file: expected a string, got None"),
     ],
 )
