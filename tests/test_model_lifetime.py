@@ -4,6 +4,7 @@ test instead of killing pytest."""
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 import textwrap
@@ -76,3 +77,26 @@ def test_a_model_is_a_context_manager(tiny_bundles):
         assert vlm.chat([{"role": "user", "content": "Hi"}], max_tokens=2).finish_reason in ("stop", "length")
     with pytest.raises(ModelClosedError, match="load the bundle again"):
         vlm.chat([{"role": "user", "content": "Hi"}])
+
+
+def test_ctrl_c_while_llama_cpp_loads_is_not_lost(tiny_bundles):
+    """Loading logs a lot, so a Ctrl-C's handler often runs inside llama.cpp's log callback, where ctypes used to drop
+    the KeyboardInterrupt and the load went on. It now interrupts once the C call returns. (The handler below raises
+    as a signal handler that ran there would.)"""
+    from edgevlm.runtimes.llm import LlamaLM, LlamaSettings
+
+    class Interrupting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            raise KeyboardInterrupt
+
+    bundle = edgevlm.Bundle.open(tiny_bundles["F32"])
+    llama_logger = logging.getLogger("edgevlm.llama_cpp")
+    handler, level = Interrupting(), llama_logger.level
+    llama_logger.addHandler(handler)
+    llama_logger.setLevel(logging.DEBUG)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            LlamaLM(bundle.file(bundle.manifest.llm.file), LlamaSettings(n_ctx=256))
+    finally:
+        llama_logger.removeHandler(handler)
+        llama_logger.setLevel(level)

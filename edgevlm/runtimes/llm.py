@@ -38,7 +38,8 @@ def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> N
     try:
         _log_llama_message(level, text)
     except BaseException as exc:  # noqa: BLE001 (kept for `deliver_interrupts`, which raises it)
-        _interrupts.append(exc)
+        if _interrupts is not None:  # None at interpreter exit, while llama.cpp still logs its teardown
+            _interrupts.append(exc)
 
 
 @contextlib.contextmanager
@@ -188,7 +189,8 @@ class LlamaLM:
         self.repack_weights = settings.repack_weights if settings.repack_weights is not None else not cpu_has_amx()
         model_params.use_extra_bufts = self.repack_weights
         _set_load_mode(model_params, settings.mmap, settings.mlock)
-        self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
+        with deliver_interrupts():  # loading logs a lot: a Ctrl-C lands in the log callback
+            self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
             raise BundleError(f"llama.cpp could not load {self.path}: the GGUF is corrupt or of an architecture this "
                               "llama-cpp-python does not know. Run `edgevlm verify BUNDLE`, or upgrade llama-cpp-python.")  # fmt: skip
@@ -207,7 +209,8 @@ class LlamaLM:
             ctx_params.flash_attn_type = 1 if settings.flash_attn else 0
         ctx_params.type_k = ctx_params.type_v = _ggml_type(settings.kv_cache_type)
         ctx_params.no_perf = False
-        self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
+        with deliver_interrupts():
+            self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
             llama_cpp.llama_model_free(self._model)
             raise BundleError(f"llama.cpp could not create a context of {settings.n_ctx} tokens for {self.path} "
