@@ -517,8 +517,7 @@ _QUANTIFIER = re.compile(r"\{(\d+)(?:,(\d*))?\}")
 
 def _refuse_large_repeats(schema: Any) -> None:
     """Refuse repetitions above `MAX_SCHEMA_REPEAT` in a json_schema (the depth is checked already, so a loop)."""
-    level = [schema]
-    while level := [node for node in level if isinstance(node, (Mapping, list))]:
+    for level in _json_levels(schema):
         for node in (n for n in level if isinstance(n, Mapping)):
             for key in _REPEAT_KEYWORDS:
                 value = node.get(key)
@@ -533,7 +532,6 @@ def _refuse_large_repeats(schema: Any) -> None:
                 if repeats > MAX_SCHEMA_REPEAT:
                     raise GrammarError(f"response_format json_schema: the pattern {pattern[:80]!r} repeats {repeats} "
                                        f"times in all; at most {MAX_SCHEMA_REPEAT} are allowed")  # fmt: skip
-        level = [child for node in level for child in (node.values() if isinstance(node, Mapping) else node)]
 
 
 # The parts of GBNF that can hold parentheses which do not group: "literals", [character classes] and # comments.
@@ -564,12 +562,17 @@ def _utf8(text: str, what: str) -> bytes:
 
 def check_json_depth(value: Any, limit: int, what: str) -> None:
     """Refuse JSON-like data (dicts and lists) nested deeper than `limit`, without recursing (cycles included)."""
-    level: list[Any] = [value]
-    depth = 0
-    while level := [v for v in level if isinstance(v, (Mapping, list, tuple))]:
-        depth += 1
+    for depth, _ in enumerate(_json_levels(value), 1):
         if depth > limit:
             raise RequestError(f"{what} nests objects and arrays more than {limit} deep; flatten it")
+
+
+def _json_levels(value: Any) -> Iterator[list[Any]]:
+    """The objects and arrays (dicts, lists, tuples) of JSON-like data, level by level from the top, without
+    recursing (a consumer that stops early never walks the rest)."""
+    level: list[Any] = [value]
+    while level := [v for v in level if isinstance(v, (Mapping, list, tuple))]:
+        yield level
         level = [child for container in level for child in (container.values() if isinstance(container, Mapping) else container)]  # fmt: skip
 
 

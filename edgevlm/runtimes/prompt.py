@@ -113,7 +113,7 @@ class PromptRenderer:
         where the assistant speaks next, as template text and the literals cut out of it."""
         texts = _all_texts(messages)
         forced = {i for i, text in enumerate(texts) if any(mark in text for mark in (_OPEN, _SEP, _CLOSE, _CUT))}
-        cut = forced | self._texts_in_specials(messages, forced)
+        cut = forced | self._texts_in_specials(messages, texts, forced)
         if not cut:
             return [self._render(messages, lambda i, text: text)]
         rendered = self._render(messages, lambda i, text: f"{_CUT}{i}{_CUT}" if i in cut else text)
@@ -133,21 +133,23 @@ class PromptRenderer:
         except (TemplateError, ValueError) as err:
             raise RequestError(f"the model's chat template refused these messages: {err}") from err
 
-    def _texts_in_specials(self, messages: Sequence[Mapping[str, Any]], forced: set[int]) -> set[int]:
-        """The texts that take part in a special token's text in the rendered prompt (`forced` ones are cut out)."""
+    def _texts_in_specials(self, messages: Sequence[Mapping[str, Any]], texts: list[str], forced: set[int]) -> set[int]:  # fmt: skip
+        """The indices of `texts` (the messages' texts in order) that take part in a special token's text in the
+        rendered prompt (`forced` ones are cut out)."""
         marked = self._render(messages, lambda i, text: _CUT if i in forced else f"{_OPEN}{i}{_SEP}{text}{_CLOSE}")
         clean, spans, opened, at = [], [], None, 0  # the prompt without markers, and (start, end, index) of texts
+        length = 0  # of the prompt without markers so far
         for match in _MARKED.finditer(marked):
             clean.append(marked[at : match.start()])
+            length += match.start() - at
             at = match.end()
-            length = sum(map(len, clean))
             if match.group(1) is not None and opened is None:
                 opened = (length, int(match.group(1)))
             elif match.group(1) is None and opened is not None:
                 spans.append((opened[0], length, opened[1]))
                 opened = None
             else:  # the template cut or repeated a marked text: judge each text by itself
-                return {i for i, text in enumerate(_all_texts(messages)) if self.specials.may_form(text)}
+                return {i for i, text in enumerate(texts) if self.specials.may_form(text)}
         clean.append(marked[at:])
         prompt = "".join(clean)
         occurrences = list(self.specials.occurrences(prompt))
