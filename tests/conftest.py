@@ -24,6 +24,7 @@ from PIL import Image
 # other limits and a quantized KV cache); tests of auto-detection itself remove this.
 os.environ.setdefault("EDGEVLM_PROFILE", "cpu")
 
+import edgevlm
 from edgevlm.exporters.verify import sample_image as random_image  # noqa: F401  (tests import it from here)
 from edgevlm.integrity import CACHE_DIR_ENV
 
@@ -111,6 +112,13 @@ def tiny_bundles(tiny_qwen2vl_dir, tmp_path_factory) -> dict[str, Path]:
         "Q8_0": export(str(tiny_qwen2vl_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
         "Q4_K_M": export(str(tiny_qwen2vl_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
     }
+
+
+@pytest.fixture(scope="module")
+def vlm(tiny_bundles):
+    """The tiny F32 Qwen2-VL bundle, loaded once per test module (1 thread: fast even on a busy machine)."""
+    with edgevlm.load(tiny_bundles["F32"], n_ctx=2048, n_threads=1) as model:
+        yield model
 
 
 @pytest.fixture(scope="session")

@@ -35,13 +35,6 @@ SCHEMA = {
 }
 
 
-@pytest.fixture(scope="module")
-def vlm(tiny_bundles):
-    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048, n_threads=1)  # 1 thread: fast even on a busy machine
-    yield model
-    model.close()
-
-
 frame = partial(random_frame, size=(96, 128))
 
 

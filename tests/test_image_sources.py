@@ -32,7 +32,6 @@ import pytest
 from conftest import edgevlm_serve, png_data_url, random_frame
 from PIL import Image
 
-import edgevlm
 from edgevlm.chat import ImagePolicy, _is_public, resolve_image, resolve_images
 from edgevlm.errors import ImageError, ImageNotAllowedError, ImageTooLargeError
 from edgevlm.images import ImageLimits, check_images, image_size, load_image
@@ -94,13 +93,6 @@ def fifo(tmp_path) -> Iterator[Path]:
         os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
     except OSError:
         pass
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_bundles):
-    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048, n_threads=1)
-    yield model
-    model.close()
 
 
 def ask(*images: Any) -> list[dict]:

@@ -23,7 +23,6 @@ import uvicorn
 from conftest import edgevlm_serve, png_data_url, random_frame
 from PIL import Image
 
-import edgevlm
 from edgevlm.chat import ImagePolicy
 from edgevlm.server import ServerSettings, create_app, uvicorn_config
 
@@ -50,13 +49,6 @@ def running(app):
     finally:
         server.should_exit = True
         thread.join(timeout=20)
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_bundles):
-    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048, n_threads=1)  # 1 thread: fast even on a busy machine
-    yield model
-    model.close()
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,6 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_server import ENDLESS, running
 
-import edgevlm
 from edgevlm.chat import MAX_GRAMMAR_BYTES, MAX_GRAMMAR_DEPTH, MAX_STOP_CHARS, MAX_STOPS, stop_at
 from edgevlm.cli import _is_loopback
 from edgevlm.errors import GrammarError, ServerSettingsError
@@ -293,13 +292,6 @@ def test_connections_beyond_the_limit_get_json_503(serve):
 
 
 # -- row 11: the request deadline ------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def vlm(tiny_bundles):
-    model = edgevlm.load(tiny_bundles["F32"], n_ctx=2048, n_threads=1)
-    yield model
-    model.close()
 
 
 def test_request_deadline_cancels_generation_and_frees_the_slot(vlm):
