@@ -65,10 +65,9 @@ def plan_for(bundle_path: Path, budget: int | None, vision_dtype: str) -> dict:
     """The planner's view of the photo at `budget` (None: the model's own resize), without loading anything."""
     from edgevlm.budget import BudgetLimits, ImageRequest, plan_images, vision_tower_size
     from edgevlm.bundle import Bundle
-    from edgevlm.images import Qwen2VLPreprocessing
 
     manifest = Bundle.open(bundle_path).manifest
-    spec = Qwen2VLPreprocessing.from_dict(manifest.preprocessing)
+    spec = manifest.preprocessing
     limits = BudgetLimits(max_image_tokens=budget)  # request layer only: the bundle default must not cap the sweep
     plan = plan_images([ImageRequest(*PHOTO)], spec, limits, tower=vision_tower_size(manifest, vision_dtype))
     (span,) = plan.spans

@@ -38,10 +38,12 @@ import math
 import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import BudgetError, ContextOverflowError
-from .images import Preprocessing, preprocessing_from_dict
+
+if TYPE_CHECKING:  # the contract reads the budget section: the strategies it reads come after it
+    from .runtimes.strategies.preprocessing import Preprocessing
 
 LIMIT_LAYERS = ("request", "cli", "profile", "bundle")  # highest precedence first
 DEFAULT_LAYERS = ("profile", "bundle")  # limits written for any model: moved into a model's own range, not refused
@@ -391,7 +393,7 @@ def vision_tower_size(manifest: Any, vision_dtype: str | None = None) -> VisionT
     vision = manifest.vision
     if None in (vision.embed_dim, vision.depth, vision.num_heads, vision.mlp_ratio):
         return None
-    spec = preprocessing_from_dict(manifest.preprocessing)
+    spec = manifest.preprocessing
     return VisionTowerSize(
         embed_dim=vision.embed_dim,
         depth=vision.depth,

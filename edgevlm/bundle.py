@@ -1,7 +1,5 @@
-"""The bundle: one folder with a manifest (`edgevlm.json`), a vision ONNX graph and a GGUF language model.
-
-The manifest is the contract between the exporter and the runtime: everything the runtime needs to know about a
-model family is data here. Bundles are written into a temporary sibling directory and renamed into place at the
+"""The bundle: one folder with a manifest (`edgevlm.json`, see `edgevlm.contract`), a vision ONNX graph and a GGUF
+language model. Bundles are written into a temporary sibling directory and renamed into place at the
 end, so a folder that carries a manifest is always complete.
 """
 
@@ -12,251 +10,23 @@ import dataclasses
 import glob
 import json
 import logging
-import math
 import os
 import re
 import shutil
 import signal
 import tempfile
 import threading
-import types
-import typing
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-from .budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
-from .errors import BudgetError, BundleError
-from .images import preprocessing_from_dict
+from .contract import MANIFEST_NAME, FileEntry, Manifest
+from .errors import BundleError
 from .integrity import FileStamp, VerifiedFiles, sha256_file
 
 logger = logging.getLogger(__name__)
 
-MANIFEST_NAME = "edgevlm.json"
-FORMAT_VERSION = 1
 MAX_MANIFEST_BYTES = 1 << 20  # a manifest is a few KB (the tokenizer and chat template live in the GGUF)
-VISION_DTYPES = ("fp32", "fp16", "int8")
-POSITION_KINDS = ("mrope", "linear")  # edgevlm.runtimes.positions
-PATCH_POSITION_KINDS = ("qwen2_vl", "none")  # edgevlm.runtimes.vision.GRAPH_INPUTS
-TEXT_NORMALIZATIONS = (None, "NFC", "NFD", "NFKC", "NFKD")  # unicodedata.normalize's forms
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-
-
-@dataclass(frozen=True)
-class FileEntry:
-    size: int
-    sha256: str
-
-
-@dataclass(frozen=True)
-class VisionVariant:
-    """One precision of the vision graph, with how it was validated."""
-
-    file: str
-    dtype: str  # fp32 | fp16 | int8
-    validation: dict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class VisionSpec:
-    variants: dict[str, VisionVariant]
-    default: str
-    embedding_dim: int
-    input_names: tuple[str, ...] = ("pixel_patches", "patch_positions")
-    output_name: str = "image_embeds"
-    patch_positions: str = "qwen2_vl"  # how the runtime computes the graph's patch position input
-    # The tower's sizes, for memory/time estimates (`edgevlm plan`); None in bundles exported before they were kept.
-    embed_dim: int | None = None
-    depth: int | None = None
-    num_heads: int | None = None
-    mlp_ratio: float | None = None
-
-
-@dataclass(frozen=True)
-class LLMSpec:
-    file: str
-    quantization: str  # F32 | F16 | Q8_0 | Q4_K_M
-    arch: str
-    n_ctx_train: int
-    embedding_length: int
-    text_normalization: str | None = None  # Unicode form the tokenizer expects ("NFC" for Qwen2); llama.cpp applies none
-
-
-@dataclass(frozen=True)
-class TokenSpec:
-    """Special tokens, as text (for the chat template) and ids (for checks)."""
-
-    image_pad: str
-    image_pad_id: int
-    vision_start_id: int | None
-    vision_end_id: int | None
-    eos_ids: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class PositionSpec:
-    """How the LLM positions image embeddings: `mrope` (Qwen2-VL's 3-D positions) or `linear`."""
-
-    kind: str
-    merge_size: int = 1
-    sections: tuple[int, ...] = ()
-
-
-@dataclass(frozen=True)
-class Manifest:
-    family: str
-    source: dict
-    preprocessing: dict
-    vision: VisionSpec
-    llm: LLMSpec
-    tokens: TokenSpec
-    positions: PositionSpec
-    files: dict[str, FileEntry] = field(default_factory=dict)
-    validation: dict = field(default_factory=dict)
-    # Bundle-level token limits, the lowest-precedence layer (see `budget.resolve_limits`). Manifests written
-    # before this section existed get the same default as new exports.
-    budget: BudgetLimits = field(default_factory=lambda: _default_budget())  # defined below the class
-    edgevlm_version: str = ""
-    format_version: int = FORMAT_VERSION
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: object, where: str = MANIFEST_NAME) -> Manifest:
-        """Read and check a manifest (parsed JSON); anything malformed is a BundleError naming the key."""
-        if not isinstance(data, dict):
-            raise BundleError(f"{where} is malformed: expected a JSON object, got {_describe(data)}; re-export the bundle.")  # fmt: skip
-        version = data.get("format_version")
-        if version != FORMAT_VERSION:
-            raise BundleError(
-                f"{where} has format version {_describe(version)}; this edgevlm reads version {FORMAT_VERSION}. "
-                "Re-export the bundle with this edgevlm, or install the edgevlm version that wrote it."
-            )
-        try:
-            manifest = _read_dataclass(cls, data, "")
-            _check_manifest(manifest)
-        except _Malformed as e:
-            raise BundleError(f"{where} is malformed: {e}; fix it or re-export the bundle.") from None
-        except BudgetError as e:
-            raise BundleError(f"{where} has an invalid budget section ({e}); fix it or re-export the bundle.") from e
-        return manifest
-
-    def referenced_files(self) -> list[str]:
-        """The files the runtime opens by name: the LLM and every vision graph."""
-        return [self.llm.file] + [variant.file for variant in self.vision.variants.values()]
-
-
-class _Malformed(Exception):
-    """A manifest value of the wrong type or out of range; the message names its key."""
-
-
-def _describe(value: object) -> str:
-    """`value` as JSON-ish text, cut short: error messages quote what they refuse."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _read_dataclass(cls: type, data: object, key: str):
-    """An instance of dataclass `cls` from a JSON object, every field's type checked against its annotation."""
-    if not isinstance(data, dict):
-        raise _Malformed(f"{key or 'the manifest'}: expected a JSON object, got {_describe(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        raise _Malformed(f"{key or 'the manifest'}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(fields)}")  # fmt: skip
-    hints = typing.get_type_hints(cls)
-    values = {}
-    for name, f in fields.items():
-        if name in data:
-            values[name] = _read_value(hints[name], data[name], f"{key}.{name}" if key else name)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise _Malformed(f"{key or 'the manifest'}: missing key {name!r}")
-    return cls(**values)
-
-
-def _read_value(annotation, value: object, key: str):
-    """`value` checked against a field annotation: str, int, float, bool, dict, X | None, tuple[X, ...],
-    dict[str, X] or a dataclass."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        (annotation,) = [arg for arg in args if arg is not type(None)]
-        return _read_value(annotation, value, key)
-    if dataclasses.is_dataclass(annotation):
-        return _read_dataclass(annotation, value, key)
-    if origin is tuple and isinstance(value, list):
-        return tuple(_read_value(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
-    if origin is dict and isinstance(value, dict):
-        return {name: _read_value(args[1], item, f"{key}.{name}") for name, item in value.items()}
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return value
-    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if annotation in (str, bool, dict) and isinstance(value, annotation):
-        return value
-    expected = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(annotation)
-    raise _Malformed(f"{key}: expected {expected or ('a JSON array' if origin is tuple else 'a JSON object')}, got {_describe(value)}")  # fmt: skip
-
-
-def _check_file_name(name: object, key: str) -> None:
-    """A bundle file name must be a plain name inside the bundle folder: no directories, no way out of it."""
-    plain = (
-        isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
-        and not any(c in name for c in "/\\\0")
-    )  # fmt: skip
-    if not plain:
-        raise _Malformed(f"{key}: {_describe(name)} is not a plain file name inside the bundle (no '/', '\\', "
-                         "'..', leading '.', NUL or empty names)")  # fmt: skip
-
-
-def _check_manifest(manifest: Manifest) -> None:
-    """The checks beyond types: file names, kinds this edgevlm knows, positive sizes, files listed with checksums."""
-    vision, llm, positions = manifest.vision, manifest.llm, manifest.positions
-    _check_file_name(llm.file, "llm.file")
-    if not vision.variants:
-        raise _Malformed("vision.variants: lists no vision graph")
-    for dtype, variant in vision.variants.items():
-        _check_file_name(variant.file, f"vision.variants.{dtype}.file")
-        if variant.dtype not in VISION_DTYPES:
-            raise _Malformed(f"vision.variants.{dtype}.dtype: {variant.dtype!r} is not one of {', '.join(VISION_DTYPES)}")  # fmt: skip
-    if vision.default not in vision.variants:
-        raise _Malformed(f"vision.default: {vision.default!r} is not one of the variants ({', '.join(vision.variants)})")  # fmt: skip
-    if vision.patch_positions not in PATCH_POSITION_KINDS:
-        raise _Malformed(f"vision.patch_positions: {vision.patch_positions!r} is not known to this edgevlm (it knows {', '.join(PATCH_POSITION_KINDS)})")  # fmt: skip
-    if positions.kind not in POSITION_KINDS:
-        raise _Malformed(f"positions.kind: {positions.kind!r} is not known to this edgevlm (it knows {', '.join(POSITION_KINDS)})")  # fmt: skip
-    if llm.text_normalization not in TEXT_NORMALIZATIONS:
-        raise _Malformed(f"llm.text_normalization: {llm.text_normalization!r} is not a Unicode normalization form "
-                         f"(one of {', '.join(map(str, TEXT_NORMALIZATIONS))})")  # fmt: skip
-    if not manifest.tokens.image_pad:
-        raise _Malformed("tokens.image_pad: the image placeholder's text is empty")
-    for key, value in [("positions.merge_size", positions.merge_size), ("vision.embedding_dim", vision.embedding_dim),
-                       ("llm.n_ctx_train", llm.n_ctx_train), ("llm.embedding_length", llm.embedding_length)]:  # fmt: skip
-        if value < 1:
-            raise _Malformed(f"{key}: expected a positive integer, got {value}")
-    try:
-        preprocessing_from_dict(manifest.preprocessing)
-    except (ValueError, TypeError) as e:
-        raise _Malformed(f"preprocessing: {e}") from None
-    _check_files_section(manifest)
-
-
-def _check_files_section(manifest: Manifest) -> None:
-    if not manifest.files:
-        raise _Malformed("files: lists no files, so nothing could be checked")
-    for name, entry in manifest.files.items():
-        _check_file_name(name, f"files.{name}")
-        if entry.size < 0 or not _SHA256.fullmatch(entry.sha256):
-            raise _Malformed(f"files.{name}: expected a size >= 0 and a sha256 of 64 lowercase hex digits")
-    unlisted = [name for name in manifest.referenced_files() if name not in manifest.files]
-    if unlisted:
-        raise _Malformed(f"files: does not list {', '.join(unlisted)}, which the manifest refers to")
-
-
-def _default_budget() -> BudgetLimits:
-    return BudgetLimits(max_image_tokens=DEFAULT_MAX_IMAGE_TOKENS)
 
 
 @dataclass(frozen=True)

@@ -110,14 +110,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, plan_images, resolve_limits, vision_tower_size, within_model_range  # fmt: skip
+    from .budget import (  # fmt: skip
+        DEFAULT_VISION_GFLOPS,
+        BudgetLimits,
+        Crop,
+        ImageRequest,
+        plan_images,
+        resolve_limits,
+        vision_tower_size,
+        within_model_range,
+    )
     from .bundle import Bundle
-    from .images import image_size, preprocessing_from_dict
+    from .images import image_size
     from .profiles import Overrides, resolve_settings
 
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
-    spec = preprocessing_from_dict(manifest.preprocessing)
+    spec = manifest.preprocessing
     cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
     crop = Crop.parse(args.crop) if args.crop else None
     _check_tiles(args.tiles)

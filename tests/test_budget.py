@@ -20,12 +20,13 @@ from edgevlm.budget import (
 )  # fmt: skip
 from edgevlm.bundle import MANIFEST_NAME, Bundle
 from edgevlm.errors import BudgetError, ContextOverflowError, ImageError
-from edgevlm.images import MAX_ASPECT_RATIO, Qwen2VLPreprocessing, image_size, load_image, preprocess, smart_resize
+from edgevlm.images import image_size, load_image
+from edgevlm.runtimes.strategies.preprocessing import MAX_ASPECT_RATIO, DynamicPatches, preprocess, smart_resize
 from conftest import random_image
 
 # Qwen2-VL-2B-Instruct's published pixel limits (up to 16384 tokens per image) and transformers' default (1280).
-QWEN2_VL_2B = Qwen2VLPreprocessing(min_pixels=3136, max_pixels=12845056)
-SPECS = [QWEN2_VL_2B, Qwen2VLPreprocessing()]
+QWEN2_VL_2B = DynamicPatches(min_pixels=3136, max_pixels=12845056)
+SPECS = [QWEN2_VL_2B, DynamicPatches()]
 MAX_SIDE = 20000
 
 
@@ -38,7 +39,7 @@ def image_sizes(draw, max_ratio: float = MAX_ASPECT_RATIO) -> tuple[int, int]:
 
 
 @st.composite
-def token_limits(draw, spec: Qwen2VLPreprocessing) -> BudgetLimits:
+def token_limits(draw, spec: DynamicPatches) -> BudgetLimits:
     model_min, model_max = model_token_range(spec)
     high = draw(st.none() | st.integers(model_min, 20000))
     low = draw(st.none() | st.integers(1, min(model_max, high or model_max)))
@@ -207,7 +208,7 @@ def test_limits_resolve_by_precedence_and_name_their_layer():
 
 
 def test_limits_against_the_model_and_budget_errors_name_the_numbers():
-    spec = Qwen2VLPreprocessing()  # at most 1280 tokens per image
+    spec = DynamicPatches()  # at most 1280 tokens per image
     photo = ImageRequest(4032, 3024)
     with pytest.raises(BudgetError, match=r"min_image_tokens=2000 \(cli\) is above this model's maximum of 1280"):
         plan_images([photo], spec, resolve_limits(cli=BudgetLimits(min_image_tokens=2000)))
@@ -299,7 +300,7 @@ def tiny_vision(tiny_bundles):
     from edgevlm.runtimes.vision import VisionEncoder
 
     bundle = Bundle.open(tiny_bundles["F32"])
-    spec = Qwen2VLPreprocessing.from_dict(bundle.manifest.preprocessing)
+    spec = bundle.manifest.preprocessing
     return spec, VisionEncoder(bundle.file("vision.onnx"), intra_op_threads=2, merge_size=spec.merge_size)
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 import edgevlm
-from edgevlm.bundle import MANIFEST_NAME, Bundle, BundleWriter, Manifest
+from edgevlm.bundle import Bundle, BundleWriter
+from edgevlm.contract import MANIFEST_NAME, Manifest
 from edgevlm.errors import BundleError
 
 
@@ -56,7 +57,7 @@ def test_unknown_format_version_is_refused(bundle_copy):
     manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
     manifest["format_version"] = 99
     (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format version 99; this edgevlm reads version 1"):
+    with pytest.raises(BundleError, match="format version 99; this edgevlm reads versions 1 and 2"):
         edgevlm.load(bundle_copy)
 
 
@@ -118,3 +119,44 @@ def test_a_signal_between_commits_renames_arrives_once_the_bundle_is_in_place(bu
         signal.signal(signal.SIGTERM, previous)
     monkeypatch.undo()
     assert Bundle.open(out).manifest.files == manifest.files
+
+
+def _as_format_1(manifest: dict) -> dict:
+    """The tiny Qwen2-VL bundle's manifest as edgevlm 0.1.0 wrote it (format 1): family-named kinds, graph I/O
+    names, M-RoPE sections and token ids that no runtime read."""
+    v1 = json.loads(json.dumps(manifest))
+    v1["format_version"] = 1
+    v1["preprocessing"]["kind"] = "qwen2_vl"
+    v1["positions"] = {"kind": "mrope", "merge_size": 2, "sections": [8, 12, 12]}
+    v1["vision"].update(input_names=["pixel_patches", "patch_positions"], output_name="image_embeds", patch_positions="qwen2_vl")  # fmt: skip
+    v1["tokens"].update(image_pad_id=151655, vision_start_id=151652, vision_end_id=151653, eos_ids=[151645, 151643])
+    return v1
+
+
+def test_format_1_manifests_are_migrated(bundle_copy):
+    manifest_path = bundle_copy / MANIFEST_NAME
+    current = json.loads(manifest_path.read_text())
+    assert current["format_version"] == 2
+    manifest_path.write_text(json.dumps(_as_format_1(current)))
+    migrated = Bundle.open(bundle_copy).manifest
+    assert migrated == Manifest.from_dict(current)
+    assert (migrated.preprocessing.kind, migrated.positions.kind, migrated.vision.patch_positions.kind) == ("dynamic-patches", "mrope-3d", "grid-2d")  # fmt: skip
+
+
+@pytest.mark.parametrize(("input_names", "kind"), [(None, "grid-2d"), (["pixel_patches", "patch_positions"], "grid-2d"), (["pixel_patches"], "none")])  # fmt: skip
+def test_format_1_without_patch_positions_reads_the_graph_inputs(bundle_copy, input_names, kind):
+    """0.1.0 wrote `patch_positions` only for LLaVA; before that, `input_names` (or nothing: Qwen2-VL) said it."""
+    v1 = _as_format_1(json.loads((bundle_copy / MANIFEST_NAME).read_text()))
+    del v1["vision"]["patch_positions"]
+    if input_names is None:
+        del v1["vision"]["input_names"]
+    else:
+        v1["vision"]["input_names"] = input_names
+    assert Manifest.from_dict(v1).vision.patch_positions.kind == kind
+
+
+def test_format_1_with_an_unknown_kind_names_it(bundle_copy):
+    v1 = _as_format_1(json.loads((bundle_copy / MANIFEST_NAME).read_text()))
+    v1["positions"]["kind"] = "spiral"
+    with pytest.raises(BundleError, match=r"positions kind 'spiral' is not known to this edgevlm \(it knows mrope-3d, linear\)"):  # fmt: skip
+        Manifest.from_dict(v1)

@@ -17,12 +17,12 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from edgevlm.errors import ImageError
-from edgevlm.images import (
+from edgevlm.images import load_image
+from edgevlm.runtimes.strategies.preprocessing import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
+    DynamicPatches,
     PreparedImage,
-    Qwen2VLPreprocessing,
-    load_image,
     preprocess,
     smart_resize,
 )
@@ -70,7 +70,7 @@ def default_processor() -> Qwen2VLImageProcessorPil:
 @pytest.mark.parametrize(("height", "width"), SIZES)
 def test_preprocess_matches_transformers_defaults(default_processor, height, width):
     image = random_image(height, width, seed=height + width)
-    prepared = preprocess(load_image(image), Qwen2VLPreprocessing())
+    prepared = preprocess(load_image(image), DynamicPatches())
     _assert_matches(prepared, _reference(default_processor, image))
     assert prepared.n_tokens == prepared.grid[1] * prepared.grid[2] // 4
 
@@ -79,7 +79,7 @@ def test_preprocess_matches_transformers_defaults(default_processor, height, wid
 def test_preprocess_matches_transformers_custom_pixels(height, width):
     min_pixels, max_pixels = 128 * 28 * 28, 256 * 28 * 28
     processor = Qwen2VLImageProcessorPil(min_pixels=min_pixels, max_pixels=max_pixels)
-    spec = Qwen2VLPreprocessing(min_pixels=min_pixels, max_pixels=max_pixels)
+    spec = DynamicPatches(min_pixels=min_pixels, max_pixels=max_pixels)
     image = random_image(height, width, seed=3)
     prepared = preprocess(image, spec)
     _assert_matches(prepared, _reference(processor, image))
@@ -90,7 +90,7 @@ def test_preprocess_matches_transformers_other_geometry_and_normalization():
     half = (0.5, 0.5, 0.5)
     kwargs = dict(patch_size=16, merge_size=2, temporal_patch_size=1, image_mean=half, image_std=half)
     processor = Qwen2VLImageProcessorPil(**kwargs)
-    spec = Qwen2VLPreprocessing(**kwargs)
+    spec = DynamicPatches(**kwargs)
     image = random_image(301, 199, seed=9)
     prepared = preprocess(image, spec)
     assert prepared.pixel_patches.shape[1] == 3 * 1 * 16 * 16
@@ -110,7 +110,7 @@ def test_preprocess_from_real_qwen2_vl_config_matches_transformers():
         "image_processor_type": "Qwen2VLImageProcessor",
         "processor_class": "Qwen2VLProcessor",
     }
-    spec = Qwen2VLPreprocessing.from_preprocessor_config(cfg)
+    spec = DynamicPatches.from_preprocessor_config(cfg)
     assert (spec.min_pixels, spec.max_pixels) == (3136, 12845056)
     hf_kwargs = {k: v for k, v in cfg.items() if k not in ("image_processor_type", "processor_class")}
     image = random_image(700, 500, seed=5)
@@ -118,7 +118,7 @@ def test_preprocess_from_real_qwen2_vl_config_matches_transformers():
 
 
 def test_resized_size_overrides_smart_resize():
-    spec = Qwen2VLPreprocessing()
+    spec = DynamicPatches()
     image = random_image(300, 400, seed=1)
     chosen = smart_resize(300, 400, spec.factor, spec.min_pixels, spec.max_pixels)
     default = preprocess(image, spec)
@@ -133,7 +133,7 @@ def test_resized_size_overrides_smart_resize():
 @pytest.mark.parametrize("bad", [(50, 56), (56, 0), (-28, 56), (56,), (28.0, 56)])
 def test_resized_size_must_be_multiples_of_factor(bad):
     with pytest.raises(ValueError, match="resized_size"):
-        preprocess(random_image(40, 40), Qwen2VLPreprocessing(), resized_size=bad)
+        preprocess(random_image(40, 40), DynamicPatches(), resized_size=bad)
 
 
 def test_prepared_image_checks_grid_against_rows():
@@ -175,13 +175,13 @@ def test_smart_resize_aspect_ratio_limit_is_a_clear_value_error():
 
 
 def test_spec_round_trips_through_json():
-    spec = Qwen2VLPreprocessing(min_pixels=1000, max_pixels=200_000)
+    spec = DynamicPatches(min_pixels=1000, max_pixels=200_000)
     data = json.loads(json.dumps(spec.to_dict()))
-    assert data["kind"] == "qwen2_vl"
-    assert Qwen2VLPreprocessing.from_dict(data) == spec
-    assert Qwen2VLPreprocessing().image_mean == tuple(transformers.image_utils.OPENAI_CLIP_MEAN) == OPENAI_CLIP_MEAN
-    assert Qwen2VLPreprocessing().image_std == tuple(transformers.image_utils.OPENAI_CLIP_STD) == OPENAI_CLIP_STD
-    assert Qwen2VLPreprocessing().factor == 28
+    assert data["kind"] == "dynamic-patches"
+    assert DynamicPatches.from_dict(data) == spec
+    assert DynamicPatches().image_mean == tuple(transformers.image_utils.OPENAI_CLIP_MEAN) == OPENAI_CLIP_MEAN
+    assert DynamicPatches().image_std == tuple(transformers.image_utils.OPENAI_CLIP_STD) == OPENAI_CLIP_STD
+    assert DynamicPatches().factor == 28
 
 
 @pytest.mark.parametrize(
@@ -200,7 +200,7 @@ def test_spec_round_trips_through_json():
 )
 def test_spec_from_dict_rejects_bad_input(data, message):
     with pytest.raises(ValueError, match=message):
-        Qwen2VLPreprocessing.from_dict(data)
+        DynamicPatches.from_dict(data)
 
 
 @pytest.mark.parametrize(
@@ -212,7 +212,7 @@ def test_spec_from_dict_rejects_bad_input(data, message):
     ],
 )
 def test_spec_from_preprocessor_config_pixel_spellings_like_transformers(cfg):
-    spec = Qwen2VLPreprocessing.from_preprocessor_config(cfg)
+    spec = DynamicPatches.from_preprocessor_config(cfg)
     assert (spec.min_pixels, spec.max_pixels) == (1000, 9000)
     hf_size = Qwen2VLImageProcessorPil(**cfg).size
     assert (hf_size["shortest_edge"], hf_size["longest_edge"]) == (1000, 9000)
@@ -220,14 +220,14 @@ def test_spec_from_preprocessor_config_pixel_spellings_like_transformers(cfg):
 
 def test_spec_from_preprocessor_config_reads_older_size_spelling():
     # Some older configs spell size as {"min_pixels", "max_pixels"}; transformers 5 no longer reads that.
-    spec = Qwen2VLPreprocessing.from_preprocessor_config({"size": {"min_pixels": 1000, "max_pixels": 9000}})
+    spec = DynamicPatches.from_preprocessor_config({"size": {"min_pixels": 1000, "max_pixels": 9000}})
     assert (spec.min_pixels, spec.max_pixels) == (1000, 9000)
 
 
 @pytest.mark.parametrize("cfg", [{"resample": 2}, {"do_normalize": False}, {"size": [1, 2]}])
 def test_spec_from_preprocessor_config_refuses_what_it_cannot_reproduce(cfg):
     with pytest.raises(ValueError, match=next(iter(cfg))):
-        Qwen2VLPreprocessing.from_preprocessor_config(cfg)
+        DynamicPatches.from_preprocessor_config(cfg)
 
 
 # --------------------------------------------------------------------------------------------- RGB conversion
@@ -254,7 +254,7 @@ def test_modes_convert_like_transformers(default_processor, mode):
     loaded = load_image(image)
     assert loaded.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(loaded), hf_convert_to_rgb(image, return_numpy=True))
-    _assert_matches(preprocess(image, Qwen2VLPreprocessing()), _reference(default_processor, image))
+    _assert_matches(preprocess(image, DynamicPatches()), _reference(default_processor, image))
 
 
 def test_transparency_is_composited_on_white():
@@ -375,7 +375,7 @@ def test_loaded_file_survives_closing(tmp_path):
     path = tmp_path / "x.jpg"
     path.write_bytes(_encoded(random_image(30, 30), "JPEG"))
     image = load_image(path)
-    assert preprocess(image, Qwen2VLPreprocessing()).grid == (1, 4, 4)
+    assert preprocess(image, DynamicPatches()).grid == (1, 4, 4)
 
 
 # --------------------------------------------------------------------------------------------- runtime rule

@@ -17,7 +17,8 @@ from edgevlm.errors import BudgetError, ContextOverflowError
 from edgevlm.exporters.gguf import read_gguf_metadata, read_gguf_tensor_types
 from edgevlm.exporters.llava import FAMILY
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
-from edgevlm.images import ClipPreprocessing, preprocess, preprocessing_from_dict
+from edgevlm.runtimes.strategies.patch_positions import NoPatchPositions
+from edgevlm.runtimes.strategies.preprocessing import FixedResize, preprocess, preprocessing_from_dict
 
 pytest.importorskip("transformers")
 
@@ -40,7 +41,7 @@ def test_preprocessing_equals_transformers_processor(size, pad_to_square):
     processor = LlavaImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336}, do_pad=pad_to_square)  # fmt: skip
     image = random_image(*size, seed=size[0])
     expected = processor(images=[image], return_tensors="np")["pixel_values"][0]  # (3, 336, 336)
-    prepared = preprocess(image, ClipPreprocessing(pad_to_square=pad_to_square))
+    prepared = preprocess(image, FixedResize(pad_to_square=pad_to_square))
     assert prepared.grid == (1, 24, 24) and prepared.n_tokens == 576
     patches = expected.reshape(3, 24, 14, 24, 14).transpose(1, 3, 0, 2, 4).reshape(576, 3 * 14 * 14)
     assert np.array_equal(prepared.pixel_patches, patches)  # bit for bit
@@ -52,13 +53,13 @@ def test_preprocessing_spec_from_llava_and_clip_processor_configs(tmp_path):
     for processor, pad in ((CLIPImageProcessorPil(), False), (LlavaImageProcessorPil(do_pad=True), True)):
         processor.save_pretrained(tmp_path)
         config = json.loads((tmp_path / "preprocessor_config.json").read_text())
-        spec = ClipPreprocessing.from_preprocessor_config(config, patch_size=14)
+        spec = FixedResize.from_preprocessor_config(config, patch_size=14)
         assert (spec.crop_size, spec.shortest_edge, spec.pad_to_square) == (224, 224, pad)
         assert preprocessing_from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="do_center_crop=False"):
-        ClipPreprocessing.from_preprocessor_config({"do_center_crop": False}, patch_size=14)
+        FixedResize.from_preprocessor_config({"do_center_crop": False}, patch_size=14)
     with pytest.raises(ValueError, match="not a multiple of patch_size"):
-        ClipPreprocessing(crop_size=300)
+        FixedResize(crop_size=300)
 
 
 # ------------------------------------------------------------------------------------------------- vision graph
@@ -80,7 +81,7 @@ def test_vision_graphs_match_transformers(tiny_llava_bundles, tiny_llava_loaded)
         expected = model.model.get_image_features(pixel_values, vision_feature_layer=-2, vision_feature_select_strategy="default").pooler_output[0].numpy()  # fmt: skip
     prepared = preprocess(image, tiny_llava_loaded.preprocessing)
     for file, atol in (("vision.onnx", 1e-4), ("vision-int8.onnx", 0.05)):
-        encoder = VisionEncoder(bundle / file, providers=["CPUExecutionProvider"], merge_size=1, patch_positions="none")
+        encoder = VisionEncoder(bundle / file, providers=["CPUExecutionProvider"], merge_size=1, patch_positions=NoPatchPositions())
         embeds = encoder.encode(prepared.pixel_patches, prepared.grid)
         assert embeds.shape == expected.shape == (576, 256)
         assert np.abs(embeds - expected).max() <= atol, file
@@ -141,10 +142,10 @@ def test_q4_k_m_bundle_with_int8_vision_generates(tiny_llava_bundles, tiny_llava
 def test_manifest_describes_the_family_as_data(tiny_llava_bundles):
     manifest = json.loads((tiny_llava_bundles["Q4_K_M"] / "edgevlm.json").read_text())
     assert manifest["family"] == "llava"
-    assert manifest["preprocessing"]["kind"] == "clip" and manifest["preprocessing"]["crop_size"] == 336
-    assert manifest["positions"] == {"kind": "linear", "merge_size": 1, "sections": []}
-    assert (manifest["vision"]["patch_positions"], manifest["vision"]["input_names"]) == ("none", ["pixel_patches"])
-    assert manifest["tokens"]["image_pad"] == "<image>" and manifest["tokens"]["eos_ids"] == [2]
+    assert manifest["preprocessing"]["kind"] == "fixed-resize" and manifest["preprocessing"]["crop_size"] == 336
+    assert manifest["positions"] == {"kind": "linear", "merge_size": 1}
+    assert manifest["vision"]["patch_positions"] == "none"
+    assert manifest["tokens"] == {"image_pad": "<image>"}
     assert manifest["budget"]["max_image_tokens"] == 576
 
 

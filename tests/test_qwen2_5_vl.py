@@ -15,12 +15,11 @@ import torch
 from conftest import random_image
 
 import edgevlm
-from edgevlm.bundle import PositionSpec
 from edgevlm.exporters.qwen2_5_vl import FAMILY
 from edgevlm.exporters.qwen2_vl_vision import VISION_EXPORT_SPEC, WindowAttention, find_visual, vision_sample_inputs
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
-from edgevlm.images import Qwen2VLPreprocessing, preprocess
-from edgevlm.runtimes.positions import image_positions
+from edgevlm.runtimes.strategies.preprocessing import DynamicPatches, preprocess
+from edgevlm.runtimes.strategies.positions import MRope3D
 from edgevlm.runtimes.vision import VisionEncoder
 
 # (t, h, w) patch grids: square, non-square both ways, and sizes the 4-patch window does not divide
@@ -142,16 +141,16 @@ def test_preprocessing_matches_transformers(tmp_path, size):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(config))
     image = random_image(*size)
     reference = AutoImageProcessor.from_pretrained(tmp_path)(image, return_tensors="np")
-    ours = preprocess(image, Qwen2VLPreprocessing.from_preprocessor_config(config))
+    ours = preprocess(image, DynamicPatches.from_preprocessor_config(config))
     assert ours.grid == tuple(int(v) for v in reference["image_grid_thw"][0])
     assert np.abs(ours.pixel_patches - reference["pixel_values"]).max() <= 1e-6
 
 
 def test_image_positions_equal_transformers(loaded):
     spec = FAMILY.positions(loaded)
-    assert spec == PositionSpec(kind="mrope", merge_size=2, sections=(8, 12, 12))
+    assert spec == MRope3D(merge_size=2)
     for start, grid in ((5, (1, 6, 10)), (17, (1, 14, 6))):
-        ours, next_position = image_positions(spec, start, grid)
+        ours, next_position = spec.image_positions(start, grid)
         reference = loaded.model.model.get_vision_position_ids(start, torch.tensor(grid), 1, 2)
         np.testing.assert_array_equal(ours[:3], reference.numpy())
         assert next_position == start + max(grid[1:]) // 2  # what get_rope_index advances by for an image
@@ -193,7 +192,7 @@ def test_manifest_describes_the_family(bundles):
     assert manifest["family"] == "qwen2_5_vl"
     assert manifest["source"]["architecture"] == "Qwen2_5_VLForConditionalGeneration"
     assert manifest["llm"]["arch"] == "qwen2vl"
-    assert manifest["preprocessing"]["kind"] == "qwen2_vl" and manifest["vision"]["patch_positions"] == "qwen2_vl"
+    assert manifest["preprocessing"]["kind"] == "dynamic-patches" and manifest["vision"]["patch_positions"] == "grid-2d"
     assert set(manifest["files"]) == {"llm-Q4_K_M.gguf", "vision-int8.onnx"}  # fp32 was exported, checked, removed
     assert manifest["validation"]["vision"]["int8"]["cosine_vs_fp32"] >= 0.99
     assert json.loads((bundles["F32"] / "edgevlm.json").read_text())["validation"]["vision"]["fp32"]["grids"] == [

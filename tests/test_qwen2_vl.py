@@ -63,7 +63,7 @@ def test_manifest_records_export_validation(tiny_bundles):
     manifest = json.loads((tiny_bundles["Q8_0"] / "edgevlm.json").read_text())
     assert manifest["format_version"] == 1
     assert manifest["family"] == "qwen2_vl"
-    assert manifest["positions"] == {"kind": "mrope", "merge_size": 2, "sections": [8, 12, 12]}
+    assert manifest["positions"] == {"kind": "mrope-3d", "merge_size": 2}
     assert manifest["validation"]["vision"]["fp32"]["max_abs_diff"] <= 1e-4
     assert manifest["validation"]["vision"]["int8"]["cosine_vs_fp32"] >= 0.99
     assert set(manifest["files"]) == {"llm-Q8_0.gguf", "vision.onnx", "vision-int8.onnx"}

@@ -16,7 +16,8 @@ onnx = pytest.importorskip("onnx")
 
 from edgevlm.exporters import onnx_export  # noqa: E402
 from edgevlm.exporters.qwen2_vl_vision import export_qwen2_vl_vision, find_visual  # noqa: E402
-from edgevlm.runtimes.vision import VisionEncoder, qwen2_vl_patch_positions, return_freed_memory  # noqa: E402
+from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions  # noqa: E402
+from edgevlm.runtimes.vision import VisionEncoder, return_freed_memory  # noqa: E402
 
 # Grids not used at export (the export samples (1,4,6), (1,8,8), (1,2,16)) prove the patch axis is not baked in:
 # square, wide, tall, one merged row (h = 2), a single token, and an odd number of merged rows/columns.
@@ -62,7 +63,7 @@ def test_patch_positions_equal_transformers(grid, merge_size):
     from transformers.vision_utils import get_vision_position_ids
 
     expected = get_vision_position_ids(torch.tensor([grid]), merge_size).numpy()
-    positions = qwen2_vl_patch_positions(grid, merge_size)
+    positions = grid_patch_positions(grid, merge_size)
     assert positions.dtype == np.int64
     np.testing.assert_array_equal(positions, expected)
 
@@ -139,7 +140,7 @@ def test_fp16_keeps_rotary_angles_float32(exported):
 
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     grid = (1, 64, 64)
-    positions = qwen2_vl_patch_positions(grid, 2)
+    positions = grid_patch_positions(grid, 2)
     cos_table = session.run([cos_node.output[0]], {"pixel_patches": _patches(grid), "patch_positions": positions})[0]
     inv_freq = 1.0 / 10000 ** (np.arange(0, 8, 2) / 8)  # tiny model: head_dim 16, axial rope over head_dim / 2
     angles = (positions[..., None] * inv_freq).reshape(len(positions), -1)

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
-from ..bundle import VISION_DTYPES, Bundle, BundleWriter, LLMSpec, Manifest, check_output_dir
+from ..bundle import Bundle, BundleWriter, check_output_dir
+from ..contract import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
-from ..images import Preprocessing
+from ..runtimes.strategies.preprocessing import Preprocessing
 from ..progress import stage
 from . import ALIASES, PACKAGED_MODELS, family_for
 from .gguf import quantize_gguf
@@ -104,7 +105,7 @@ def export(
         manifest = Manifest(
             family=family.name,
             source={"model": source, "revision": revision, "architecture": family.architecture},
-            preprocessing=loaded.preprocessing.to_dict(),
+            preprocessing=loaded.preprocessing,
             vision=vision,
             llm=LLMSpec(
                 file=llm_file,

@@ -17,9 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
+from ..contract import TokenSpec, VisionSpec, VisionVariant
 from ..errors import UnsupportedModelError
-from ..images import ClipPreprocessing, load_image
+from ..images import load_image
+from ..runtimes.strategies.patch_positions import NoPatchPositions
+from ..runtimes.strategies.positions import Linear
+from ..runtimes.strategies.preprocessing import FixedResize
 from .llava_llm import IMAGE_TOKEN, write_llava_llm_gguf
 from .llava_vision import export_llava_vision, feature_layer_count
 from .qwen2_vl_llm import find_chat_template
@@ -35,7 +38,7 @@ class LoadedLlava:
     model_dir: Path
     model: Any  # LlavaForConditionalGeneration in eval mode: vision tower + projector fp32, LLM as checkpointed
     tokenizer: Any
-    preprocessing: ClipPreprocessing
+    preprocessing: FixedResize
     chat_template: str | None
 
 
@@ -56,7 +59,7 @@ class LlavaFamily:
         vision_config = model.config.vision_config
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
-        preprocessing = ClipPreprocessing.from_preprocessor_config(config, patch_size=vision_config.patch_size)
+        preprocessing = FixedResize.from_preprocessor_config(config, patch_size=vision_config.patch_size)
         if preprocessing.crop_size != vision_config.image_size:
             raise UnsupportedModelError(f"the processor crops {preprocessing.crop_size} px images, the vision tower takes {vision_config.image_size} px")  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -74,7 +77,7 @@ class LlavaFamily:
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
             input_names=("pixel_patches",),
-            patch_positions="none",
+            patch_positions=NoPatchPositions(),
             embed_dim=int(vision_config.hidden_size),
             depth=feature_layer_count(loaded.model.config),
             num_heads=int(vision_config.num_attention_heads),
@@ -88,11 +91,10 @@ class LlavaFamily:
         image_id = int(loaded.model.config.image_token_id)
         if loaded.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_id:
             raise UnsupportedModelError(f"the tokenizer's {IMAGE_TOKEN} is not the config's image_token_id {image_id}")
-        return TokenSpec(image_pad=IMAGE_TOKEN, image_pad_id=image_id, vision_start_id=None, vision_end_id=None,
-                         eos_ids=(int(loaded.tokenizer.eos_token_id),))  # fmt: skip
+        return TokenSpec(image_pad=IMAGE_TOKEN)
 
-    def positions(self, loaded: LoadedLlava) -> PositionSpec:
-        return PositionSpec(kind="linear", merge_size=1)
+    def positions(self, loaded: LoadedLlava) -> Linear:
+        return Linear(merge_size=1)
 
     # -- the transformers reference, for parity checks ------------------------------------------------------------
     def reference_inputs(self, loaded: LoadedLlava, prompt: str, images: list[Any]) -> dict:

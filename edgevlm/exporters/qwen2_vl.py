@@ -15,9 +15,11 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
-from ..images import Qwen2VLPreprocessing, load_image
-from .gguf import rope_settings
+from ..contract import TokenSpec, VisionSpec, VisionVariant
+from ..images import load_image
+from ..runtimes.strategies.patch_positions import Grid2D
+from ..runtimes.strategies.positions import MRope3D
+from ..runtimes.strategies.preprocessing import DynamicPatches
 from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
 from .qwen2_vl_vision import DEFAULT_GRIDS, export_qwen2_vl_vision, find_visual
 
@@ -29,7 +31,7 @@ class LoadedQwen2VL:
     model_dir: Path
     model: Any  # Qwen2VLForConditionalGeneration in eval mode: vision tower fp32, language model as checkpointed
     tokenizer: Any
-    preprocessing: Qwen2VLPreprocessing
+    preprocessing: DynamicPatches
     chat_template: str | None
 
 
@@ -56,7 +58,7 @@ class Qwen2VLFamily:
             model_dir=model_dir,
             model=model,
             tokenizer=tokenizer,
-            preprocessing=Qwen2VLPreprocessing.from_preprocessor_config(config),
+            preprocessing=DynamicPatches.from_preprocessor_config(config),
             chat_template=find_chat_template(tokenizer, model_dir),
         )
 
@@ -72,7 +74,7 @@ class Qwen2VLFamily:
             variants=variants,
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
-            patch_positions="qwen2_vl",
+            patch_positions=Grid2D(),
             **self.tower_sizes(vision_config),
         )
 
@@ -93,19 +95,11 @@ class Qwen2VLFamily:
         return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
 
     def tokens(self, loaded: LoadedQwen2VL) -> TokenSpec:
-        ids = special_token_ids(loaded.tokenizer)
-        return TokenSpec(
-            image_pad=SPECIAL_TOKENS["image_pad"],
-            image_pad_id=ids["image_pad"],
-            vision_start_id=ids["vision_start"],
-            vision_end_id=ids["vision_end"],
-            eos_ids=(ids["im_end"], ids["endoftext"]),
-        )
+        special_token_ids(loaded.tokenizer)  # the tokenizer has the family's special tokens, or a clear error
+        return TokenSpec(image_pad=SPECIAL_TOKENS["image_pad"])
 
-    def positions(self, loaded: LoadedQwen2VL) -> PositionSpec:
-        text_config = loaded.model.config.text_config
-        rope, _ = rope_settings(text_config)
-        return PositionSpec(kind="mrope", merge_size=loaded.preprocessing.merge_size, sections=tuple(rope["mrope_section"]))  # fmt: skip
+    def positions(self, loaded: LoadedQwen2VL) -> MRope3D:
+        return MRope3D(merge_size=loaded.preprocessing.merge_size)
 
     # -- the transformers reference, for parity checks ------------------------------------------------------------
     def reference_inputs(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> dict:
@@ -148,7 +142,7 @@ class Qwen2VLFamily:
         return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def _processor_kwargs(spec: Qwen2VLPreprocessing) -> dict:
+def _processor_kwargs(spec: DynamicPatches) -> dict:
     return dict(
         size={"shortest_edge": spec.min_pixels, "longest_edge": spec.max_pixels},
         patch_size=spec.patch_size,

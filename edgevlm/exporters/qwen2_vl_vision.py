@@ -5,7 +5,7 @@ freezes shapes or fails in `torch.onnx.export`. For one image that split is a no
 image's patches. `Qwen2VLVisionForExport` therefore reuses the Hugging Face submodules and weights (patch embed,
 rotary `inv_freq`, each block's norms/qkv/proj/mlp, the merger) in a forward with no data-dependent shapes, and
 computes the rotary angles in the graph from the patch coordinates the runtime passes in
-(`edgevlm.runtimes.vision.qwen2_vl_patch_positions`).
+(`edgevlm.runtimes.strategies.patch_positions.grid_patch_positions`).
 
 Qwen2.5-VL's tower has the same interface with RMSNorm and a gated MLP in its blocks (the wrapper calls the
 blocks' own norms and MLPs) and window attention in all blocks but `fullatt_block_indexes`. transformers reorders
@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
-from edgevlm.runtimes.vision import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES, qwen2_vl_patch_positions
+from edgevlm.contract import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES
+from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions
 
 logger = logging.getLogger(__name__)
 
@@ -199,7 +200,7 @@ def vision_sample_inputs(visual: nn.Module, grid: tuple[int, int, int], seed: in
     n_patches = grid[0] * grid[1] * grid[2]
     generator = torch.Generator().manual_seed(seed)
     pixel_patches = torch.randn(n_patches, patch_dim, generator=generator)
-    positions = torch.from_numpy(qwen2_vl_patch_positions(grid, config.spatial_merge_size))
+    positions = torch.from_numpy(grid_patch_positions(grid, config.spatial_merge_size))
     return pixel_patches, positions
 
 

@@ -16,9 +16,10 @@ from pathlib import Path
 
 from ..budget import BudgetLimits, model_token_range, resolve_limits, within_model_range
 from ..bundle import Bundle
+from ..contract import PATCH_POSITIONS
 from ..errors import ProfileError
-from ..images import Preprocessing, preprocessing_from_dict
 from ..runtimes.llm import LlamaSettings
+from ..runtimes.strategies.preprocessing import Preprocessing
 from .host import GIB, HostInfo, choose_profile, probe_host
 from .memory import MemoryEstimate, estimate_memory, kv_values_per_token
 from .schema import AUTO, PHYSICAL, PROVIDER_NAMES, Profile, load_profile
@@ -203,7 +204,7 @@ def resolve_settings(
     host = host or probe_host()
     profile, reason = select_profile(profile, host)
     notes = _Notes(profile)
-    spec = preprocessing_from_dict(bundle.manifest.preprocessing) if bundle is not None else None
+    spec = bundle.manifest.preprocessing if bundle is not None else None
     limits = profile.budget
     token_range = _token_range(spec, bundle, overrides, limits)
 
@@ -243,7 +244,7 @@ def resolve_settings(
     if overrides.providers is not None:
         providers = tuple(overrides.providers)
     else:
-        with_positions = bundle is None or "patch_positions" in bundle.manifest.vision.input_names
+        with_positions = bundle is None or PATCH_POSITIONS in bundle.manifest.vision.patch_positions.graph_inputs
         geometry = (token_range, spec.patch_dim, spec.merge_size, with_positions) if spec else (None, None, None, True)  # fmt: skip
         providers = tuple((PROVIDER_NAMES[p], provider_options(profile, p, *geometry)) for p in kept)
     return RuntimeSettings(

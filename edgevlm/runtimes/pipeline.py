@@ -40,12 +40,13 @@ from ..chat import (  # fmt: skip
     stop_at,
 )
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
-from ..images import CheckedImages, ImageLimits, PreparedImage, check_images, preprocess, preprocessing_from_dict
+from ..images import CheckedImages, ImageLimits, check_images
 from ..profiles import Overrides, Profile, resolve_settings
 from .llm import LlamaLM, SamplingParams
-from .positions import image_positions, text_embedding_positions, text_positions
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
 from .reuse import EmbeddingCache, KVRecord, Unit, image_key
+from .strategies.positions import text_positions
+from .strategies.preprocessing import PreparedImage, preprocess
 from .token_embeddings import open_token_embeddings
 from .turns import Turns
 from .vision import VisionEncoder, return_freed_memory
@@ -163,10 +164,7 @@ class EdgeVLM:
         self.bundle = bundle
         manifest = bundle.manifest
         self.manifest = manifest
-        try:
-            self.preprocessing = preprocessing_from_dict(manifest.preprocessing)
-        except ValueError as err:
-            raise BundleError(f"{bundle.path}: {err}") from err
+        self.preprocessing = manifest.preprocessing
         overrides = Overrides(n_ctx, n_threads, n_gpu_layers, vision_dtype, tuple(providers) if providers else None, self.cli_limits)  # fmt: skip
         self.settings = resolve_settings(profile, bundle, overrides)
         self.profile = self.settings.profile
@@ -478,7 +476,7 @@ class EdgeVLM:
             if span.tokens is not None:
                 tokens = span.tokens[skip:]
                 rows.append(self.token_embeddings(tokens))
-                positions.append(text_embedding_positions(self.manifest.positions, position, len(tokens)))
+                positions.append(self.manifest.positions.text_embedding_positions(position, len(tokens)))
                 position = self._record_text(tokens, position)
                 timings.n_text_with_images += len(tokens)
             else:
@@ -513,7 +511,7 @@ class EdgeVLM:
     def _record_image(self, span: _Span, n_embeds: int, position: int) -> tuple[np.ndarray, int]:
         """Note an image in the KV record from `position` on; returns its embeddings' positions and the position
         after it (a failed decode makes `_prefill` forget the whole record)."""
-        positions, next_position = image_positions(self.manifest.positions, position, span.image.grid)
+        positions, next_position = self.manifest.positions.image_positions(position, span.image.grid)
         self._kv.append(span.key, position, n_embeds, next_position)
         return positions, next_position
 
@@ -554,7 +552,7 @@ class EdgeVLM:
                     position += len(span.tokens)
                 else:
                     embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
-                    positions, position = image_positions(self.manifest.positions, position, span.image.grid)
+                    positions, position = self.manifest.positions.image_positions(position, span.image.grid)
                     rows.append(self.llm.decode_embeddings(embeds, positions, logits="all"))
             return np.concatenate(rows)
 

@@ -1,11 +1,7 @@
-"""Device side of the vision encoder: patch positions in numpy and an onnxruntime session (never torch).
+"""Device side of the vision encoder: an onnxruntime session (never torch).
 
-A graph encodes ONE image: input `pixel_patches` float32 (n_patches, C*T*P*P), output `image_embeds` float32
-(n_patches / merge², hidden). The manifest's `vision.patch_positions` says what else it takes:
-
-- "qwen2_vl" (`edgevlm.exporters.qwen2_vl_vision`): `patch_positions` int64 (n_patches, 2) = (row, col) of each
-  patch in block-major order, from which the graph computes its rotary angles;
-- "none" (`edgevlm.exporters.llava_vision`, learned position embeddings of a fixed grid): nothing.
+A graph encodes ONE image (`edgevlm.contract` names its inputs and output); the manifest's `vision.patch_positions`
+strategy says what it takes besides the pixels (`edgevlm.runtimes.strategies.patch_positions`).
 """
 
 from __future__ import annotations
@@ -17,38 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
+from ..contract import IMAGE_EMBEDS, PIXEL_PATCHES
+from .strategies.patch_positions import Grid2D, PatchPositions, check_grid
+
 logger = logging.getLogger(__name__)
-
-PIXEL_PATCHES, PATCH_POSITIONS, IMAGE_EMBEDS = "pixel_patches", "patch_positions", "image_embeds"
-# manifest `vision.patch_positions` kind -> the graph's inputs
-GRAPH_INPUTS = {"qwen2_vl": (PIXEL_PATCHES, PATCH_POSITIONS), "none": (PIXEL_PATCHES,)}
-
-
-def _check_grid(grid: tuple[int, int, int], merge_size: int) -> tuple[int, int, int]:
-    if len(grid) != 3 or not all(isinstance(x, (int, np.integer)) and x > 0 for x in grid):
-        raise ValueError(f"image grid must be three positive integers (t, h, w), got {tuple(grid)}")
-    t, h, w = (int(x) for x in grid)
-    if h % merge_size or w % merge_size:
-        raise ValueError(
-            f"image grid {(t, h, w)}: h and w must be multiples of the merge size {merge_size}; "
-            "resize the image to a multiple of patch_size * merge_size pixels"
-        )
-    return t, h, w
-
-
-def qwen2_vl_patch_positions(grid: tuple[int, int, int], merge_size: int) -> np.ndarray:
-    """(row, col) of every patch, int64 (t*h*w, 2), in the block-major order of Qwen2-VL's patches.
-
-    Patches come merge_size x merge_size block by block (blocks row-major, patches row-major inside a block), and
-    every frame repeats the same positions; equals transformers' `get_vision_position_ids(grid_thw, merge_size)`.
-    """
-    t, h, w = _check_grid(grid, merge_size)
-    rows, cols = np.meshgrid(np.arange(h, dtype=np.int64), np.arange(w, dtype=np.int64), indexing="ij")
-    blocks = (h // merge_size, merge_size, w // merge_size, merge_size)
-    rows = rows.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
-    cols = cols.reshape(blocks).transpose(0, 2, 1, 3).reshape(-1)
-    return np.tile(np.stack([rows, cols], axis=-1), (t, 1))
-
 
 def return_freed_memory() -> bool:
     """Give the C heap's free pages back to the OS; whether glibc's `malloc_trim` released any (False elsewhere).
@@ -94,10 +62,10 @@ class VisionEncoder:
         intra_op_threads: int | None = None,
         allow_spinning: bool = False,
         merge_size: int = 2,
-        patch_positions: str = "qwen2_vl",
+        patch_positions: PatchPositions = Grid2D(),
     ):
         """Open the graph `onnx_path` (its `.data` file, if any, next to it); `patch_positions` is the manifest's
-        kind of position input (see the module docstring).
+        strategy for the graph's inputs besides the pixels.
 
         `intra_op_threads` None lets onnxruntime use every core; `allow_spinning` False makes idle worker threads
         sleep instead of busy-waiting, which a device that also runs the language model needs.
@@ -111,8 +79,6 @@ class VisionEncoder:
             raise ValueError(f"intra_op_threads must be at least 1 (or None for all cores), got {intra_op_threads}")
         if merge_size < 1:
             raise ValueError(f"merge_size must be at least 1, got {merge_size}")
-        if patch_positions not in GRAPH_INPUTS:
-            raise ValueError(f"unknown patch_positions kind {patch_positions!r} in the manifest; expected one of {', '.join(GRAPH_INPUTS)}")  # fmt: skip
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # the memory pattern planner about doubles peak memory from the second same-size image (2.6 vs 1.27 GiB
@@ -132,9 +98,9 @@ class VisionEncoder:
         self.merge_size = merge_size
         self.patch_positions = patch_positions
         inputs = {i.name: i for i in self.vision_session.get_inputs()}
-        if set(inputs) != set(GRAPH_INPUTS[patch_positions]):
+        if set(inputs) != set(patch_positions.graph_inputs):
             raise ValueError(
-                f"{onnx_path} has inputs {sorted(inputs)}, expected {list(GRAPH_INPUTS[patch_positions])}; "
+                f"{onnx_path} has inputs {sorted(inputs)}, expected {list(patch_positions.graph_inputs)}; "
                 "is this a vision graph exported by edgevlm?"
             )
         self.patch_dim = inputs[PIXEL_PATCHES].shape[1]  # C*T*P*P, e.g. 1176 for Qwen2-VL
@@ -155,7 +121,7 @@ class VisionEncoder:
 
         Frames of a video attend only within themselves (as in Qwen2-VL), so they are encoded one by one.
         """
-        t, h, w = _check_grid(grid, self.merge_size)
+        t, h, w = check_grid(grid, self.merge_size)
         pixel_patches = np.asarray(pixel_patches)
         if pixel_patches.ndim != 2:
             raise ValueError(f"pixel_patches must be 2-D (n_patches, {self.patch_dim}), got {pixel_patches.shape}")
@@ -169,7 +135,7 @@ class VisionEncoder:
                 " (channels * temporal_patch_size * patch_size²); was the image preprocessed for another model?"
             )
         pixel_patches = np.ascontiguousarray(pixel_patches, dtype=np.float32)
-        extra = {PATCH_POSITIONS: qwen2_vl_patch_positions((1, h, w), self.merge_size)} if self.patch_positions == "qwen2_vl" else {}  # fmt: skip
+        extra = self.patch_positions.extra_inputs((1, h, w), self.merge_size)
         frames = np.split(pixel_patches, t) if t > 1 else [pixel_patches]
         embeds = [self.vision_session.run([IMAGE_EMBEDS], {PIXEL_PATCHES: frame, **extra})[0] for frame in frames]
         return embeds[0] if t == 1 else np.concatenate(embeds, axis=0)

@@ -1,0 +1,10 @@
+"""The runtime's mechanisms, one class per manifest kind (see `registry`): importing this package registers them.
+
+A family that reuses these mechanisms adds no runtime code; one that needs a new mechanism adds one class to the
+module of its section, registered under a new kind.
+"""
+
+from . import patch_positions, positions, preprocessing  # noqa: F401  (each module registers its kinds)
+from .registry import known_kinds, strategy_class, strategy_from_dict
+
+__all__ = ["known_kinds", "strategy_class", "strategy_from_dict"]

@@ -1,0 +1,84 @@
+"""One registry of runtime strategies, keyed by (manifest section, kind).
+
+A manifest names the mechanism each section needs by a `kind` (`mrope-3d`, `grid-2d`, `dynamic-patches`, ...), never
+by a model family. Each kind is one class, registered here with `@register(section, kind)`; the manifest is read
+into instances of these classes when a bundle is opened, so an unknown kind fails there, naming the known ones.
+A strategy class is a frozen dataclass of the section's parameters with a `kind` class attribute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
+
+SECTIONS = ("preprocessing", "positions", "patch_positions")
+_STRATEGIES: dict[str, dict[str, type]] = {section: {} for section in SECTIONS}
+
+T = TypeVar("T", bound=type)
+
+
+def register(section: str, kind: str) -> Callable[[T], T]:
+    """Class decorator: the strategy for `kind` in manifest section `section`."""
+
+    def add(cls: T) -> T:
+        if kind in _STRATEGIES[section]:
+            raise RuntimeError(f"two strategies registered for {section} kind {kind!r}")
+        cls.kind = kind
+        _STRATEGIES[section][kind] = cls
+        return cls
+
+    return add
+
+
+def known_kinds(section: str) -> tuple[str, ...]:
+    return tuple(_STRATEGIES[section])
+
+
+def strategy_class(section: str, kind: object) -> type:
+    """The class registered for `kind`; ValueError naming the kinds this edgevlm knows otherwise."""
+    cls = _STRATEGIES[section].get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ValueError(f"{section} kind {kind!r} is not known to this edgevlm (it knows {', '.join(known_kinds(section))}); "
+                         "upgrade edgevlm or re-export the bundle")  # fmt: skip
+    return cls
+
+
+def strategy_from_dict(section: str, data: Mapping[str, Any]) -> Any:
+    """The strategy a manifest section ({"kind": ..., parameters}) describes; ValueError naming what is wrong."""
+    if not isinstance(data, Mapping):
+        raise ValueError(f"{section}: expected a JSON object with a 'kind', got {data!r}")
+    return strategy_class(section, data.get("kind")).from_dict(data)
+
+
+def spec_to_dict(spec: Any) -> dict[str, Any]:
+    """A strategy's manifest section: `kind` and every parameter, tuples as lists."""
+    out: dict[str, Any] = {"kind": spec.kind}
+    for field in dataclasses.fields(spec):
+        value = getattr(spec, field.name)
+        out[field.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def spec_from_dict(cls: type, section: str, data: Mapping[str, Any]) -> Any:
+    """Read `spec_to_dict` output into `cls`; a different kind or unknown keys raise ValueError naming them
+    (the class's `__post_init__` checks the values)."""
+    values = dict(data)
+    kind = values.pop("kind", cls.kind)
+    if kind != cls.kind:
+        raise ValueError(f"{section} kind={kind!r}: this reader handles kind={cls.kind!r}")
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(
+            f"unknown {section} key(s) {', '.join(f'{k}={values[k]!r}' for k in unknown)}; "
+            f"known keys: kind, {', '.join(sorted(known)) or '(none)'}"
+        )
+    return cls(**values)
+
+
+def check_positive_ints(spec: Any, section: str, names: tuple[str, ...]) -> None:
+    for name in names:
+        value = getattr(spec, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{section} {name}={value!r}: expected a positive integer")
