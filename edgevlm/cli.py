@@ -110,37 +110,26 @@ def _run(args: argparse.Namespace) -> int:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import (  # fmt: skip
-        DEFAULT_VISION_GFLOPS,
-        BudgetLimits,
-        Crop,
-        ImageRequest,
-        plan_images,
-        resolve_limits,
-        vision_tower_size,
-        within_model_range,
-    )
+    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest
     from .bundle import Bundle
     from .images import image_size
+    from .planner import Planner
     from .profiles import Overrides, resolve_settings
 
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
-    spec = manifest.preprocessing
     cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
     crop = Crop.parse(args.crop) if args.crop else None
     _check_tiles(args.tiles)
     settings = resolve_settings(args.profile, bundle, Overrides(n_ctx=args.n_ctx, vision_dtype=args.vision_dtype, limits=cli_limits))  # fmt: skip
-    # as the planner applies them: a profile's or bundle's limit outside the model's own range moved into it
-    limits = within_model_range(resolve_limits(cli=cli_limits, profile=settings.limits, bundle=manifest.budget), spec)
+    n_ctx = settings.llama.n_ctx
+    planner = Planner.for_bundle(manifest, cli_limits, settings.limits, n_ctx=n_ctx, vision_dtype=settings.vision_dtype)
+    limits, tower = planner.limits(), planner.tower
     sizes = [image_size(path) for path in args.image]
     requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]
-    n_ctx = settings.llama.n_ctx
-    tower = vision_tower_size(manifest, settings.vision_dtype)
     gflops = args.gflops or settings.vision_gflops or DEFAULT_VISION_GFLOPS
     gflops_source = "--gflops" if args.gflops else f"profile {settings.profile.name}" if settings.vision_gflops else "default; --gflops"  # fmt: skip
-    plan = plan_images(requests, spec, limits, n_ctx=n_ctx, n_prompt_tokens=args.prompt_tokens,
-                       max_new_tokens=args.max_new_tokens, tower=tower)  # fmt: skip
+    plan = planner.plan(requests, n_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens)
 
     gib = 2**30
     header = f"{'view':<7} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"

@@ -76,7 +76,6 @@ class LlavaFamily:
             variants=variants,
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
-            input_names=("pixel_patches",),
             patch_positions=NoPatchPositions(),
             embed_dim=int(vision_config.hidden_size),
             depth=feature_layer_count(loaded.model.config),

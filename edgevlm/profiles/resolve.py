@@ -14,12 +14,12 @@ import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..budget import BudgetLimits, model_token_range, resolve_limits, within_model_range
+from ..budget import BudgetLimits
 from ..bundle import Bundle
 from ..contract import PATCH_POSITIONS
 from ..errors import ProfileError
+from ..planner import Planner
 from ..runtimes.llm import LlamaSettings
-from ..runtimes.strategies.preprocessing import Preprocessing
 from .host import GIB, HostInfo, choose_profile, probe_host
 from .memory import MemoryEstimate, estimate_memory, kv_values_per_token
 from .schema import AUTO, PHYSICAL, PROVIDER_NAMES, Profile, load_profile
@@ -183,15 +183,9 @@ def _ceiling(profile: Profile, host: HostInfo) -> tuple[int | None, str]:
     return None, "none"
 
 
-def _token_range(spec: Preprocessing | None, bundle: Bundle | None, overrides: Overrides,
-                 profile_limits: BudgetLimits) -> tuple[int, int] | None:  # fmt: skip
+def _token_range(bundle: Bundle | None, overrides: Overrides, profile_limits: BudgetLimits) -> tuple[int, int] | None:
     """The fewest and most tokens an image span may get at load time (request limits can still change them)."""
-    if spec is None or bundle is None:
-        return None
-    in_force = within_model_range(resolve_limits(cli=overrides.limits, profile=profile_limits, bundle=bundle.manifest.budget), spec)  # fmt: skip
-    model_min, model_max = model_token_range(spec)
-    high = min(in_force.max_image_tokens or model_max, model_max)
-    return min(max(in_force.min_image_tokens or model_min, model_min), high), high
+    return None if bundle is None else Planner.for_bundle(bundle.manifest, overrides.limits, profile_limits).token_range()  # fmt: skip
 
 
 def resolve_settings(
@@ -206,7 +200,7 @@ def resolve_settings(
     notes = _Notes(profile)
     spec = bundle.manifest.preprocessing if bundle is not None else None
     limits = profile.budget
-    token_range = _token_range(spec, bundle, overrides, limits)
+    token_range = _token_range(bundle, overrides, limits)
 
     if overrides.providers is not None:
         names = [p if isinstance(p, str) else p[0] for p in overrides.providers]
@@ -240,7 +234,7 @@ def resolve_settings(
     if bundle is not None and ceiling is not None and vision_dtype in bundle.manifest.vision.variants:
         llama, limits, memory = _fit_memory(profile, bundle, vision_dtype, llama, limits, token_range, overrides,
                                             ceiling, ceiling_text, notes)  # fmt: skip
-        token_range = _token_range(spec, bundle, overrides, limits)  # TensorRT's shapes follow a shrink
+        token_range = _token_range(bundle, overrides, limits)  # TensorRT's shapes follow a shrink
     if overrides.providers is not None:
         providers = tuple(overrides.providers)
     else:

@@ -9,23 +9,12 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from ..budget import (
-    BudgetLimits,
-    BudgetPlan,
-    Crop,
-    ImageRequest,
-    ResolvedLimits,
-    count_spans,
-    plan_images,
-    resolve_limits,
-    vision_tower_size,
-)  # fmt: skip
+from ..budget import BudgetLimits, BudgetPlan, Crop, ImageRequest, ResolvedLimits
 from ..bundle import Bundle
 from ..chat import (  # fmt: skip
     ChatChunk,
@@ -41,13 +30,15 @@ from ..chat import (  # fmt: skip
 )
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
 from ..images import CheckedImages, ImageLimits, check_images
+from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
 from .llm import LlamaLM, SamplingParams
+from .prefill import Prefill, Span
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
-from .reuse import EmbeddingCache, KVRecord, Unit, image_key
-from .strategies.positions import text_positions
+from .results import GenerationStep, Timings
+from .reuse import image_key
 from .strategies.preprocessing import PreparedImage, preprocess
-from .token_embeddings import open_token_embeddings
+from .token_embeddings import TokenEmbeddings, open_token_embeddings
 from .turns import Turns
 from .vision import VisionEncoder, return_freed_memory
 
@@ -55,69 +46,6 @@ logger = logging.getLogger(__name__)
 
 # Vision embeddings kept for repeated images: a 448x448 frame of a 2B model is 1.5 MB, so about 40 frames.
 EMBEDDING_CACHE_BYTES = 64 * 2**20
-
-
-@dataclass
-class Timings:
-    """Where the time of one generation went, and how much work earlier requests saved it."""
-
-    queue_ms: float = 0.0  # waiting for the model while other requests ran
-    preprocess_ms: float = 0.0
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0  # decoding prompt tokens and image embeddings into the KV cache
-    image_prefill_ms: float = 0.0  # the part of prefill_ms spent on batches with image embeddings (and their text)
-    time_to_first_token_ms: float = 0.0  # from the model's turn to the first sampled token (queue excluded)
-    decode_ms: float = 0.0
-    n_prompt_tokens: int = 0  # text tokens of the prompt
-    n_image_tokens: int = 0
-    n_encoded_image_tokens: int = 0  # image tokens run through the vision encoder for this request
-    n_cached_image_tokens: int = 0  # image tokens whose embeddings came from the embedding cache
-    n_reused_tokens: int = 0  # prompt cells (text and image) already in the KV cache from the previous request
-    n_prefill_tokens: int = 0  # prompt cells decoded for this request
-    n_text_with_images: int = 0  # prompt text tokens decoded in the same batch as an image's embeddings
-    n_generated: int = 0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (self.n_generated - 1) / (self.decode_ms / 1000) if self.n_generated > 1 and self.decode_ms else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.n_prefill_tokens / (self.prefill_ms / 1000) if self.prefill_ms else 0.0
-
-    @property
-    def text_prefill_tokens_per_s(self) -> float:
-        text_ms = self.prefill_ms - self.image_prefill_ms
-        # every image decoded here got its embeddings from the encoder or the cache
-        n_text = self.n_prefill_tokens - self.n_encoded_image_tokens - self.n_cached_image_tokens - self.n_text_with_images  # fmt: skip
-        return n_text / (text_ms / 1000) if text_ms > 0 else 0.0
-
-
-@dataclass
-class GenerationStep:
-    """One streamed piece: the new text (may be empty while a UTF-8 character is incomplete) and its token.
-
-    The last step has `finish_reason` set ("stop": end of generation token, "length": max_new_tokens or the
-    context is full, "cancelled": the `cancel` event was set; then `token` is None) and complete `timings`.
-    """
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None
-    timings: Timings = field(default_factory=Timings)
-
-
-@dataclass(frozen=True)
-class _Span:
-    """A piece of the prompt: text tokens, or one image (with its content key for the caches)."""
-
-    tokens: list[int] | None = None
-    image: PreparedImage | None = None
-    key: str = ""
-
-    @property
-    def units(self) -> list[Unit]:
-        return list(self.tokens) if self.tokens is not None else [self.key]
 
 
 CropArg = Crop | Sequence[Crop | None] | None
@@ -160,22 +88,21 @@ class EdgeVLM:
     ):
         """Load `bundle` with a hardware profile ("auto", a shipped name, a TOML path or a `Profile`); every other
         argument given beats the profile's value (`edgevlm.profiles.resolve_settings`)."""
-        self.cli_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)  # checked before loading
+        cli_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)  # checked before loading
         self.bundle = bundle
         manifest = bundle.manifest
         self.manifest = manifest
         self.preprocessing = manifest.preprocessing
-        overrides = Overrides(n_ctx, n_threads, n_gpu_layers, vision_dtype, tuple(providers) if providers else None, self.cli_limits)  # fmt: skip
+        overrides = Overrides(n_ctx, n_threads, n_gpu_layers, vision_dtype, tuple(providers) if providers else None, cli_limits)  # fmt: skip
         self.settings = resolve_settings(profile, bundle, overrides)
         self.profile = self.settings.profile
-        self.profile_limits: BudgetLimits | None = self.settings.limits
-        plan_images([], self.preprocessing, self.resolve_limits())  # contradicting limits fail before any loading
         vision_dtype = self.settings.vision_dtype
+        # contradicting limits fail here, before any loading
+        planner = Planner.for_bundle(manifest, cli_limits, self.settings.limits, vision_dtype=vision_dtype)
         if vision_dtype not in manifest.vision.variants:
             raise BundleError(f"bundle {bundle.path} has no {vision_dtype} vision graph; it has "
                               f"{', '.join(sorted(manifest.vision.variants))}.")  # fmt: skip
         self.vision_dtype = vision_dtype
-        self.vision_tower = vision_tower_size(manifest, vision_dtype)
         self.vision = VisionEncoder(
             bundle.file(manifest.vision.variants[vision_dtype].file),
             providers=list(self.settings.providers),
@@ -186,7 +113,8 @@ class EdgeVLM:
         )
         self._check_vision_providers()
         self.llm = LlamaLM(bundle.file(manifest.llm.file), self.settings.llama)
-        self.token_embeddings = open_token_embeddings(self.llm.path)  # None: text and images in separate batches
+        self.planner = planner.with_context(self.llm.n_ctx)
+        self.prefill = Prefill(self.llm, self.vision, manifest.positions, open_token_embeddings(self.llm.path), EMBEDDING_CACHE_BYTES)  # fmt: skip
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
@@ -196,8 +124,11 @@ class EdgeVLM:
         # held while llama.cpp or onnxruntime runs for this model, so close() never frees what they use
         self._native = threading.RLock()
         self._closed = False
-        self._kv = KVRecord()  # what the KV cache holds, for reuse by the next request
-        self.embedding_cache = EmbeddingCache(EMBEDDING_CACHE_BYTES)
+
+    @property
+    def token_embeddings(self) -> TokenEmbeddings | None:
+        """The GGUF's token embedding rows, or None (text and images then go in separate batches)."""
+        return self.prefill.token_embeddings
 
     def _check_vision_providers(self) -> None:
         """onnxruntime drops a provider it cannot start (no CUDA libraries, say) without failing: say so."""
@@ -230,7 +161,7 @@ class EdgeVLM:
 
     def resolve_limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
         """The token limits in force for a request: request > cli (this object's) > profile > bundle."""
-        return resolve_limits(request=request, cli=self.cli_limits, profile=self.profile_limits, bundle=self.manifest.budget)  # fmt: skip
+        return self.planner.limits(request)
 
     def plan(
         self,
@@ -253,20 +184,17 @@ class EdgeVLM:
 
     def _plan(self, render: Callable[[int], list[Segment]], requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
         """Plan the image spans; `render(n_spans)` gives the prompt with one image placeholder per span."""
-        n_spans = count_spans(requests, self.preprocessing)
+        n_spans = self.planner.count_spans(requests)
         with self._using():
             pieces = self.prompts.pieces(render(n_spans), self.llm)
         if len(pieces) - 1 != n_spans:
             raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {n_spans} image spans were planned "
                              f"(is {self.manifest.tokens.image_pad} in the prompt text?)")  # fmt: skip
-        plan = plan_images(
-            requests, self.preprocessing, self.resolve_limits(request_limits), n_ctx=self.llm.n_ctx,
-            n_prompt_tokens=sum(map(len, pieces)), max_new_tokens=max_new_tokens, tower=self.vision_tower,
-        )  # fmt: skip
+        plan = self.planner.plan(requests, request_limits, n_prompt_tokens=sum(map(len, pieces)), max_new_tokens=max_new_tokens)  # fmt: skip
         return plan, pieces
 
     def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int,
-                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> tuple[list[_Span], BudgetPlan]:  # fmt: skip
+                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> tuple[list[Span], BudgetPlan]:  # fmt: skip
         """Plan the image spans from the checked sizes, then decode one image at a time and cut/resize/patchify its
         spans exactly as planned: at most one decoded image is alive, and its memory goes back to the OS after."""
         requests = _image_requests(list(images.sizes), crop, tiles)
@@ -279,12 +207,12 @@ class EdgeVLM:
             del decoded
         if images.sources:
             return_freed_memory()  # else glibc keeps the freed decode buffers resident
-        spans: list[_Span] = []
+        spans: list[Span] = []
         for i, piece in enumerate(pieces):
             if piece:
-                spans.append(_Span(tokens=piece))
+                spans.append(Span(tokens=piece))
             if i < len(prepared):
-                spans.append(_Span(image=prepared[i], key=image_key(prepared[i], self.vision_dtype)))
+                spans.append(Span(image=prepared[i], key=image_key(prepared[i], self.vision_dtype)))
         return spans, plan
 
     # -- generation -----------------------------------------------------------------------------------------------
@@ -410,7 +338,7 @@ class EdgeVLM:
         finally:
             self.turns.give_back()
 
-    def _prefill_request(self, spans: list[_Span], sampling: SamplingParams, timings: Timings,
+    def _prefill_request(self, spans: list[Span], sampling: SamplingParams, timings: Timings,
                          cancel: threading.Event | None) -> int | None:  # fmt: skip
         """Check that the prompt fits, set the sampler and prefill: the next text position, or None when cancelled."""
         timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
@@ -423,138 +351,18 @@ class EdgeVLM:
                 "use fewer or smaller images, or load with a larger n_ctx."
             )
         self.llm.set_sampling(sampling)
-        return self._prefill(spans, timings, cancel)
-
-    def _prefill(self, spans: list[_Span], timings: Timings, cancel: threading.Event | None) -> int | None:
-        """Make the KV cache hold the prompt, decoding only what the previous request did not leave there.
-
-        Returns the next text position, or None when cancelled (the cache then holds a prefix the record knows).
-        At least the last unit is decoded, so the last logits are this prompt's.
-        """
-        units = [unit for span in spans for unit in span.units]
-        n_reused = min(self._kv.common_prefix(units), len(units) - 1)
-        position, timings.n_reused_tokens = self._kv.truncate(n_reused)
-        pending: list[tuple[_Span, int]] = []  # spans (or their tails) to decode, with the units to skip
-        index = 0
-        for span in spans:
-            if index + len(span.units) > n_reused:
-                pending.append((span, max(0, n_reused - index)))
-            index += len(span.units)
-        try:
-            self.llm.truncate(position, timings.n_reused_tokens)
-            t0 = time.perf_counter()
-            embeddings = {span.key: self._embed(span, timings) for span, _ in pending if span.image is not None}
-            timings.vision_ms = (time.perf_counter() - t0) * 1000
-            t_prefill = time.perf_counter()
-            if cancel is not None and cancel.is_set():
-                return None
-            if embeddings and self.token_embeddings is not None:
-                position = self._prefill_as_one_batch(pending, embeddings, position, timings)
-            else:
-                for i, (span, skip) in enumerate(pending):
-                    if i and cancel is not None and cancel.is_set():
-                        return None
-                    logits = "last" if i == len(pending) - 1 else "none"
-                    if span.tokens is not None:
-                        position = self._decode_text(span.tokens[skip:], position, logits, timings)
-                    else:
-                        t_image = time.perf_counter()
-                        position = self._decode_image(span, embeddings[span.key], position, logits, timings)
-                        timings.image_prefill_ms += (time.perf_counter() - t_image) * 1000
-            timings.prefill_ms = (time.perf_counter() - t_prefill) * 1000
-            return position
-        except BaseException:
-            self._forget()  # a failed or interrupted decode may leave cells the record does not know
-            raise
-
-    def _prefill_as_one_batch(self, pending: list[tuple[_Span, int]], embeddings: dict[str, np.ndarray], position: int,
-                              timings: Timings) -> int:  # fmt: skip
-        """Decode the pending text and images as ONE embeddings batch (the text's rows looked up in the GGUF): a
-        CPU streams the weights once instead of once per piece (`token_embeddings`)."""
-        rows, positions = [], []
-        for span, skip in pending:
-            if span.tokens is not None:
-                tokens = span.tokens[skip:]
-                rows.append(self.token_embeddings(tokens))
-                positions.append(self.manifest.positions.text_embedding_positions(position, len(tokens)))
-                position = self._record_text(tokens, position)
-                timings.n_text_with_images += len(tokens)
-            else:
-                embeds = embeddings[span.key]
-                image_pos, position = self._record_image(span, len(embeds), position)
-                rows.append(embeds)
-                positions.append(image_pos)
-        t_batch = time.perf_counter()
-        self.llm.decode_embeddings(np.concatenate(rows), np.concatenate(positions, axis=1), logits="last")
-        timings.image_prefill_ms += (time.perf_counter() - t_batch) * 1000
-        timings.n_prefill_tokens += sum(len(r) for r in rows)
-        return position
-
-    def _decode_text(self, tokens: list[int], position: int, logits: str, timings: Timings) -> int:
-        self.llm.decode_tokens(tokens, text_positions(position, len(tokens)), logits=logits)
-        timings.n_prefill_tokens += len(tokens)
-        return self._record_text(tokens, position)
-
-    def _record_text(self, tokens: list[int], position: int) -> int:
-        """Note text tokens in the KV record from `position` on; returns the position after them."""
-        for token in tokens:
-            self._kv.append(token, position, 1, position + 1)
-            position += 1
-        return position
-
-    def _decode_image(self, span: _Span, embeds: np.ndarray, position: int, logits: str, timings: Timings) -> int:
-        positions, next_position = self._record_image(span, len(embeds), position)
-        self.llm.decode_embeddings(embeds, positions, logits=logits)
-        timings.n_prefill_tokens += len(embeds)
-        return next_position
-
-    def _record_image(self, span: _Span, n_embeds: int, position: int) -> tuple[np.ndarray, int]:
-        """Note an image in the KV record from `position` on; returns its embeddings' positions and the position
-        after it (a failed decode makes `_prefill` forget the whole record)."""
-        positions, next_position = self.manifest.positions.image_positions(position, span.image.grid)
-        self._kv.append(span.key, position, n_embeds, next_position)
-        return positions, next_position
-
-    def _embed(self, span: _Span, timings: Timings) -> np.ndarray:
-        """Vision embeddings of one image span, from the cache when this image was encoded recently."""
-        embeds = self.embedding_cache.get(span.key)
-        if embeds is not None:
-            timings.n_cached_image_tokens += len(embeds)
-            return embeds
-        embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
-        if len(embeds) != span.image.n_tokens:
-            raise RuntimeError(f"the vision graph returned {len(embeds)} embeddings for an image the "
-                               f"preprocessor planned as {span.image.n_tokens} tokens")  # fmt: skip
-        timings.n_encoded_image_tokens += len(embeds)
-        self.embedding_cache.put(span.key, embeds)
-        return embeds
-
-    def _forget(self) -> None:
-        self.llm.reset()
-        self._kv.clear()
+        return self.prefill.prefill(spans, timings, cancel)
 
     def clear_caches(self) -> None:
         """Forget the reusable KV prefix and the cached image embeddings: the next request starts cold."""
         with self._exclusive():
-            self._forget()
-            self.embedding_cache.clear()
+            self.prefill.clear_caches()
 
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
         with self._exclusive():
             spans, _ = self._prepare(lambda n: self._prompt_segments(prompt, n), check_images(images), 0, BudgetLimits(), None, None)  # fmt: skip
-            self._forget()  # every position's logits: decode from scratch; the cache is not recorded for reuse
-            position = 0
-            rows = []
-            for span in spans:
-                if span.tokens is not None:
-                    rows.append(self.llm.decode_tokens(span.tokens, text_positions(position, len(span.tokens)), logits="all"))  # fmt: skip
-                    position += len(span.tokens)
-                else:
-                    embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
-                    positions, position = self.manifest.positions.image_positions(position, span.image.grid)
-                    rows.append(self.llm.decode_embeddings(embeds, positions, logits="all"))
-            return np.concatenate(rows)
+            return self.prefill.prompt_logits(spans)
 
     def _decode_loop(self, position: int, max_new_tokens: int, timings: Timings, t_begin: float,
                      cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
@@ -566,7 +374,7 @@ class EdgeVLM:
                 yield GenerationStep(utf8.decode(b"", final=True), None, "cancelled", timings)
                 return
             if token is not None:  # the previous token goes into the cache only when another one is wanted
-                self._decode_generated(token, position)
+                self.prefill.append_generated(token, position)
                 position += 1
             token = self.llm.sample()
             now = time.perf_counter()
@@ -583,14 +391,6 @@ class EdgeVLM:
                 yield GenerationStep(text + utf8.decode(b"", final=True), token, "length", timings)
                 return
             yield GenerationStep(text, token, None, timings)
-
-    def _decode_generated(self, token: int, position: int) -> None:
-        try:
-            self.llm.decode_tokens([token], text_positions(position, 1))
-        except BaseException:
-            self._forget()
-            raise
-        self._kv.append(token, position, 1, position + 1)
 
     # -- lifetime -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -624,7 +424,7 @@ class EdgeVLM:
         with self._native:
             self.llm.close()
             self.vision.close()
-            self.token_embeddings = None  # unmaps the GGUF's embedding rows
+            self.prefill.token_embeddings = None  # unmaps the GGUF's embedding rows
 
     def __enter__(self) -> EdgeVLM:
         return self

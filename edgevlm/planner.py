@@ -1,0 +1,79 @@
+"""The one entry point for planning image spans of a loaded (or about to be loaded) bundle.
+
+`Planner` holds what planning needs besides a request: the manifest's preprocessing strategy and tower sizes, the
+token-limit layers below the request (cli > profile > bundle, `budget.resolve_limits`) and the context size.
+`EdgeVLM` plans every request with it, `edgevlm plan` plans without loading a model, and the profile resolver asks
+it for the token range a vision provider must be built for. Pure: no llama.cpp, no onnxruntime.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from .budget import (  # fmt: skip
+    BudgetLimits,
+    BudgetPlan,
+    ImageRequest,
+    ResolvedLimits,
+    VisionTowerSize,
+    count_spans,
+    model_token_range,
+    plan_images,
+    resolve_limits,
+    vision_tower_size,
+    within_model_range,
+)
+
+if TYPE_CHECKING:
+    from .contract import Manifest
+    from .runtimes.strategies.preprocessing import Preprocessing
+
+
+@dataclass(frozen=True)
+class Planner:
+    preprocessing: Preprocessing
+    bundle_limits: BudgetLimits
+    cli_limits: BudgetLimits = field(default_factory=BudgetLimits)
+    profile_limits: BudgetLimits | None = None
+    n_ctx: int | None = None  # None: plan without a context (the images get what the limits allow)
+    tower: VisionTowerSize | None = None  # None: no memory/time estimates
+
+    @classmethod
+    def for_bundle(cls, manifest: Manifest, cli_limits: BudgetLimits | None = None,
+                   profile_limits: BudgetLimits | None = None, *, n_ctx: int | None = None,
+                   vision_dtype: str | None = None) -> Planner:  # fmt: skip
+        """The planner of a bundle loaded with these limits; contradicting limits raise `BudgetError` here, before
+        anything is loaded."""
+        planner = cls(manifest.preprocessing, manifest.budget, cli_limits or BudgetLimits(), profile_limits, n_ctx,
+                      vision_tower_size(manifest, vision_dtype))  # fmt: skip
+        planner.limits()
+        return planner
+
+    def with_context(self, n_ctx: int) -> Planner:
+        return dataclasses.replace(self, n_ctx=n_ctx)
+
+    def limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
+        """The limits in force for a request (request > cli > profile > bundle), the profile's and bundle's moved
+        into the model's own range; `BudgetError` when they contradict each other or the model."""
+        layers = resolve_limits(request=request, cli=self.cli_limits, profile=self.profile_limits, bundle=self.bundle_limits)  # fmt: skip
+        return within_model_range(layers, self.preprocessing)
+
+    def token_range(self) -> tuple[int, int]:
+        """The fewest and most tokens an image span may get before any request (which can still change them)."""
+        in_force = self.limits()
+        model_min, model_max = model_token_range(self.preprocessing)
+        high = min(in_force.max_image_tokens or model_max, model_max)
+        return min(max(in_force.min_image_tokens or model_min, model_min), high), high
+
+    def count_spans(self, requests: Sequence[ImageRequest]) -> int:
+        """Image spans (global views and tiles) `requests` become: the prompt needs one placeholder for each."""
+        return count_spans(requests, self.preprocessing)
+
+    def plan(self, requests: Sequence[ImageRequest], request: BudgetLimits | None = None, *,
+             n_prompt_tokens: int = 0, max_new_tokens: int = 0) -> BudgetPlan:  # fmt: skip
+        """The spans of one request's images (see `budget.plan_images`)."""
+        return plan_images(requests, self.preprocessing, self.limits(request), n_ctx=self.n_ctx,
+                           n_prompt_tokens=n_prompt_tokens, max_new_tokens=max_new_tokens, tower=self.tower)  # fmt: skip
