@@ -1,4 +1,4 @@
-"""The bundle: one folder with a manifest (`edgevlm.json`, see `edgevlm.contract`), a vision ONNX graph and a GGUF
+"""The bundle: one folder with a manifest (`edgevlm.json`, see `edgevlm.contract.manifest`), a vision ONNX graph and a GGUF
 language model. Bundles are written into a temporary sibling directory and renamed into place at the
 end, so a folder that carries a manifest is always complete.
 """
@@ -20,7 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .contract import MANIFEST_NAME, FileEntry, Manifest
+from .contract.manifest import MANIFEST_NAME, FileEntry, Manifest
 from .errors import BundleError
 from .integrity import FileStamp, VerifiedFiles, sha256_file
 

@@ -28,7 +28,7 @@ from .budget import (  # fmt: skip
 )
 
 if TYPE_CHECKING:
-    from .contract import Manifest
+    from .contract.manifest import Manifest
     from .runtimes.strategies.preprocessing import Preprocessing
 
 

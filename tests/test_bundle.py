@@ -12,7 +12,7 @@ import pytest
 
 import edgevlm
 from edgevlm.bundle import Bundle, BundleWriter
-from edgevlm.contract import MANIFEST_NAME, Manifest
+from edgevlm.contract.manifest import MANIFEST_NAME, Manifest
 from edgevlm.errors import BundleError
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, check_output_dir
-from ..contract import VISION_DTYPES, LLMSpec, Manifest
+from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..runtimes.strategies.preprocessing import Preprocessing
 from ..progress import stage

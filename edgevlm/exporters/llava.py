@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import TokenSpec, VisionSpec, VisionVariant
+from ..contract.manifest import TokenSpec, VisionSpec, VisionVariant
 from ..errors import UnsupportedModelError
 from ..images import load_image
 from ..runtimes.strategies.patch_positions import NoPatchPositions

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ..contract import TokenSpec, VisionSpec, VisionVariant
+from ..contract.manifest import TokenSpec, VisionSpec, VisionVariant
 from ..images import load_image
 from ..runtimes.strategies.patch_positions import Grid2D
 from ..runtimes.strategies.positions import MRope3D

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
-from edgevlm.contract import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES
+from edgevlm.contract.graph import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES
 from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions
 
 logger = logging.getLogger(__name__)

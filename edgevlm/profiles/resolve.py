@@ -16,7 +16,7 @@ from pathlib import Path
 
 from ..budget import BudgetLimits
 from ..bundle import Bundle
-from ..contract import PATCH_POSITIONS
+from ..contract.graph import PATCH_POSITIONS
 from ..errors import ProfileError
 from ..planner import Planner
 from ..runtimes.llm import LlamaSettings

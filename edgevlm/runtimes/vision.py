@@ -1,6 +1,6 @@
 """Device side of the vision encoder: an onnxruntime session (never torch).
 
-A graph encodes ONE image (`edgevlm.contract` names its inputs and output); the manifest's `vision.patch_positions`
+A graph encodes ONE image (`edgevlm.contract.graph` names its inputs and output); the manifest's `vision.patch_positions`
 strategy says what it takes besides the pixels (`edgevlm.runtimes.strategies.patch_positions`).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..contract import IMAGE_EMBEDS, PIXEL_PATCHES
+from ..contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
 from .strategies.patch_positions import Grid2D, PatchPositions, check_grid
 
 logger = logging.getLogger(__name__)

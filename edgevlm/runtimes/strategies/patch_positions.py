@@ -1,6 +1,6 @@
 """What the vision graph takes besides the pixels: the manifest's `vision.patch_positions` kind.
 
-Every graph takes `pixel_patches` (`edgevlm.contract`); a graph whose rotary angles depend on each patch's place in
+Every graph takes `pixel_patches` (`edgevlm.contract.graph`); a graph whose rotary angles depend on each patch's place in
 the image (Qwen2-VL's ViT) also takes the patches' (row, col), computed here on the host so that one graph serves
 every image size.
 """
@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ...contract import PATCH_POSITIONS, PIXEL_PATCHES
+from ...contract.graph import PATCH_POSITIONS, PIXEL_PATCHES
 from .registry import register
 
 

@@ -1,4 +1,4 @@
-"""The contract between the exporter and the runtime: the manifest (`edgevlm.json`) as typed specs.
+"""The manifest (`edgevlm.json`) as typed specs.
 
 Everything the runtime needs about a model is data here, read once when a bundle is opened: every section into a
 frozen dataclass, the mechanisms (`preprocessing`, `positions`, `vision.patch_positions`) into the runtime
@@ -15,19 +15,15 @@ import re
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from .budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
-from .errors import BudgetError, BundleError
-
-if TYPE_CHECKING:
-    from .runtimes.strategies.patch_positions import PatchPositions
-    from .runtimes.strategies.positions import Positions
-    from .runtimes.strategies.preprocessing import Preprocessing
-
-# The vision graph encodes ONE image: `pixel_patches` float32 (n_patches, C*T*P*P) -> `image_embeds` float32
-# (n_patches / merge², hidden); a `grid-2d` graph also takes `patch_positions` int64 (n_patches, 2) = (row, col).
-PIXEL_PATCHES, PATCH_POSITIONS, IMAGE_EMBEDS = "pixel_patches", "patch_positions", "image_embeds"
+from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
+from ..errors import BudgetError, BundleError
+from ..runtimes.strategies import strategy_class, strategy_from_dict
+from ..runtimes.strategies.patch_positions import PatchPositions
+from ..runtimes.strategies.positions import Positions
+from ..runtimes.strategies.preprocessing import Preprocessing
+from .graph import PATCH_POSITIONS, PIXEL_PATCHES
 
 MANIFEST_NAME = "edgevlm.json"
 FORMAT_VERSION = 2
@@ -119,7 +115,7 @@ class Manifest:
                 "Re-export the bundle with this edgevlm, or install the edgevlm version that wrote it."
             )
         try:
-            manifest = _read_dataclass(cls, data, "", _strategy_sections())
+            manifest = _read_dataclass(cls, data, "")
             _check_manifest(manifest)
         except _Malformed as e:
             raise BundleError(f"{where} is malformed: {e}; fix it or re-export the bundle.") from None
@@ -182,18 +178,11 @@ def _describe(value: object) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def _strategy_sections() -> dict[str, tuple[Any, str]]:
-    """The annotation names of the strategy fields -> (their type, their registry section). Imported here, not at
-    the top: the strategies use this module's graph names."""
-    from .runtimes.strategies.patch_positions import PatchPositions
-    from .runtimes.strategies.positions import Positions
-    from .runtimes.strategies.preprocessing import Preprocessing
-
-    return {"Preprocessing": (Preprocessing, "preprocessing"), "Positions": (Positions, "positions"),
-            "PatchPositions": (PatchPositions, "patch_positions")}  # fmt: skip
+# the strategy fields' annotations -> the registry section their kinds are looked up in
+_STRATEGY_SECTIONS = {Preprocessing: "preprocessing", Positions: "positions", PatchPositions: "patch_positions"}
 
 
-def _read_dataclass(cls: type, data: object, key: str, strategies: dict[str, tuple[Any, str]]):
+def _read_dataclass(cls: type, data: object, key: str):
     """An instance of dataclass `cls` from a JSON object, every field's type checked against its annotation."""
     if not isinstance(data, dict):
         raise _Malformed(f"{key or 'the manifest'}: expected a JSON object, got {_describe(data)}")
@@ -201,25 +190,22 @@ def _read_dataclass(cls: type, data: object, key: str, strategies: dict[str, tup
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise _Malformed(f"{key or 'the manifest'}: unknown key(s) {', '.join(map(repr, unknown))}; known: {', '.join(fields)}")  # fmt: skip
-    hints = typing.get_type_hints(cls, localns={name: kind for name, (kind, _) in strategies.items()})
-    sections = {kind: section for kind, section in strategies.values()}
+    hints = typing.get_type_hints(cls)
     values = {}
     for name, f in fields.items():
         where = f"{key}.{name}" if key else name
         if name not in data:
             if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
                 raise _Malformed(f"{key or 'the manifest'}: missing key {name!r}")
-        elif hints[name] in sections:
-            values[name] = _read_strategy(sections[hints[name]], data[name], where)
+        elif hints[name] in _STRATEGY_SECTIONS:
+            values[name] = _read_strategy(_STRATEGY_SECTIONS[hints[name]], data[name], where)
         else:
-            values[name] = _read_value(hints[name], data[name], where, strategies)
+            values[name] = _read_value(hints[name], data[name], where)
     return cls(**values)
 
 
 def _read_strategy(section: str, value: object, key: str):
     """The strategy a section names: a JSON object with `kind` and parameters, or (patch positions) a kind."""
-    from .runtimes.strategies import strategy_class, strategy_from_dict
-
     try:
         if section == "patch_positions":
             return strategy_class(section, value)()
@@ -230,7 +216,7 @@ def _read_strategy(section: str, value: object, key: str):
         raise _Malformed(f"{key}: {e}") from None
 
 
-def _read_value(annotation, value: object, key: str, strategies: dict[str, tuple[Any, str]]):
+def _read_value(annotation, value: object, key: str):
     """`value` checked against a field annotation: str, int, float, bool, dict, X | None, tuple[X, ...],
     dict[str, X] or a dataclass."""
     origin, args = typing.get_origin(annotation), typing.get_args(annotation)
@@ -238,13 +224,13 @@ def _read_value(annotation, value: object, key: str, strategies: dict[str, tuple
         if value is None and type(None) in args:
             return None
         (annotation,) = [arg for arg in args if arg is not type(None)]
-        return _read_value(annotation, value, key, strategies)
+        return _read_value(annotation, value, key)
     if dataclasses.is_dataclass(annotation):
-        return _read_dataclass(annotation, value, key, strategies)
+        return _read_dataclass(annotation, value, key)
     if origin is tuple and isinstance(value, list):
-        return tuple(_read_value(args[0], item, f"{key}[{i}]", strategies) for i, item in enumerate(value))
+        return tuple(_read_value(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
     if origin is dict and isinstance(value, dict):
-        return {name: _read_value(args[1], item, f"{key}.{name}", strategies) for name, item in value.items()}
+        return {name: _read_value(args[1], item, f"{key}.{name}") for name, item in value.items()}
     if annotation is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
         return value
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
