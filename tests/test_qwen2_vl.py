@@ -61,7 +61,7 @@ def test_int8_vision_variant_runs(tiny_bundles):
 
 def test_manifest_records_export_validation(tiny_bundles):
     manifest = json.loads((tiny_bundles["Q8_0"] / "edgevlm.json").read_text())
-    assert manifest["format_version"] == 1
+    assert manifest["format_version"] == 2
     assert manifest["family"] == "qwen2_vl"
     assert manifest["positions"] == {"kind": "mrope-3d", "merge_size": 2}
     assert manifest["validation"]["vision"]["fp32"]["max_abs_diff"] <= 1e-4
@@ -129,7 +129,7 @@ def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2v
     """The prompt's text goes into the image's embeddings batch, looked up in the GGUF as llama.cpp would: the
     rows equal the checkpoint's (F32) and the answer equals the one from separate token batches."""
     vlm = loaded_bundles[quant]
-    table = vlm.token_embeddings
+    table = vlm.prefill.token_embeddings
     assert table is not None
     if quant == "F32":
         weight = tiny_qwen2vl_loaded.model.get_input_embeddings().weight.detach().float().numpy()
@@ -141,7 +141,7 @@ def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2v
     case = PARITY_CASES[1]  # text, image, image, text
     vlm.clear_caches()
     steps_merged = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
-    monkeypatch.setattr(vlm, "token_embeddings", None)
+    monkeypatch.setattr(vlm.prefill, "token_embeddings", None)
     vlm.clear_caches()
     steps_split = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
     merged, split = steps_merged[-1].timings, steps_split[-1].timings

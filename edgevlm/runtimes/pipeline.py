@@ -38,7 +38,7 @@ from .prompt import PromptRenderer, Segment, SpecialTokens, joined
 from .results import GenerationStep, Timings
 from .reuse import image_key
 from .strategies.preprocessing import PreparedImage, preprocess
-from .token_embeddings import TokenEmbeddings, open_token_embeddings
+from .token_embeddings import open_token_embeddings
 from .turns import Turns
 from .vision import VisionEncoder, return_freed_memory
 
@@ -124,11 +124,6 @@ class EdgeVLM:
         # held while llama.cpp or onnxruntime runs for this model, so close() never frees what they use
         self._native = threading.RLock()
         self._closed = False
-
-    @property
-    def token_embeddings(self) -> TokenEmbeddings | None:
-        """The GGUF's token embedding rows, or None (text and images then go in separate batches)."""
-        return self.prefill.token_embeddings
 
     def _check_vision_providers(self) -> None:
         """onnxruntime drops a provider it cannot start (no CUDA libraries, say) without failing: say so."""
