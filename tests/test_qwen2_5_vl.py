@@ -17,7 +17,7 @@ from conftest import random_image
 import edgevlm
 from edgevlm.bundle import PositionSpec
 from edgevlm.exporters.qwen2_5_vl import FAMILY
-from edgevlm.exporters.qwen2_vl_vision import VISION_EXPORT_SPEC, WindowAttention, find_visual, vision_sample_inputs
+from edgevlm.exporters.qwen_vit import VISION_EXPORT_SPEC, WindowAttention, find_visual, vision_sample_inputs
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
 from edgevlm.images import Qwen2VLPreprocessing, preprocess
 from edgevlm.runtimes.positions import image_positions
@@ -29,9 +29,7 @@ GRIDS = ((1, 8, 8), (1, 6, 10), (1, 14, 6), (1, 2, 18))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from edgevlm.exporters.synthetic import TINY_BUILDERS
-
-    return TINY_BUILDERS[FAMILY.architecture](tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +88,7 @@ def test_tiny_model_exercises_both_attention_kinds(loaded):
 def test_published_3b_config_gives_llama_cpp_settings_and_windows(tmp_path):
     from transformers import AutoConfig
 
-    from edgevlm.exporters.qwen2_vl_llm import qwen2_vl_hparams
+    from edgevlm.exporters.qwen2vl_gguf import qwen2_vl_hparams
 
     # config.json of Qwen/Qwen2.5-VL-3B-Instruct as published (flat, transformers 4.x spellings), trimmed to what
     # the export reads

@@ -15,7 +15,7 @@ torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
 from edgevlm.exporters import onnx_export  # noqa: E402
-from edgevlm.exporters.qwen2_vl_vision import export_qwen2_vl_vision, find_visual  # noqa: E402
+from edgevlm.exporters.qwen_vit import export_qwen2_vl_vision, find_visual  # noqa: E402
 from edgevlm.runtimes.vision import VisionEncoder, qwen2_vl_patch_positions, return_freed_memory  # noqa: E402
 
 # Grids not used at export (the export samples (1,4,6), (1,8,8), (1,2,16)) prove the patch axis is not baked in:

@@ -1,6 +1,7 @@
 """The offline side: Hugging Face VLM → bundle. Needs `pip install 'edgevlm[export]'` (torch, transformers, onnx).
 
-One module per model family, registered here by the Hugging Face architecture name it exports.
+One folder per model family (`exporters/<family>/`, its `FAMILY` in `__init__.py`), registered here by the Hugging
+Face architecture name it exports; the mechanics families share are modules beside them.
 """
 
 from __future__ import annotations

@@ -1,14 +1,15 @@
-"""Qwen2-VL (Qwen2VLForConditionalGeneration): what is specific to this family on the export side.
+"""What the Qwen-VL families share on the export side: Qwen2-VL's interfaces, kept by its successors.
 
-The vision tower + merger go to ONNX (`qwen2_vl_vision`), the language model to a `qwen2vl` GGUF
-(`qwen2_vl_llm`); this module ties them to the manifest and provides the transformers reference that parity
-checks compare a bundle against.
+The vision tower + merger go to ONNX (`qwen_vit`), the language model to a `qwen2vl` GGUF (`qwen2vl_gguf`); the
+base class here ties them to the manifest and provides the transformers reference that parity checks compare a
+bundle against. A family subclasses it and says how its tower is sized and which grids validate its graph.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,9 +18,9 @@ import numpy as np
 
 from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
 from ..images import Qwen2VLPreprocessing, load_image
+from .family import find_chat_template
 from .gguf import rope_settings
-from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
-from .qwen2_vl_vision import DEFAULT_GRIDS, export_qwen2_vl_vision, find_visual
+from .qwen2vl_gguf import SPECIAL_TOKENS, special_token_ids, write_qwen2_vl_llm_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -33,16 +34,19 @@ class LoadedQwen2VL:
     chat_template: str | None
 
 
-class Qwen2VLFamily:
-    """Qwen2-VL; a subclass serves a successor with the same interfaces (`qwen2_5_vl.Qwen2_5_VLFamily`)."""
+class QwenVLFamily(ABC):
+    """A family with Qwen2-VL's interfaces; a subclass names it (`name`, `architecture`: also the transformers class
+    that loads it) and sizes its tower."""
 
-    name = "qwen2_vl"
-    architecture = "Qwen2VLForConditionalGeneration"  # also the transformers class that loads it
+    name: str
+    architecture: str
 
     def load(self, model_dir: Path) -> LoadedQwen2VL:
         import torch
         import transformers
         from transformers import AutoTokenizer
+
+        from .qwen_vit import find_visual
 
         # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
         # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
@@ -61,6 +65,8 @@ class Qwen2VLFamily:
         )
 
     def export_vision(self, loaded: LoadedQwen2VL, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+        from .qwen_vit import export_qwen2_vl_vision
+
         vision_config = loaded.model.config.vision_config
         grids = self.validation_grids(vision_config)
         report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids)
@@ -78,16 +84,13 @@ class Qwen2VLFamily:
 
     def validation_grids(self, vision_config: Any) -> tuple[tuple[int, int, int], ...]:
         """The (t, h, w) patch grids the exported graph is checked on against the PyTorch tower."""
+        from .qwen_vit import DEFAULT_GRIDS
+
         return DEFAULT_GRIDS
 
+    @abstractmethod
     def tower_sizes(self, vision_config: Any) -> dict:
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
-        return {
-            "embed_dim": int(vision_config.embed_dim),
-            "depth": int(vision_config.depth),
-            "num_heads": int(vision_config.num_heads),
-            "mlp_ratio": float(vision_config.mlp_ratio),
-        }
 
     def export_llm(self, loaded: LoadedQwen2VL, path: Path, dtype: str) -> dict:
         return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
@@ -158,6 +161,3 @@ def _processor_kwargs(spec: Qwen2VLPreprocessing) -> dict:
         image_std=list(spec.image_std),
         rescale_factor=spec.rescale_factor,
     )
-
-
-FAMILY = Qwen2VLFamily()

@@ -1,7 +1,7 @@
 """LLaVA-1.5 (LlavaForConditionalGeneration): what is specific to this family on the export side.
 
-The CLIP vision tower + projector go to ONNX (`llava_vision`), the Llama language model to a `llama` GGUF with its
-SentencePiece tokenizer (`llava_llm`). In the manifest: preprocessing kind `clip` (one fixed size, 576 tokens per
+The CLIP vision tower + projector go to ONNX (`vision`), the Llama language model to a `llama` GGUF with its
+SentencePiece tokenizer (`llm`). In the manifest: preprocessing kind `clip` (one fixed size, 576 tokens per
 image for 336 px and patch 14), no patch position input, `linear` positions, and `<image>` as the placeholder the
 runtime replaces with the image's embeddings. This module also provides the transformers reference that parity
 checks compare a bundle against.
@@ -17,13 +17,12 @@ from typing import Any
 
 import numpy as np
 
-from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
-from ..errors import UnsupportedModelError
-from ..images import ClipPreprocessing, load_image
-from .llava_llm import IMAGE_TOKEN, write_llava_llm_gguf
-from .llava_vision import export_llava_vision, feature_layer_count
-from .qwen2_vl_llm import find_chat_template
-from .verify import transformers_greedy, transformers_logits
+from ...bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
+from ...errors import UnsupportedModelError
+from ...images import ClipPreprocessing, load_image
+from ..family import find_chat_template
+from ..verify import transformers_greedy, transformers_logits
+from .llm import IMAGE_TOKEN, write_llava_llm_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +46,8 @@ class LlavaFamily:
         import torch
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+        from .vision import feature_layer_count
+
         if not (model_dir / SENTENCEPIECE_MODEL).is_file():
             raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
         model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
@@ -63,6 +64,8 @@ class LlavaFamily:
         return LoadedLlava(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
 
     def export_vision(self, loaded: LoadedLlava, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+        from .vision import export_llava_vision, feature_layer_count
+
         report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes)
         variants = {
             dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})
@@ -122,6 +125,11 @@ class LlavaFamily:
 
     def reference_greedy(self, loaded: LoadedLlava, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
         return transformers_greedy(loaded.model, self.reference_inputs(loaded, prompt, images), n_tokens)
+
+    def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:
+        from .synthetic import build_llava
+
+        return build_llava(out_dir, seed=seed)
 
 
 FAMILY = LlavaFamily()
