@@ -1,47 +1,35 @@
 """What the Qwen-VL families share on the export side: Qwen2-VL's interfaces, kept by its successors.
 
 The vision tower + merger go to ONNX (`qwen_vit`), the language model to a `qwen2vl` GGUF (`qwen2vl_gguf`); the
-base class here ties them to the manifest and provides the transformers reference that parity checks compare a
-bundle against. A family subclasses it and says how its tower is sized and which grids validate its graph.
+base class here ties them to the manifest and gives transformers' inputs that parity checks compare a bundle
+against. A family subclasses it and says how its tower is sized and which grids validate its graph.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from ..bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
 from ..images import Qwen2VLPreprocessing, load_image
-from .family import find_chat_template
+from .family import Family, Loaded, find_chat_template
 from .gguf import rope_settings
 from .qwen2vl_gguf import SPECIAL_TOKENS, special_token_ids, write_qwen2_vl_llm_gguf
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class LoadedQwen2VL:
-    model_dir: Path
-    model: Any  # Qwen2VLForConditionalGeneration in eval mode: vision tower fp32, language model as checkpointed
-    tokenizer: Any
-    preprocessing: Qwen2VLPreprocessing
-    chat_template: str | None
-
-
-class QwenVLFamily(ABC):
+class QwenVLFamily(Family):
     """A family with Qwen2-VL's interfaces; a subclass names it (`name`, `architecture`: also the transformers class
     that loads it) and sizes its tower."""
 
     name: str
     architecture: str
 
-    def load(self, model_dir: Path) -> LoadedQwen2VL:
+    def load(self, model_dir: Path) -> Loaded:
         import torch
         import transformers
         from transformers import AutoTokenizer
@@ -56,7 +44,7 @@ class QwenVLFamily(ABC):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
-        return LoadedQwen2VL(
+        return Loaded(
             model_dir=model_dir,
             model=model,
             tokenizer=tokenizer,
@@ -64,7 +52,7 @@ class QwenVLFamily(ABC):
             chat_template=find_chat_template(tokenizer, model_dir),
         )
 
-    def export_vision(self, loaded: LoadedQwen2VL, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+    def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
         from .qwen_vit import export_qwen2_vl_vision
 
         vision_config = loaded.model.config.vision_config
@@ -92,10 +80,10 @@ class QwenVLFamily(ABC):
     def tower_sizes(self, vision_config: Any) -> dict:
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
 
-    def export_llm(self, loaded: LoadedQwen2VL, path: Path, dtype: str) -> dict:
+    def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
 
-    def tokens(self, loaded: LoadedQwen2VL) -> TokenSpec:
+    def tokens(self, loaded: Loaded) -> TokenSpec:
         ids = special_token_ids(loaded.tokenizer)
         return TokenSpec(
             image_pad=SPECIAL_TOKENS["image_pad"],
@@ -105,13 +93,13 @@ class QwenVLFamily(ABC):
             eos_ids=(ids["im_end"], ids["endoftext"]),
         )
 
-    def positions(self, loaded: LoadedQwen2VL) -> PositionSpec:
+    def positions(self, loaded: Loaded) -> PositionSpec:
         text_config = loaded.model.config.text_config
         rope, _ = rope_settings(text_config)
         return PositionSpec(kind="mrope", merge_size=loaded.preprocessing.merge_size, sections=tuple(rope["mrope_section"]))  # fmt: skip
 
     # -- the transformers reference, for parity checks ------------------------------------------------------------
-    def reference_inputs(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> dict:
+    def reference_inputs(self, loaded: Loaded, prompt: str, images: list[Any]) -> dict:
         """transformers' own inputs for one user turn: its chat template, image processor and M-RoPE inputs."""
         import torch
         from transformers import Qwen2VLImageProcessorPil
@@ -135,20 +123,6 @@ class QwenVLFamily(ABC):
         image_pad_id = loaded.tokenizer.convert_tokens_to_ids(SPECIAL_TOKENS["image_pad"])
         inputs.update(input_ids=input_ids, mm_token_type_ids=(input_ids == image_pad_id).to(torch.int32))
         return inputs
-
-    def reference_logits(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return loaded.model(**self.reference_inputs(loaded, prompt, images)).logits[0].float().numpy()
-
-    def reference_greedy(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
-        import torch
-
-        inputs = self.reference_inputs(loaded, prompt, images)
-        with torch.no_grad():
-            out = loaded.model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def _processor_kwargs(spec: Qwen2VLPreprocessing) -> dict:
