@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -39,7 +40,8 @@ class Family(Protocol):
     family's `reference_inputs`."""
 
     name: str  # the manifest's `family`; tests/test_<name>.py is the family's parity suite
-    architecture: str  # config.json "architectures" entry the family exports
+    architectures: tuple[str, ...]  # config.json "architectures" entries the family exports
+    aliases: Mapping[str, str]  # short names users type -> hub ids
 
     @abstractmethod
     def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:

@@ -23,11 +23,8 @@ logger = logging.getLogger(__name__)
 
 
 class QwenVLFamily(Family):
-    """A family with Qwen2-VL's interfaces; a subclass names it (`name`, `architecture`: also the transformers class
-    that loads it) and sizes its tower."""
-
-    name: str
-    architecture: str
+    """A family with Qwen2-VL's interfaces; a subclass declares it (the first of its `architectures` is also the
+    transformers class that loads a checkpoint) and sizes its tower."""
 
     def load(self, model_dir: Path) -> Loaded:
         import torch
@@ -38,7 +35,7 @@ class QwenVLFamily(Family):
 
         # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
         # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
-        model_class = getattr(transformers, self.architecture)
+        model_class = getattr(transformers, self.architectures[0])
         model = model_class.from_pretrained(model_dir, dtype="auto").eval()
         find_visual(model).to(torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)

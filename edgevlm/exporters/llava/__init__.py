@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ...bundle import PositionSpec, TokenSpec, VisionSpec, VisionVariant
@@ -27,7 +28,8 @@ SENTENCEPIECE_MODEL = "tokenizer.model"
 
 class LlavaFamily(Family):
     name = "llava"
-    architecture = "LlavaForConditionalGeneration"
+    architectures = ("LlavaForConditionalGeneration",)
+    aliases = MappingProxyType({"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf"})
 
     def load(self, model_dir: Path) -> Loaded:
         import torch

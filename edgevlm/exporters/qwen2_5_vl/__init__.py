@@ -10,6 +10,7 @@ vision tower's shape, so this family only changes which grids validate the graph
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..qwen_family import QwenVLFamily
@@ -17,7 +18,8 @@ from ..qwen_family import QwenVLFamily
 
 class Qwen2_5_VLFamily(QwenVLFamily):
     name = "qwen2_5_vl"
-    architecture = "Qwen2_5_VLForConditionalGeneration"
+    architectures = ("Qwen2_5_VLForConditionalGeneration",)
+    aliases = MappingProxyType({"qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct", "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct"})  # fmt: skip
 
     def validation_grids(self, vision_config: Any) -> tuple[tuple[int, int, int], ...]:
         """A grid inside one window, one a window and a half wide and more than two high (edge windows cut by the

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 from ..qwen_family import QwenVLFamily
@@ -11,7 +12,8 @@ from ..qwen_family import QwenVLFamily
 
 class Qwen2VLFamily(QwenVLFamily):
     name = "qwen2_vl"
-    architecture = "Qwen2VLForConditionalGeneration"
+    architectures = ("Qwen2VLForConditionalGeneration",)
+    aliases = MappingProxyType({"qwen2-vl-2b": "Qwen/Qwen2-VL-2B-Instruct", "qwen2-vl-7b": "Qwen/Qwen2-VL-7B-Instruct"})
 
     def tower_sizes(self, vision_config: Any) -> dict:
         return {
