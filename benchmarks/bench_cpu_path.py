@@ -81,7 +81,8 @@ def serve(requests: dict[str, Callable[[], dict]], finish: Callable[[], dict]) -
 def transformers_worker(model_dir: str, image: str, threads: str, embeds_out: str) -> int:
     import torch
 
-    from edgevlm.exporters.qwen2_vl import FAMILY, find_visual
+    from edgevlm.exporters.qwen2_vl import FAMILY
+    from edgevlm.exporters.qwen_vit import find_visual
 
     torch.set_num_threads(int(threads))
     loaded = FAMILY.load(Path(model_dir))

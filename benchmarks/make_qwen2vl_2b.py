@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from edgevlm.exporters.synthetic import QWEN2_VL_2B, build_qwen2_vl
+from edgevlm.exporters.qwen2_vl.synthetic import QWEN2_VL_2B, build_qwen2_vl
 
 
 def directory_bytes(path: Path) -> int:

@@ -383,11 +383,11 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _supported_models() -> str:
-    """What `edgevlm export` takes, from the exporter registry (which imports no exporter)."""
-    from .exporters import ALIASES, FAMILY_MODULES, PACKAGED_MODELS
+    """What `edgevlm export` takes, from the exporter families' declarations (which import no torch)."""
+    from .exporters import PACKAGED_MODELS, aliases, architectures
 
-    lines = ["supported architectures (config.json):", *(f"  {name}" for name in FAMILY_MODULES), "aliases:"]
-    lines += [f"  {alias:<15} {hub_id}" for alias, hub_id in ALIASES.items()]
+    lines = ["supported architectures (config.json):", *(f"  {name}" for name in architectures()), "aliases:"]
+    lines += [f"  {alias:<15} {hub_id}" for alias, hub_id in aliases().items()]
     lines += [f"  {alias:<15} packaged with edgevlm" for alias in PACKAGED_MODELS]
     return "\n".join(lines)
 

@@ -88,9 +88,9 @@ def png_data_url(array: np.ndarray) -> str:
 @pytest.fixture(scope="session")
 def tiny_qwen2vl_dir(tmp_path_factory) -> Path:
     """A tiny random Qwen2-VL model directory with the real Qwen2 tokenizer (built in ~15 s)."""
-    from edgevlm.exporters.synthetic import build_qwen2_vl
+    from edgevlm.exporters.qwen2_vl import FAMILY
 
-    return build_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl"), seed=0)
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-qwen2-vl"), seed=0)
 
 
 @pytest.fixture(scope="session")
@@ -124,9 +124,9 @@ def vlm(tiny_bundles):
 @pytest.fixture(scope="session")
 def tiny_llava_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA-1.5 model directory with a SentencePiece tokenizer trained offline (a few seconds)."""
-    from edgevlm.exporters.synthetic_llava import build_llava
+    from edgevlm.exporters.llava import FAMILY
 
-    return build_llava(tmp_path_factory.mktemp("tiny-llava"), seed=0)
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-llava"), seed=0)
 
 
 @pytest.fixture(scope="session")

@@ -10,19 +10,26 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import random_image
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import edgevlm
 from edgevlm.budget import (
-    BudgetLimits, Crop, ImageRequest, count_spans, fit_resize, model_token_range, plan_images, resolve_limits,
+    BudgetLimits,
+    Crop,
+    ImageRequest,
+    count_spans,
+    fit_resize,
+    model_token_range,
+    plan_images,
+    resolve_limits,
     tile_grid,
 )  # fmt: skip
 from edgevlm.bundle import MANIFEST_NAME, Bundle
 from edgevlm.errors import BudgetError, ContextOverflowError, ImageError
 from edgevlm.images import image_size, load_image
 from edgevlm.runtimes.strategies.preprocessing import MAX_ASPECT_RATIO, DynamicPatches, preprocess, smart_resize
-from conftest import random_image
 
 # Qwen2-VL-2B-Instruct's published pixel limits (up to 16384 tokens per image) and transformers' default (1280).
 QWEN2_VL_2B = DynamicPatches(min_pixels=3136, max_pixels=12845056)

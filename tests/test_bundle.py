@@ -73,10 +73,9 @@ def test_not_a_bundle(tmp_path):
 
 def test_writer_leaves_nothing_when_interrupted(tmp_path):
     out = tmp_path / "bundle"
-    with pytest.raises(RuntimeError, match="boom"):
-        with BundleWriter(out) as writer:
-            writer.path("vision.onnx").write_bytes(b"partial")
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), BundleWriter(out) as writer:
+        writer.path("vision.onnx").write_bytes(b"partial")
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
 

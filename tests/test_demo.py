@@ -128,7 +128,7 @@ def test_attention_targets_point_where_the_answer_is():
 def test_checkpoint_is_small_and_has_qwen2_vl_special_tokens():
     from transformers import AutoTokenizer
 
-    from edgevlm.exporters.qwen2_vl_llm import special_token_ids
+    from edgevlm.exporters.qwen2vl_gguf import special_token_ids
 
     assert sum(p.stat().st_size for p in MODEL_DIR.iterdir()) < 25 * 2**20
     config = json.loads((MODEL_DIR / "config.json").read_text())

@@ -19,7 +19,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 torch = pytest.importorskip("torch")
 
-from edgevlm.exporters.gguf import (  # noqa: E402
+from edgevlm.exporters.gguf import (
     GGUFTokenizer,
     QuantizationError,
     quantize_gguf,
@@ -27,9 +27,10 @@ from edgevlm.exporters.gguf import (  # noqa: E402
     read_gguf_tensor_types,
     write_gguf,
 )
-from edgevlm.exporters.qwen2_vl_llm import gguf_tensor_name, qwen2_vl_hparams, write_qwen2_vl_llm_gguf  # noqa: E402
-from edgevlm.exporters.synthetic import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_TINY, build_qwen2_vl  # noqa: E402
-from edgevlm.runtimes.llm import plain_llama  # noqa: E402
+from edgevlm.exporters.qwen2_vl.synthetic import build_qwen2_vl
+from edgevlm.exporters.qwen2vl_gguf import gguf_tensor_name, qwen2_vl_hparams, write_qwen2_vl_llm_gguf
+from edgevlm.exporters.qwen_synthetic import QWEN2_VL_CHAT_TEMPLATE, QWEN2_VL_TINY
+from edgevlm.runtimes.llm import plain_llama
 
 INIT_STD = 0.05
 # llama.cpp vs transformers, f32 weights, default context (f16 KV cache): measured 0.0019-0.0025 on logits of
@@ -323,7 +324,7 @@ def test_tensor_name_map():
 
 def test_hparams_refuse_what_llama_cpp_cannot_run():
     from edgevlm.errors import UnsupportedModelError
-    from edgevlm.exporters.synthetic import qwen2_vl_config
+    from edgevlm.exporters.qwen2_vl.synthetic import qwen2_vl_config
 
     text = qwen2_vl_config(QWEN2_VL_TINY).text_config
     assert qwen2_vl_hparams(text)["qwen2vl.rope.dimension_sections"] == [8, 12, 12, 0]

@@ -28,9 +28,9 @@ from edgevlm.runtimes.strategies.preprocessing import (
 )
 
 transformers = pytest.importorskip("transformers")
-from transformers import Qwen2VLImageProcessorPil  # noqa: E402
-from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb  # noqa: E402
-from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize  # noqa: E402
+from transformers import Qwen2VLImageProcessorPil
+from transformers.image_transforms import convert_to_rgb as hf_convert_to_rgb
+from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 ATOL = 1e-5
 SIZES = [  # (height, width)

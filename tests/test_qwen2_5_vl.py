@@ -16,10 +16,10 @@ from conftest import random_image
 
 import edgevlm
 from edgevlm.exporters.qwen2_5_vl import FAMILY
-from edgevlm.exporters.qwen2_vl_vision import VISION_EXPORT_SPEC, WindowAttention, find_visual, vision_sample_inputs
+from edgevlm.exporters.qwen_vit import VISION_EXPORT_SPEC, WindowAttention, find_visual, vision_sample_inputs
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
-from edgevlm.runtimes.strategies.preprocessing import DynamicPatches, preprocess
 from edgevlm.runtimes.strategies.positions import MRope3D
+from edgevlm.runtimes.strategies.preprocessing import DynamicPatches, preprocess
 from edgevlm.runtimes.vision import VisionEncoder
 
 # (t, h, w) patch grids: square, non-square both ways, and sizes the 4-patch window does not divide
@@ -28,9 +28,7 @@ GRIDS = ((1, 8, 8), (1, 6, 10), (1, 14, 6), (1, 2, 18))
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
-    from edgevlm.exporters.synthetic import TINY_BUILDERS
-
-    return TINY_BUILDERS[FAMILY.architecture](tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-qwen2.5-vl"), seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +87,7 @@ def test_tiny_model_exercises_both_attention_kinds(loaded):
 def test_published_3b_config_gives_llama_cpp_settings_and_windows(tmp_path):
     from transformers import AutoConfig
 
-    from edgevlm.exporters.qwen2_vl_llm import qwen2_vl_hparams
+    from edgevlm.exporters.qwen2vl_gguf import qwen2_vl_hparams
 
     # config.json of Qwen/Qwen2.5-VL-3B-Instruct as published (flat, transformers 4.x spellings), trimmed to what
     # the export reads

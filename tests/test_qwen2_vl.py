@@ -8,11 +8,11 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import random_image
 
 import edgevlm
 from edgevlm.errors import ContextOverflowError, ImageError
 from edgevlm.exporters.qwen2_vl import FAMILY
-from conftest import random_image
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
 
 # Per-position top-1 agreement with transformers over the prompts of PARITY_CASES. A random model's logits are

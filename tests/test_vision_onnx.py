@@ -14,10 +14,10 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from edgevlm.exporters import onnx_export  # noqa: E402
-from edgevlm.exporters.qwen2_vl_vision import export_qwen2_vl_vision, find_visual  # noqa: E402
-from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions  # noqa: E402
-from edgevlm.runtimes.vision import VisionEncoder, return_freed_memory  # noqa: E402
+from edgevlm.exporters import onnx_export
+from edgevlm.exporters.qwen_vit import export_qwen2_vl_vision, find_visual
+from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions
+from edgevlm.runtimes.vision import VisionEncoder, return_freed_memory
 
 # Grids not used at export (the export samples (1,4,6), (1,8,8), (1,2,16)) prove the patch axis is not baked in:
 # square, wide, tall, one merged row (h = 2), a single token, and an odd number of merged rows/columns.

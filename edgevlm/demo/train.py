@@ -33,12 +33,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ..exporters.synthetic import (
+from ..exporters.qwen2_vl.synthetic import qwen2_vl_config
+from ..exporters.qwen_synthetic import (
     QWEN2_SPLIT_PATTERN,
     QWEN2_VL_CHAT_TEMPLATE,
     QWEN2_VL_SPECIAL_TOKENS,
     Qwen2VLShape,
-    qwen2_vl_config,
     qwen2_vl_tokenizer,
 )
 from .evaluate import accuracy_by_type

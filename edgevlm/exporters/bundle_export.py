@@ -14,9 +14,9 @@ from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, check_output_dir
 from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
-from ..runtimes.strategies.preprocessing import Preprocessing
 from ..progress import stage
-from . import ALIASES, PACKAGED_MODELS, family_for
+from ..runtimes.strategies.preprocessing import Preprocessing
+from . import PACKAGED_MODELS, aliases, family_for
 from .gguf import quantize_gguf
 
 logger = logging.getLogger(__name__)
@@ -34,12 +34,12 @@ def resolve_model(model: str) -> tuple[Path, str, str | None]:
     if model in PACKAGED_MODELS:
         package, folder = PACKAGED_MODELS[model]
         return Path(importlib.import_module(package).__file__).parent / folder, f"edgevlm-{model}", __version__
-    if "/" not in model and model not in ALIASES:
+    if "/" not in model and model not in aliases():
         raise UnsupportedModelError(
             f"unknown model {model!r}: not a directory, a hub id (org/name) or an alias. "
-            f"Known aliases: {', '.join(sorted({**ALIASES, **PACKAGED_MODELS}))}."
+            f"Known aliases: {', '.join(sorted({**aliases(), **PACKAGED_MODELS}))}."
         )
-    repo_id = ALIASES.get(model, model)
+    repo_id = aliases().get(model, model)
     try:
         from huggingface_hub import snapshot_download
 
@@ -83,7 +83,8 @@ def export(
     model_dir, source, revision = resolve_model(model)
     out_dir = Path(output) if output is not None else default_output(source, quantization)
     check_output_dir(out_dir, force)
-    family = family_for(_architecture(model_dir))
+    architecture = _architecture(model_dir)
+    family = family_for(architecture)
 
     with stage(f"loading {source}"):
         loaded = family.load(model_dir)
@@ -104,7 +105,7 @@ def export(
             staging.unlink()
         manifest = Manifest(
             family=family.name,
-            source={"model": source, "revision": revision, "architecture": family.architecture},
+            source={"model": source, "revision": revision, "architecture": architecture},
             preprocessing=loaded.preprocessing,
             vision=vision,
             llm=LLMSpec(

@@ -364,7 +364,20 @@ def remove_onnx(path: str | Path) -> None:
 
 
 __all__ = [
-    "OnnxExportSpec", "OnnxAgreement", "CosineValidationError", "export_onnx", "validate_onnx", "compare_onnx",
-    "check_agreement", "quantize_int8", "convert_fp16", "onnx_data_path", "onnx_file_bytes", "remove_onnx",
-    "VISION_FILES", "VARIANT_COSINE_FLOORS", "check_vision_dtypes", "export_vision_variants",
+    "VARIANT_COSINE_FLOORS",
+    "VISION_FILES",
+    "CosineValidationError",
+    "OnnxAgreement",
+    "OnnxExportSpec",
+    "check_agreement",
+    "check_vision_dtypes",
+    "compare_onnx",
+    "convert_fp16",
+    "export_onnx",
+    "export_vision_variants",
+    "onnx_data_path",
+    "onnx_file_bytes",
+    "quantize_int8",
+    "remove_onnx",
+    "validate_onnx",
 ]  # fmt: skip

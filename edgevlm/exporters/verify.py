@@ -5,12 +5,16 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
 from ..bundle import Bundle
 from ..errors import ExportValidationError
+
+if TYPE_CHECKING:
+    from .family import Family, Loaded
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +66,7 @@ def transformers_greedy(model, inputs: dict, n_tokens: int) -> list[int]:
     return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
-def compare_case(vlm, family, loaded, case: ParityCase, n_greedy: int = 24) -> dict:
+def compare_case(vlm, family: Family, loaded: Loaded, case: ParityCase, n_greedy: int = 24) -> dict:
     """Logit and greedy-continuation agreement of a loaded bundle (`vlm`) with transformers for one case."""
     images = case.images()
     ours = vlm.prompt_logits(case.prompt, images)
@@ -83,7 +87,7 @@ def compare_case(vlm, family, loaded, case: ParityCase, n_greedy: int = 24) -> d
     }
 
 
-def verify_bundle(bundle: Bundle, family, loaded, cases=PARITY_CASES, n_greedy: int = 24) -> dict:
+def verify_bundle(bundle: Bundle, family: Family, loaded: Loaded, cases=PARITY_CASES, n_greedy: int = 24) -> dict:
     """Compare a bundle with transformers on `cases`. For F32/F16 language models, logits beyond `LOGIT_ATOL` or a
     different greedy continuation raise ExportValidationError; quantized ones are reported, not judged. Images go
     through the bundle's fp32 vision graph when it has one; through an int8 graph, cases with images are reported,

@@ -1,4 +1,5 @@
-"""Qwen2-VL's (and Qwen2.5-VL's) vision tower + patch merger as ONE ONNX graph that encodes one image of any size.
+"""The Qwen-style ViT (Qwen2-VL's vision tower + patch merger, and its successors' with window attention) as ONE
+ONNX graph that encodes one image of any size.
 
 transformers' forward splits attention by `cu_seqlens` (one segment per image or frame) with `.tolist()`, which
 freezes shapes or fails in `torch.onnx.export`. For one image that split is a no-op: attention is full over the
@@ -7,11 +8,11 @@ rotary `inv_freq`, each block's norms/qkv/proj/mlp, the merger) in a forward wit
 computes the rotary angles in the graph from the patch coordinates the runtime passes in
 (`edgevlm.runtimes.strategies.patch_positions.grid_patch_positions`).
 
-Qwen2.5-VL's tower has the same interface with RMSNorm and a gated MLP in its blocks (the wrapper calls the
-blocks' own norms and MLPs) and window attention in all blocks but `fullatt_block_indexes`. transformers reorders
-the patches window by window, attends within each window (`cu_window_seqlens`) and puts the merged tokens back in
-order at the end; attention is order-free, so the graph keeps the patches in order and masks attention to pairs
-of patches in the same window instead, computed in the graph from the patch positions: the graph's inputs and
+A successor's tower may have RMSNorm and a gated MLP in its blocks (the wrapper calls the blocks' own norms and
+MLPs) and window attention (`window_size` in its config) in all blocks but `fullatt_block_indexes`. transformers
+reorders the patches window by window, attends within each window (`cu_window_seqlens`) and puts the merged tokens
+back in order at the end; attention is order-free, so the graph keeps the patches in order and masks attention to
+pairs of patches in the same window instead, computed in the graph from the patch positions: the graph's inputs and
 the runtime are the same as Qwen2-VL's.
 """
 
@@ -26,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 from edgevlm.contract.graph import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES
+from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions
 
 logger = logging.getLogger(__name__)
@@ -45,8 +46,8 @@ DEFAULT_GRIDS = ((1, 4, 6), (1, 8, 8), (1, 2, 16))
 
 @dataclass(frozen=True)
 class WindowAttention:
-    """Qwen2.5-VL's window attention: blocks not in `full_blocks` attend only within square windows of `side` x
-    `side` patches, tiled from the image's top-left corner (windows on the right and bottom edges may be smaller)."""
+    """Window attention: blocks not in `full_blocks` attend only within square windows of `side` x `side` patches,
+    tiled from the image's top-left corner (windows on the right and bottom edges may be smaller)."""
 
     side: int
     full_blocks: frozenset[int]
@@ -244,6 +245,10 @@ def export_qwen2_vl_vision(
 
 
 __all__ = [
-    "Qwen2VLVisionForExport", "WindowAttention", "VISION_EXPORT_SPEC", "find_visual",
-    "vision_sample_inputs", "export_qwen2_vl_vision",
+    "VISION_EXPORT_SPEC",
+    "Qwen2VLVisionForExport",
+    "WindowAttention",
+    "export_qwen2_vl_vision",
+    "find_visual",
+    "vision_sample_inputs",
 ]  # fmt: skip

@@ -62,7 +62,7 @@ def _training_lines() -> list[str]:
     """Seeded sentences of `_WORDS` with digits and punctuation, and chat lines: the same text on every install."""
     import numpy as np
 
-    from .verify import PARITY_CASES
+    from ..verify import PARITY_CASES
 
     rng = np.random.default_rng(0)
     lines = []
@@ -107,7 +107,7 @@ def write_llava_tokenizer(out_dir: Path) -> None:
     tokenizer.add_special_tokens({"pad_token": ADDED_TOKENS[1]})
     tokenizer.chat_template = LLAVA_CHAT_TEMPLATE
     tokenizer.save_pretrained(out_dir)
-    # transformers does not save `legacy`; without it a reload would drop the "▁" after <image> (see llava_llm)
+    # transformers does not save `legacy`; without it a reload would drop the "▁" after <image> (see llm.py)
     saved = json.loads((out_dir / "tokenizer_config.json").read_text())
     (out_dir / "tokenizer_config.json").write_text(json.dumps({**saved, "legacy": True}, indent=2))
     ids = [tokenizer.convert_tokens_to_ids(token) for token in ADDED_TOKENS]

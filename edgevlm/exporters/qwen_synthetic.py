@@ -1,6 +1,6 @@
-"""Qwen2-VL and Qwen2.5-VL model directories built from configs, for machines without a model hub.
+"""What the Qwen-VL families' model directories built from configs share, for machines without a model hub.
 
-Tests use tiny random models; benchmarks use a model with Qwen2-VL-2B's published sizes and random weights. Both
+Tests use tiny random models; benchmarks use a model with Qwen2-VL-2B's published sizes and random weights. All
 carry the real Qwen2 BPE vocabulary, rebuilt from the `qwen.tiktoken` file that ships in the PyPI package
 `dashscope` (its ids equal Qwen2's), so tokenization, special tokens and the chat template are the real ones.
 """
@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-
-from .synthetic_llava import build_llava
 
 logger = logging.getLogger(__name__)
 
@@ -28,13 +26,7 @@ QWEN2_VL_SPECIAL_TOKENS = [
     "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
 
-# Added tokens Qwen2.5-VL's tokenizer has after Qwen2-VL's (ids 151657-151664), as Qwen2.5's: not special.
-QWEN2_5_EXTRA_TOKENS = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
-
-# The chat template published with Qwen2-VL-*-Instruct (Qwen2.5-VL-*-Instruct publish the same one).
+# The chat template published with Qwen2-VL-*-Instruct (its successors publish the same one).
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
     "{% for message in messages %}{% if loop.first and message['role'] != 'system' %}"
@@ -73,12 +65,6 @@ class Qwen2VLShape:
     tie_word_embeddings: bool = True
 
 
-# Published sizes of Qwen/Qwen2-VL-2B-Instruct.
-QWEN2_VL_2B = Qwen2VLShape(
-    vision_depth=32, vision_embed_dim=1280, vision_heads=16, hidden_size=1536, intermediate_size=8960,
-    layers=28, heads=12, kv_heads=2, mrope_section=[16, 24, 24],
-)  # fmt: skip
-
 # Smallest shape that still exercises everything: GQA, M-RoPE sections, K-quant row lengths (multiples of 256).
 QWEN2_VL_TINY = Qwen2VLShape(
     vision_depth=2, vision_embed_dim=64, vision_heads=4, hidden_size=256, intermediate_size=512,
@@ -109,7 +95,7 @@ def qwen2_vl_tokenizer(backend, *, model_max_length: int, extra_tokens: Sequence
 
 def qwen2_tokenizer(extra_tokens: Sequence[str] = ()):
     """Qwen2's tokenizer (a `PreTrainedTokenizerFast`) rebuilt from dashscope's `qwen.tiktoken`, with Qwen2-VL's
-    special tokens and then `extra_tokens` (`QWEN2_5_EXTRA_TOKENS` for Qwen2.5-VL's)."""
+    special tokens and then `extra_tokens` (those a successor's tokenizer adds)."""
     try:
         import dashscope
     except ImportError as e:
@@ -127,8 +113,8 @@ def qwen2_tokenizer(extra_tokens: Sequence[str] = ()):
     return tokenizer
 
 
-def _qwen2_text_config(shape: Qwen2VLShape) -> dict:
-    """The language model's config (Qwen2 with M-RoPE), the same in Qwen2-VL and Qwen2.5-VL."""
+def qwen2_text_config(shape: Qwen2VLShape) -> dict:
+    """The language model's config (Qwen2 with M-RoPE), the same in the Qwen-VL families."""
     return dict(
         vocab_size=shape.vocab_size,
         hidden_size=shape.hidden_size,
@@ -145,111 +131,11 @@ def _qwen2_text_config(shape: Qwen2VLShape) -> dict:
     )
 
 
-def qwen2_vl_config(shape: Qwen2VLShape):
-    """A transformers `Qwen2VLConfig` with the given sizes and Qwen2-VL's other published settings."""
-    from transformers import Qwen2VLConfig
-
-    vision = dict(
-        depth=shape.vision_depth,
-        embed_dim=shape.vision_embed_dim,
-        num_heads=shape.vision_heads,
-        hidden_size=shape.hidden_size,
-        mlp_ratio=4,
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        hidden_act="quick_gelu",
-    )
-    text = _qwen2_text_config(shape)
-    return Qwen2VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=shape.tie_word_embeddings)
-
-
-@dataclass(frozen=True)
-class Qwen2_5_VLWindows:
-    """What Qwen2.5-VL's vision tower adds to a `Qwen2VLShape`: a gated MLP width and window attention."""
-
-    vision_intermediate_size: int
-    window_size: int  # pixels
-    fullatt_block_indexes: tuple[int, ...]
-
-
-# Qwen2.5-VL-3B/7B-Instruct's vision tower.
-QWEN2_5_VL_WINDOWS = Qwen2_5_VLWindows(vision_intermediate_size=3420, window_size=112, fullatt_block_indexes=(7, 15, 23, 31))  # fmt: skip
-# Tiny: windows of 2 x 2 merged tokens (56 px), so the test images span many windows, some cut by the image
-# edge; window attention in blocks 0 and 2, full attention in blocks 1 and 3.
-QWEN2_5_VL_TINY = replace(QWEN2_VL_TINY, vision_depth=4)
-QWEN2_5_VL_TINY_WINDOWS = Qwen2_5_VLWindows(vision_intermediate_size=128, window_size=56, fullatt_block_indexes=(1, 3))  # fmt: skip
-
-
-def qwen2_5_vl_config(shape: Qwen2VLShape, windows: Qwen2_5_VLWindows = QWEN2_5_VL_WINDOWS):
-    """A transformers `Qwen2_5_VLConfig` with the given sizes and Qwen2.5-VL's other published settings."""
-    from transformers import Qwen2_5_VLConfig
-
-    vision = dict(
-        depth=shape.vision_depth,
-        hidden_size=shape.vision_embed_dim,
-        intermediate_size=windows.vision_intermediate_size,
-        num_heads=shape.vision_heads,
-        out_hidden_size=shape.hidden_size,
-        hidden_act="silu",
-        patch_size=14,
-        spatial_merge_size=2,
-        temporal_patch_size=2,
-        tokens_per_second=2,
-        window_size=windows.window_size,
-        fullatt_block_indexes=list(windows.fullatt_block_indexes),
-    )
-    text = _qwen2_text_config(shape)
-    return Qwen2_5_VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=shape.tie_word_embeddings)
-
-
-def build_qwen2_vl(
-    out_dir: str | Path,
-    shape: Qwen2VLShape = QWEN2_VL_TINY,
-    *,
-    seed: int = 0,
-    init_std: float = 0.02,
-    dtype: str = "float32",
-    processor_kwargs: dict | None = None,
-) -> Path:
-    """Write a random-weight Qwen2-VL model directory (config, safetensors, tokenizer, processor) to `out_dir`.
-
-    `init_std` is the standard deviation of all weights: larger values make a random model's greedy choices
-    decisive (top-1 far from top-2), which parity tests need. The result loads with
-    `Qwen2VLForConditionalGeneration.from_pretrained(out_dir)`, `AutoTokenizer.from_pretrained(out_dir)` and
-    `Qwen2VLImageProcessorPil.from_pretrained(out_dir)`.
-    """
-    from transformers import Qwen2VLForConditionalGeneration
-
-    config = qwen2_vl_config(shape)
-    return _write_model_dir(out_dir, Qwen2VLForConditionalGeneration, config, qwen2_tokenizer(), seed=seed, init_std=init_std, dtype=dtype, processor_kwargs=processor_kwargs)  # fmt: skip
-
-
-def build_qwen2_5_vl(
-    out_dir: str | Path,
-    shape: Qwen2VLShape = QWEN2_5_VL_TINY,
-    windows: Qwen2_5_VLWindows = QWEN2_5_VL_TINY_WINDOWS,
-    *,
-    seed: int = 0,
-    init_std: float = 0.05,
-    dtype: str = "float32",
-    processor_kwargs: dict | None = None,
-) -> Path:
-    """Write a random-weight Qwen2.5-VL model directory (config, safetensors, tokenizer, processor) to `out_dir`;
-    as `build_qwen2_vl`, loads with `Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir)`.
-
-    `init_std` 0.05: at 0.02 the tiny model's greedy continuation of the one-image parity case meets a near tie
-    (llama.cpp and transformers part at token 14 with logits 0.003 apart)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    config = qwen2_5_vl_config(shape, windows)
-    tokenizer = qwen2_tokenizer(extra_tokens=QWEN2_5_EXTRA_TOKENS)
-    return _write_model_dir(out_dir, Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed=seed, init_std=init_std, dtype=dtype, processor_kwargs=processor_kwargs)  # fmt: skip
-
-
-def _write_model_dir(
+def write_model_dir(
     out_dir: str | Path, model_class, config, tokenizer, *, seed: int, init_std: float, dtype: str, processor_kwargs: dict | None
 ) -> Path:  # fmt: skip
+    """Save a `model_class(config)` with weights of standard deviation `init_std`, `tokenizer`, Qwen2-VL's image
+    processor (`processor_kwargs`) and chat template to `out_dir`."""
     import torch
     from transformers import Qwen2VLImageProcessorPil
 
@@ -262,19 +148,9 @@ def _write_model_dir(
         model = model_class(config).to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    # The image processor alone (Qwen2.5-VL's is Qwen2-VL's): the processors also want a video processor, which
-    # needs torchvision.
+    # The image processor alone (the Qwen-VL families share Qwen2-VL's): the processors also want a video
+    # processor, which needs torchvision.
     Qwen2VLImageProcessorPil(**(processor_kwargs or {})).save_pretrained(out_dir)
     (out_dir / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
     logger.info("wrote %s (%.1fM parameters)", out_dir, sum(p.numel() for p in model.parameters()) / 1e6)
     return out_dir
-
-
-# architecture -> builder of a tiny random model directory of that family (`builder(out_dir, seed=...)`); every
-# family registered in `edgevlm.exporters.FAMILY_MODULES` has one, and tests/test_<family.name>.py checks its
-# bundles against transformers on it (tests/test_families.py enforces both).
-TINY_BUILDERS = {
-    "Qwen2VLForConditionalGeneration": build_qwen2_vl,
-    "LlavaForConditionalGeneration": build_llava,
-    "Qwen2_5_VLForConditionalGeneration": build_qwen2_5_vl,
-}

@@ -1,12 +1,13 @@
-"""Qwen2-VL's language model → GGUF (arch `qwen2vl`), with its tokenizer and chat template.
+"""The language model of Qwen2-VL, and of successors that keep it, → GGUF (arch `qwen2vl`), with its tokenizer and
+chat template.
 
-The result loads in stock llama.cpp. Text positions are plain 1-D; image positions use the M-RoPE sections stored
-in `qwen2vl.rope.dimension_sections`. The vision tower is not in this file (it goes to ONNX).
+The result loads in stock llama.cpp (whose converter maps those architectures to `qwen2vl` too). Text positions are
+plain 1-D; image positions use the M-RoPE sections stored in `qwen2vl.rope.dimension_sections`. The vision tower
+is not in this file (it goes to ONNX).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.family import find_chat_template
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
     decoder_hparams,
@@ -95,22 +97,6 @@ def qwen2_vl_hparams(text_config: Any) -> dict[str, Any]:
 
     sections = gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=ARCH)
     return {**decoder_hparams(ARCH, text_config, rope_theta), sections: mrope_section + [0] * (4 - len(mrope_section))}
-
-
-def find_chat_template(tokenizer: Any, model_dir: str | Path | None) -> str | None:
-    """The chat template: the tokenizer's, else `chat_template.jinja` / `chat_template.json` in `model_dir`."""
-    template = getattr(tokenizer, "chat_template", None)
-    if isinstance(template, str) and template:
-        return template
-    if model_dir is None or not Path(model_dir).is_dir():
-        return None
-    jinja = Path(model_dir) / "chat_template.jinja"
-    if jinja.is_file():
-        return jinja.read_text(encoding="utf-8")
-    as_json = Path(model_dir) / "chat_template.json"
-    if as_json.is_file():
-        return json.loads(as_json.read_text(encoding="utf-8")).get("chat_template")
-    return None
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:

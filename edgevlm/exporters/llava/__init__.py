@@ -1,54 +1,44 @@
 """LLaVA-1.5 (LlavaForConditionalGeneration): what is specific to this family on the export side.
 
-The CLIP vision tower + projector go to ONNX (`llava_vision`), the Llama language model to a `llama` GGUF with its
-SentencePiece tokenizer (`llava_llm`). In the manifest: preprocessing kind `clip` (one fixed size, 576 tokens per
+The CLIP vision tower + projector go to ONNX (`vision`), the Llama language model to a `llama` GGUF with its
+SentencePiece tokenizer (`llm`). In the manifest: preprocessing kind `clip` (one fixed size, 576 tokens per
 image for 336 px and patch 14), no patch position input, `linear` positions, and `<image>` as the placeholder the
-runtime replaces with the image's embeddings. This module also provides the transformers reference that parity
-checks compare a bundle against.
+runtime replaces with the image's embeddings. This module also gives transformers' inputs that parity checks compare
+a bundle against.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
-import numpy as np
-
-from ..contract.manifest import TokenSpec, VisionSpec, VisionVariant
-from ..errors import UnsupportedModelError
-from ..images import load_image
-from ..runtimes.strategies.patch_positions import NoPatchPositions
-from ..runtimes.strategies.positions import Linear
-from ..runtimes.strategies.preprocessing import FixedResize
-from .llava_llm import IMAGE_TOKEN, write_llava_llm_gguf
-from .llava_vision import export_llava_vision, feature_layer_count
-from .qwen2_vl_llm import find_chat_template
-from .verify import transformers_greedy, transformers_logits
+from ...contract.manifest import TokenSpec, VisionSpec, VisionVariant
+from ...errors import UnsupportedModelError
+from ...images import load_image
+from ...runtimes.strategies.patch_positions import NoPatchPositions
+from ...runtimes.strategies.positions import Linear
+from ...runtimes.strategies.preprocessing import FixedResize
+from ..family import Family, Loaded, find_chat_template
+from .llm import IMAGE_TOKEN, write_llava_llm_gguf
 
 logger = logging.getLogger(__name__)
 
 SENTENCEPIECE_MODEL = "tokenizer.model"
 
 
-@dataclass
-class LoadedLlava:
-    model_dir: Path
-    model: Any  # LlavaForConditionalGeneration in eval mode: vision tower + projector fp32, LLM as checkpointed
-    tokenizer: Any
-    preprocessing: FixedResize
-    chat_template: str | None
-
-
-class LlavaFamily:
+class LlavaFamily(Family):
     name = "llava"
-    architecture = "LlavaForConditionalGeneration"
+    architectures = ("LlavaForConditionalGeneration",)
+    aliases = MappingProxyType({"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf"})
 
-    def load(self, model_dir: Path) -> LoadedLlava:
+    def load(self, model_dir: Path) -> Loaded:
         import torch
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+        from .vision import feature_layer_count
 
         if not (model_dir / SENTENCEPIECE_MODEL).is_file():
             raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
@@ -63,9 +53,11 @@ class LlavaFamily:
         if preprocessing.crop_size != vision_config.image_size:
             raise UnsupportedModelError(f"the processor crops {preprocessing.crop_size} px images, the vision tower takes {vision_config.image_size} px")  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return LoadedLlava(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
+        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
 
-    def export_vision(self, loaded: LoadedLlava, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+    def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+        from .vision import export_llava_vision, feature_layer_count
+
         report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes)
         variants = {
             dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})
@@ -83,20 +75,20 @@ class LlavaFamily:
             mlp_ratio=vision_config.intermediate_size / vision_config.hidden_size,
         )
 
-    def export_llm(self, loaded: LoadedLlava, path: Path, dtype: str) -> dict:
+    def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         return write_llava_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
 
-    def tokens(self, loaded: LoadedLlava) -> TokenSpec:
+    def tokens(self, loaded: Loaded) -> TokenSpec:
         image_id = int(loaded.model.config.image_token_id)
         if loaded.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) != image_id:
             raise UnsupportedModelError(f"the tokenizer's {IMAGE_TOKEN} is not the config's image_token_id {image_id}")
         return TokenSpec(image_pad=IMAGE_TOKEN)
 
-    def positions(self, loaded: LoadedLlava) -> Linear:
+    def positions(self, loaded: Loaded) -> Linear:
         return Linear(merge_size=1)
 
     # -- the transformers reference, for parity checks ------------------------------------------------------------
-    def reference_inputs(self, loaded: LoadedLlava, prompt: str, images: list[Any]) -> dict:
+    def reference_inputs(self, loaded: Loaded, prompt: str, images: list[Any]) -> dict:
         """transformers' own inputs for one user turn: its chat template, image processor and tokenizer, with
         `<image>` repeated once per image token as `LlavaProcessor` does it."""
         from transformers import LlavaImageProcessorPil
@@ -118,11 +110,10 @@ class LlavaFamily:
         inputs["input_ids"] = loaded.tokenizer(text, return_tensors="pt").input_ids
         return inputs
 
-    def reference_logits(self, loaded: LoadedLlava, prompt: str, images: list[Any]) -> np.ndarray:
-        return transformers_logits(loaded.model, self.reference_inputs(loaded, prompt, images))
+    def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:
+        from .synthetic import build_llava
 
-    def reference_greedy(self, loaded: LoadedLlava, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
-        return transformers_greedy(loaded.model, self.reference_inputs(loaded, prompt, images), n_tokens)
+        return build_llava(out_dir, seed=seed)
 
 
 FAMILY = LlavaFamily()

@@ -1,60 +1,49 @@
-"""Qwen2-VL (Qwen2VLForConditionalGeneration): what is specific to this family on the export side.
+"""What the Qwen-VL families share on the export side: Qwen2-VL's interfaces, kept by its successors.
 
-The vision tower + merger go to ONNX (`qwen2_vl_vision`), the language model to a `qwen2vl` GGUF
-(`qwen2_vl_llm`); this module ties them to the manifest and provides the transformers reference that parity
-checks compare a bundle against.
+The vision tower + merger go to ONNX (`qwen_vit`), the language model to a `qwen2vl` GGUF (`qwen2vl_gguf`); the
+base class here ties them to the manifest and gives transformers' inputs that parity checks compare a bundle
+against. A family subclasses it and says how its tower is sized and which grids validate its graph.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass
+from abc import abstractmethod
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from ..contract.manifest import TokenSpec, VisionSpec, VisionVariant
 from ..images import load_image
 from ..runtimes.strategies.patch_positions import Grid2D
 from ..runtimes.strategies.positions import MRope3D
 from ..runtimes.strategies.preprocessing import DynamicPatches
-from .qwen2_vl_llm import SPECIAL_TOKENS, find_chat_template, special_token_ids, write_qwen2_vl_llm_gguf
-from .qwen2_vl_vision import DEFAULT_GRIDS, export_qwen2_vl_vision, find_visual
+from .family import Family, Loaded, find_chat_template
+from .qwen2vl_gguf import SPECIAL_TOKENS, special_token_ids, write_qwen2_vl_llm_gguf
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass
-class LoadedQwen2VL:
-    model_dir: Path
-    model: Any  # Qwen2VLForConditionalGeneration in eval mode: vision tower fp32, language model as checkpointed
-    tokenizer: Any
-    preprocessing: DynamicPatches
-    chat_template: str | None
+class QwenVLFamily(Family):
+    """A family with Qwen2-VL's interfaces; a subclass declares it (the first of its `architectures` is also the
+    transformers class that loads a checkpoint) and sizes its tower."""
 
-
-class Qwen2VLFamily:
-    """Qwen2-VL; a subclass serves a successor with the same interfaces (`qwen2_5_vl.Qwen2_5_VLFamily`)."""
-
-    name = "qwen2_vl"
-    architecture = "Qwen2VLForConditionalGeneration"  # also the transformers class that loads it
-
-    def load(self, model_dir: Path) -> LoadedQwen2VL:
+    def load(self, model_dir: Path) -> Loaded:
         import torch
         import transformers
         from transformers import AutoTokenizer
 
+        from .qwen_vit import find_visual
+
         # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
         # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
-        model_class = getattr(transformers, self.architecture)
+        model_class = getattr(transformers, self.architectures[0])
         model = model_class.from_pretrained(model_dir, dtype="auto").eval()
         find_visual(model).to(torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
-        return LoadedQwen2VL(
+        return Loaded(
             model_dir=model_dir,
             model=model,
             tokenizer=tokenizer,
@@ -62,7 +51,9 @@ class Qwen2VLFamily:
             chat_template=find_chat_template(tokenizer, model_dir),
         )
 
-    def export_vision(self, loaded: LoadedQwen2VL, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+    def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
+        from .qwen_vit import export_qwen2_vl_vision
+
         vision_config = loaded.model.config.vision_config
         grids = self.validation_grids(vision_config)
         report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids)
@@ -80,29 +71,26 @@ class Qwen2VLFamily:
 
     def validation_grids(self, vision_config: Any) -> tuple[tuple[int, int, int], ...]:
         """The (t, h, w) patch grids the exported graph is checked on against the PyTorch tower."""
+        from .qwen_vit import DEFAULT_GRIDS
+
         return DEFAULT_GRIDS
 
+    @abstractmethod
     def tower_sizes(self, vision_config: Any) -> dict:
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
-        return {
-            "embed_dim": int(vision_config.embed_dim),
-            "depth": int(vision_config.depth),
-            "num_heads": int(vision_config.num_heads),
-            "mlp_ratio": float(vision_config.mlp_ratio),
-        }
 
-    def export_llm(self, loaded: LoadedQwen2VL, path: Path, dtype: str) -> dict:
+    def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
 
-    def tokens(self, loaded: LoadedQwen2VL) -> TokenSpec:
+    def tokens(self, loaded: Loaded) -> TokenSpec:
         special_token_ids(loaded.tokenizer)  # the tokenizer has the family's special tokens, or a clear error
         return TokenSpec(image_pad=SPECIAL_TOKENS["image_pad"])
 
-    def positions(self, loaded: LoadedQwen2VL) -> MRope3D:
+    def positions(self, loaded: Loaded) -> MRope3D:
         return MRope3D(merge_size=loaded.preprocessing.merge_size)
 
     # -- the transformers reference, for parity checks ------------------------------------------------------------
-    def reference_inputs(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> dict:
+    def reference_inputs(self, loaded: Loaded, prompt: str, images: list[Any]) -> dict:
         """transformers' own inputs for one user turn: its chat template, image processor and M-RoPE inputs."""
         import torch
         from transformers import Qwen2VLImageProcessorPil
@@ -127,20 +115,6 @@ class Qwen2VLFamily:
         inputs.update(input_ids=input_ids, mm_token_type_ids=(input_ids == image_pad_id).to(torch.int32))
         return inputs
 
-    def reference_logits(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any]) -> np.ndarray:
-        import torch
-
-        with torch.no_grad():
-            return loaded.model(**self.reference_inputs(loaded, prompt, images)).logits[0].float().numpy()
-
-    def reference_greedy(self, loaded: LoadedQwen2VL, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
-        import torch
-
-        inputs = self.reference_inputs(loaded, prompt, images)
-        with torch.no_grad():
-            out = loaded.model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
-        return out[0, inputs["input_ids"].shape[1] :].tolist()
-
 
 def _processor_kwargs(spec: DynamicPatches) -> dict:
     return dict(
@@ -152,6 +126,3 @@ def _processor_kwargs(spec: DynamicPatches) -> dict:
         image_std=list(spec.image_std),
         rescale_factor=spec.rescale_factor,
     )
-
-
-FAMILY = Qwen2VLFamily()
