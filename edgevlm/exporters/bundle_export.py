@@ -16,7 +16,7 @@ from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..progress import stage
 from ..runtimes.strategies.preprocessing import Preprocessing
-from . import PACKAGED_MODELS, aliases, family_for
+from .discovery import PACKAGED_MODELS, aliases, family_for
 from .gguf import quantize_gguf
 
 logger = logging.getLogger(__name__)
