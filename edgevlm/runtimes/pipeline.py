@@ -66,10 +66,12 @@ def _region(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
 class EdgeVLM:
     """A loaded bundle: the vision graph in onnxruntime and the language model in llama.cpp.
 
-    Token limits for images come in layers (`edgevlm.budget.resolve_limits`): arguments of `generate`/`plan`
-    (request) > the ones given here (cli: `edgevlm run` flags) > `profile_limits` (the hardware profile's, after
-    fitting its memory ceiling) > the bundle's manifest `budget` section. `settings` is everything the bundle was
-    loaded with (`edgevlm.profiles.RuntimeSettings`).
+    The façade over the runtime's parts: `prompts` renders the chat template, `planner` plans image spans,
+    `vision` encodes them, `prefill` fills llama.cpp's KV cache (reusing what earlier requests left) and the decode
+    loop here streams the answer. Token limits for images come in layers (`planner`): arguments of `generate`/`plan`
+    (request) > the ones given here (cli: `edgevlm run` flags) > the hardware profile's (after fitting its memory
+    ceiling) > the bundle's manifest `budget` section. `settings` is everything the bundle was loaded with
+    (`edgevlm.profiles.RuntimeSettings`).
     """
 
     def __init__(

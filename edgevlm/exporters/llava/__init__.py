@@ -1,7 +1,7 @@
 """LLaVA-1.5 (LlavaForConditionalGeneration): what is specific to this family on the export side.
 
 The CLIP vision tower + projector go to ONNX (`vision`), the Llama language model to a `llama` GGUF with its
-SentencePiece tokenizer (`llm`). In the manifest: preprocessing kind `clip` (one fixed size, 576 tokens per
+SentencePiece tokenizer (`llm`). In the manifest: preprocessing kind `fixed-resize` (one fixed size, 576 tokens per
 image for 336 px and patch 14), no patch position input, `linear` positions, and `<image>` as the placeholder the
 runtime replaces with the image's embeddings. This module also gives transformers' inputs that parity checks compare
 a bundle against.
