@@ -20,6 +20,7 @@ import numpy as np
 
 from ..chat import check_grammar_limits
 from ..errors import BundleError, ContextOverflowError, GrammarError
+from ..profiles import LlamaSettings
 
 logger = logging.getLogger(__name__)
 _llama_logger = logging.getLogger("edgevlm.llama_cpp")
@@ -78,26 +79,6 @@ def collect_llama_errors() -> Iterator[list[str]]:
 
 llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))  # llama.cpp's chatter goes to logging, not stderr
 llama_cpp.llama_backend_init()
-
-
-@dataclass(frozen=True)
-class LlamaSettings:
-    """llama.cpp parameters a hardware profile or a user sets."""
-
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int | None = None  # None: all physical cores llama.cpp sees as useful
-    n_threads_batch: int | None = None
-    n_gpu_layers: int = 0
-    flash_attn: bool | None = None  # None: llama.cpp decides
-    kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
-    mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
-    mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
-    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
-    # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
-    # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
-    repack_weights: bool | None = None
 
 
 @dataclass(frozen=True)
