@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ _error_sinks: list[list[str]] = []
 # Exceptions raised inside the log callback, i.e. by a signal handler (Ctrl-C) that ran there: ctypes cannot pass
 # them through llama.cpp's C frames and would drop them. `deliver_interrupts` raises them once the C call returns.
 _interrupts: list[BaseException] = []
+_init_lock = threading.Lock()
+_initialized = False
 
 
 @llama_cpp.llama_log_callback
@@ -47,6 +50,7 @@ def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> N
 def deliver_interrupts() -> Iterator[None]:
     """Raise, when the block ends, the first interruption (KeyboardInterrupt, a signal handler's exception) that
     arrived while llama.cpp's C code ran inside the block: there it reached only the log callback."""
+    _init_llama()
     _interrupts.clear()
     yield
     if _interrupts:
@@ -69,6 +73,7 @@ def _log_llama_message(level: int, text: bytes) -> None:
 @contextlib.contextmanager
 def collect_llama_errors() -> Iterator[list[str]]:
     """Collect llama.cpp's error lines logged inside the block (to put them in an exception message)."""
+    _init_llama()
     sink: list[str] = []
     _error_sinks.append(sink)
     try:
@@ -77,8 +82,15 @@ def collect_llama_errors() -> Iterator[list[str]]:
         _error_sinks.remove(sink)
 
 
-llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))  # llama.cpp's chatter goes to logging, not stderr
-llama_cpp.llama_backend_init()
+def _init_llama() -> None:
+    """Route llama.cpp's log to `logging` instead of stderr and initialise its backend: once per process, before the
+    first call into llama.cpp that may log. Importing this module does neither (`edgevlm plan` loads no model)."""
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _initialized = True
 
 
 @dataclass(frozen=True)
@@ -134,8 +146,15 @@ def _default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp can offload layers to a GPU (asking loads its GPU backends, which log)."""
+    _init_llama()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def cpu_has_amx() -> bool:
     """Whether llama.cpp's CPU backend was built for and runs on a CPU with AMX int8 tiles."""
+    _init_llama()
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
@@ -143,6 +162,7 @@ def plain_llama(gguf_path: str | os.PathLike, *, repack_weights: bool | None = N
     """llama-cpp-python's high-level `Llama` on a GGUF, with `LlamaLM`'s rule for extra buffer types (a baseline,
     and a check that bundles work in stock llama.cpp). `Llama` does not expose the flag, so its default model
     parameters are patched while it loads."""
+    _init_llama()
     use_extra_bufts = repack_weights if repack_weights is not None else not cpu_has_amx()
     module = llama_cpp.llama_cpp
     default_params = module.llama_model_default_params
@@ -163,6 +183,7 @@ class LlamaLM:
     """One GGUF model with one context (KV cache) and a sampler. Not thread-safe: one generation at a time."""
 
     def __init__(self, gguf_path: str | os.PathLike, settings: LlamaSettings = LlamaSettings()):
+        _init_llama()
         self.path = Path(gguf_path)
         self.settings = settings
         model_params = llama_cpp.llama_model_default_params()
