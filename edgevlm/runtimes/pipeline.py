@@ -9,7 +9,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +42,7 @@ from ..chat import (  # fmt: skip
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
 from ..images import CheckedImages, ImageLimits, PreparedImage, check_images, preprocess, preprocessing_from_dict
 from ..profiles import Overrides, Profile, resolve_settings
+from ..results import GenerationStep, Timings
 from .llm import LlamaLM, SamplingParams
 from .positions import image_positions, text_embedding_positions, text_positions
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
@@ -54,56 +55,6 @@ logger = logging.getLogger(__name__)
 
 # Vision embeddings kept for repeated images: a 448x448 frame of a 2B model is 1.5 MB, so about 40 frames.
 EMBEDDING_CACHE_BYTES = 64 * 2**20
-
-
-@dataclass
-class Timings:
-    """Where the time of one generation went, and how much work earlier requests saved it."""
-
-    queue_ms: float = 0.0  # waiting for the model while other requests ran
-    preprocess_ms: float = 0.0
-    vision_ms: float = 0.0
-    prefill_ms: float = 0.0  # decoding prompt tokens and image embeddings into the KV cache
-    image_prefill_ms: float = 0.0  # the part of prefill_ms spent on batches with image embeddings (and their text)
-    time_to_first_token_ms: float = 0.0  # from the model's turn to the first sampled token (queue excluded)
-    decode_ms: float = 0.0
-    n_prompt_tokens: int = 0  # text tokens of the prompt
-    n_image_tokens: int = 0
-    n_encoded_image_tokens: int = 0  # image tokens run through the vision encoder for this request
-    n_cached_image_tokens: int = 0  # image tokens whose embeddings came from the embedding cache
-    n_reused_tokens: int = 0  # prompt cells (text and image) already in the KV cache from the previous request
-    n_prefill_tokens: int = 0  # prompt cells decoded for this request
-    n_text_with_images: int = 0  # prompt text tokens decoded in the same batch as an image's embeddings
-    n_generated: int = 0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        return (self.n_generated - 1) / (self.decode_ms / 1000) if self.n_generated > 1 and self.decode_ms else 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.n_prefill_tokens / (self.prefill_ms / 1000) if self.prefill_ms else 0.0
-
-    @property
-    def text_prefill_tokens_per_s(self) -> float:
-        text_ms = self.prefill_ms - self.image_prefill_ms
-        # every image decoded here got its embeddings from the encoder or the cache
-        n_text = self.n_prefill_tokens - self.n_encoded_image_tokens - self.n_cached_image_tokens - self.n_text_with_images  # fmt: skip
-        return n_text / (text_ms / 1000) if text_ms > 0 else 0.0
-
-
-@dataclass
-class GenerationStep:
-    """One streamed piece: the new text (may be empty while a UTF-8 character is incomplete) and its token.
-
-    The last step has `finish_reason` set ("stop": end of generation token, "length": max_new_tokens or the
-    context is full, "cancelled": the `cancel` event was set; then `token` is None) and complete `timings`.
-    """
-
-    text: str
-    token: int | None
-    finish_reason: str | None = None
-    timings: Timings = field(default_factory=Timings)
 
 
 @dataclass(frozen=True)
