@@ -22,6 +22,8 @@ demo: $(STAMP)
 	$(VENV)/bin/edgevlm demo
 
 test: $(STAMP)
+	# the import contracts of pyproject.toml first: in a second, each broken one with its import chain
+	$(VENV)/bin/lint-imports --no-logo --no-cache
 	$(PY) -m pytest -q
 
 clean:

@@ -25,15 +25,13 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 from urllib.request import url2pathname
 
 from .errors import GrammarError, ImageError, ImageNotAllowedError, RequestError
 from .images import ImageLimits, image_size
-
-if TYPE_CHECKING:
-    from .runtimes.pipeline import GenerationStep, Timings
+from .results import GenerationStep, Timings
 
 logger = logging.getLogger(__name__)
 

@@ -51,9 +51,10 @@ from .errors import (
     RequestError,
     ServerSettingsError,
 )
+from .results import Timings
 
 if TYPE_CHECKING:
-    from .runtimes.pipeline import EdgeVLM, Timings
+    from .runtimes.pipeline import EdgeVLM
 
 logger = logging.getLogger(__name__)
 

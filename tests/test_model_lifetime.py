@@ -83,7 +83,8 @@ def test_ctrl_c_while_llama_cpp_loads_is_not_lost(tiny_bundles):
     """Loading logs a lot, so a Ctrl-C's handler often runs inside llama.cpp's log callback, where ctypes used to drop
     the KeyboardInterrupt and the load went on. It now interrupts once the C call returns. (The handler below raises
     as a signal handler that ran there would.)"""
-    from edgevlm.runtimes.llm import LlamaLM, LlamaSettings
+    from edgevlm.profiles import LlamaSettings
+    from edgevlm.runtimes.llm import LlamaLM
 
     class Interrupting(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:

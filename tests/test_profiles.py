@@ -20,6 +20,7 @@ from edgevlm.bundle import Bundle
 from edgevlm.errors import ProfileError
 from edgevlm.profiles import (
     HostInfo,
+    LlamaSettings,
     Overrides,
     choose_profile,
     load_profile,
@@ -28,7 +29,7 @@ from edgevlm.profiles import (
     shipped_profiles,
 )
 from edgevlm.profiles.memory import kv_cache_bytes, kv_values_per_token
-from edgevlm.runtimes.llm import LlamaSettings, _set_load_mode
+from edgevlm.runtimes.llm import _set_load_mode
 
 GIB = 2**30
 ALL_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")

@@ -11,11 +11,19 @@ check. `edgevlm profiles` lists them; `edgevlm profiles show NAME` prints what o
 
 from .host import HostInfo, choose_profile, probe_host
 from .memory import MemoryEstimate, estimate_memory
-from .resolve import Overrides, RuntimeSettings, auto_profile, provider_options, resolve_settings, select_profile
+from .resolve import (
+    LlamaSettings,
+    Overrides,
+    RuntimeSettings,
+    auto_profile,
+    provider_options,
+    resolve_settings,
+    select_profile,
+)
 from .schema import AUTO, Profile, load_profile, shipped_profiles
 
 __all__ = [
-    "AUTO", "HostInfo", "MemoryEstimate", "Overrides", "Profile", "RuntimeSettings", "auto_profile", "choose_profile",
-    "estimate_memory", "load_profile", "probe_host", "provider_options", "resolve_settings", "select_profile",
-    "shipped_profiles",
+    "AUTO", "HostInfo", "LlamaSettings", "MemoryEstimate", "Overrides", "Profile", "RuntimeSettings", "auto_profile",
+    "choose_profile", "estimate_memory", "load_profile", "probe_host", "provider_options", "resolve_settings",
+    "select_profile", "shipped_profiles",
 ]  # fmt: skip

@@ -67,9 +67,9 @@ def _onnxruntime_providers() -> tuple[str, ...]:
 
 
 def _llama_gpu_offload() -> bool:
-    import llama_cpp
+    from ..runtimes.llm import supports_gpu_offload  # routes the log of the GPU backends it loads
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return supports_gpu_offload()
 
 
 def probe_host(

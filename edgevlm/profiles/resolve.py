@@ -19,7 +19,6 @@ from ..bundle import Bundle
 from ..contract.graph import PATCH_POSITIONS
 from ..errors import ProfileError
 from ..planner import Planner
-from ..runtimes.llm import LlamaSettings
 from .host import GIB, HostInfo, choose_profile, probe_host
 from .memory import MemoryEstimate, estimate_memory, kv_values_per_token
 from .schema import AUTO, PHYSICAL, PROVIDER_NAMES, Profile, load_profile
@@ -41,6 +40,26 @@ class Overrides:
     vision_dtype: str | None = None
     providers: tuple | None = None  # onnxruntime provider names or (name, options) pairs, used as given
     limits: BudgetLimits = field(default_factory=BudgetLimits)  # the "cli" layer of token limits
+
+
+@dataclass(frozen=True)
+class LlamaSettings:
+    """llama.cpp parameters a hardware profile or a user sets: what `runtimes.llm.LlamaLM` loads a GGUF with."""
+
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int | None = None  # None: all physical cores llama.cpp sees as useful
+    n_threads_batch: int | None = None
+    n_gpu_layers: int = 0
+    flash_attn: bool | None = None  # None: llama.cpp decides
+    kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
+    mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
+    mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
+    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
+    # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
+    # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
+    repack_weights: bool | None = None
 
 
 @dataclass(frozen=True)

@@ -156,7 +156,7 @@ class VisionProfile:
 
 @dataclass(frozen=True)
 class LLMProfile:
-    """llama.cpp settings (see `edgevlm.runtimes.llm.LlamaSettings`)."""
+    """llama.cpp settings (resolved into `resolve.LlamaSettings`)."""
 
     n_gpu_layers: int = _key(_int(-1), 0)  # -1: all layers
     n_threads: int | str = _key(_threads, PHYSICAL)

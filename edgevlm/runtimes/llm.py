@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 
 from ..chat import check_grammar_limits
 from ..errors import BundleError, ContextOverflowError, GrammarError
+from ..profiles import LlamaSettings
 
 logger = logging.getLogger(__name__)
 _llama_logger = logging.getLogger("edgevlm.llama_cpp")
@@ -31,6 +33,8 @@ _error_sinks: list[list[str]] = []
 # Exceptions raised inside the log callback, i.e. by a signal handler (Ctrl-C) that ran there: ctypes cannot pass
 # them through llama.cpp's C frames and would drop them. `deliver_interrupts` raises them once the C call returns.
 _interrupts: list[BaseException] = []
+_init_lock = threading.Lock()
+_initialized = False
 
 
 @llama_cpp.llama_log_callback
@@ -46,6 +50,7 @@ def _forward_llama_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> N
 def deliver_interrupts() -> Iterator[None]:
     """Raise, when the block ends, the first interruption (KeyboardInterrupt, a signal handler's exception) that
     arrived while llama.cpp's C code ran inside the block: there it reached only the log callback."""
+    _init_llama()
     _interrupts.clear()
     yield
     if _interrupts:
@@ -68,6 +73,7 @@ def _log_llama_message(level: int, text: bytes) -> None:
 @contextlib.contextmanager
 def collect_llama_errors() -> Iterator[list[str]]:
     """Collect llama.cpp's error lines logged inside the block (to put them in an exception message)."""
+    _init_llama()
     sink: list[str] = []
     _error_sinks.append(sink)
     try:
@@ -76,28 +82,15 @@ def collect_llama_errors() -> Iterator[list[str]]:
         _error_sinks.remove(sink)
 
 
-llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))  # llama.cpp's chatter goes to logging, not stderr
-llama_cpp.llama_backend_init()
-
-
-@dataclass(frozen=True)
-class LlamaSettings:
-    """llama.cpp parameters a hardware profile or a user sets."""
-
-    n_ctx: int = 4096
-    n_batch: int = 512
-    n_ubatch: int = 512
-    n_threads: int | None = None  # None: all physical cores llama.cpp sees as useful
-    n_threads_batch: int | None = None
-    n_gpu_layers: int = 0
-    flash_attn: bool | None = None  # None: llama.cpp decides
-    kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
-    mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
-    mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
-    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
-    # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
-    # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
-    repack_weights: bool | None = None
+def _init_llama() -> None:
+    """Route llama.cpp's log to `logging` instead of stderr and initialise its backend: once per process, before the
+    first call into llama.cpp that may log. Importing this module does neither (`edgevlm plan` loads no model)."""
+    global _initialized
+    with _init_lock:
+        if not _initialized:
+            llama_cpp.llama_log_set(_forward_llama_log, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+            _initialized = True
 
 
 @dataclass(frozen=True)
@@ -153,8 +146,15 @@ def _default_threads() -> int:
     return max(1, os.cpu_count() or 1)
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this llama.cpp can offload layers to a GPU (asking loads its GPU backends, which log)."""
+    _init_llama()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 def cpu_has_amx() -> bool:
     """Whether llama.cpp's CPU backend was built for and runs on a CPU with AMX int8 tiles."""
+    _init_llama()
     return b"AMX_INT8 = 1" in llama_cpp.llama_print_system_info()
 
 
@@ -162,6 +162,7 @@ def plain_llama(gguf_path: str | os.PathLike, *, repack_weights: bool | None = N
     """llama-cpp-python's high-level `Llama` on a GGUF, with `LlamaLM`'s rule for extra buffer types (a baseline,
     and a check that bundles work in stock llama.cpp). `Llama` does not expose the flag, so its default model
     parameters are patched while it loads."""
+    _init_llama()
     use_extra_bufts = repack_weights if repack_weights is not None else not cpu_has_amx()
     module = llama_cpp.llama_cpp
     default_params = module.llama_model_default_params
@@ -182,6 +183,7 @@ class LlamaLM:
     """One GGUF model with one context (KV cache) and a sampler. Not thread-safe: one generation at a time."""
 
     def __init__(self, gguf_path: str | os.PathLike, settings: LlamaSettings = LlamaSettings()):
+        _init_llama()
         self.path = Path(gguf_path)
         self.settings = settings
         model_params = llama_cpp.llama_model_default_params()

@@ -32,10 +32,10 @@ from ..errors import BundleError, ContextOverflowError, ModelClosedError, Profil
 from ..images import CheckedImages, ImageLimits, check_images
 from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
+from ..results import GenerationStep, Timings
 from .llm import LlamaLM, SamplingParams
 from .prefill import Prefill, Span
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
-from .results import GenerationStep, Timings
 from .reuse import image_key
 from .strategies.preprocessing import PreparedImage, preprocess
 from .token_embeddings import open_token_embeddings

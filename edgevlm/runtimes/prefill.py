@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..results import Timings
 from .llm import LlamaLM
-from .results import Timings
 from .reuse import EmbeddingCache, KVRecord, Unit
 from .strategies.positions import Positions, text_positions
 from .strategies.preprocessing import PreparedImage

@@ -1,4 +1,5 @@
-"""What a generation streams: its pieces (`GenerationStep`) and where its time went (`Timings`)."""
+"""What a generation yields: `GenerationStep`s, the last with complete `Timings`. Apart from the pipeline, which
+uses `edgevlm.chat`, so that chat turns steps into chunks without importing the runtime."""
 
 from __future__ import annotations
 
