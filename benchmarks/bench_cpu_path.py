@@ -114,8 +114,8 @@ def transformers_worker(model_dir: str, image: str, threads: str, embeds_out: st
 
 def edgevlm_worker(bundle: str, image: str, photo_path: str, profile: str, torch_embeds: str) -> int:
     import edgevlm
+    from edgevlm.contract.kinds.preprocessing import preprocess
     from edgevlm.images import load_image
-    from edgevlm.runtimes.strategies.preprocessing import preprocess
 
     vlm = edgevlm.load(bundle, profile=profile)
 

@@ -26,8 +26,19 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 __all__ = [
-    "load", "Bundle", "EdgeVLM", "ChatResult", "ChatChunk", "ImagePolicy", "EdgeVLMError", "BundleError", "ImageError", "ContextOverflowError",
-    "ProfileError", "UnsupportedModelError", "__version__",
+    "Bundle",
+    "BundleError",
+    "ChatChunk",
+    "ChatResult",
+    "ContextOverflowError",
+    "EdgeVLM",
+    "EdgeVLMError",
+    "ImageError",
+    "ImagePolicy",
+    "ProfileError",
+    "UnsupportedModelError",
+    "__version__",
+    "load",
 ]  # fmt: skip
 
 

@@ -3,7 +3,7 @@ to RGB, with the pixel caps checked from the headers first.
 
 Untrusted images are measured from their headers first (`check_images`): a request above the pixel caps of
 `ImageLimits` is refused before any of it is decoded. Model preprocessing (resize, normalize, patchify) is the
-manifest's `preprocessing` strategy (`edgevlm.runtimes.strategies.preprocessing`).
+manifest's `preprocessing` strategy (`edgevlm.contract.kinds.preprocessing`).
 """
 
 from __future__ import annotations

@@ -28,8 +28,8 @@ from .budget import (  # fmt: skip
 )
 
 if TYPE_CHECKING:
+    from .contract.kinds.preprocessing import Preprocessing
     from .contract.manifest import Manifest
-    from .runtimes.strategies.preprocessing import Preprocessing
 
 
 @dataclass(frozen=True)

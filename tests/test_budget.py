@@ -27,9 +27,9 @@ from edgevlm.budget import (
     tile_grid,
 )  # fmt: skip
 from edgevlm.bundle import MANIFEST_NAME, Bundle
+from edgevlm.contract.kinds.preprocessing import MAX_ASPECT_RATIO, DynamicPatches, preprocess, smart_resize
 from edgevlm.errors import BudgetError, ContextOverflowError, ImageError
 from edgevlm.images import image_size, load_image
-from edgevlm.runtimes.strategies.preprocessing import MAX_ASPECT_RATIO, DynamicPatches, preprocess, smart_resize
 
 # Qwen2-VL-2B-Instruct's published pixel limits (up to 16384 tokens per image) and transformers' default (1280).
 QWEN2_VL_2B = DynamicPatches(min_pixels=3136, max_pixels=12845056)

@@ -16,9 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from edgevlm.errors import ImageError
-from edgevlm.images import load_image
-from edgevlm.runtimes.strategies.preprocessing import (
+from edgevlm.contract.kinds.preprocessing import (
     OPENAI_CLIP_MEAN,
     OPENAI_CLIP_STD,
     DynamicPatches,
@@ -26,6 +24,8 @@ from edgevlm.runtimes.strategies.preprocessing import (
     preprocess,
     smart_resize,
 )
+from edgevlm.errors import ImageError
+from edgevlm.images import load_image
 
 transformers = pytest.importorskip("transformers")
 from transformers import Qwen2VLImageProcessorPil

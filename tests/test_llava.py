@@ -13,12 +13,12 @@ from conftest import random_image
 
 import edgevlm
 from edgevlm.budget import BudgetLimits, ImageRequest, plan_images, resolve_limits
+from edgevlm.contract.kinds.patch_positions import NoPatchPositions
+from edgevlm.contract.kinds.preprocessing import FixedResize, preprocess, preprocessing_from_dict
 from edgevlm.errors import BudgetError, ContextOverflowError
 from edgevlm.exporters.gguf import read_gguf_metadata, read_gguf_tensor_types
 from edgevlm.exporters.llava import FAMILY
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
-from edgevlm.runtimes.strategies.patch_positions import NoPatchPositions
-from edgevlm.runtimes.strategies.preprocessing import FixedResize, preprocess, preprocessing_from_dict
 
 pytest.importorskip("transformers")
 

@@ -15,11 +15,11 @@ import torch
 from conftest import random_image
 
 import edgevlm
+from edgevlm.contract.kinds.positions import MRope3D
+from edgevlm.contract.kinds.preprocessing import DynamicPatches, preprocess
 from edgevlm.exporters.qwen2_5_vl import FAMILY
 from edgevlm.exporters.qwen_vit import VISION_EXPORT_SPEC, WindowAttention, find_visual, vision_sample_inputs
 from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
-from edgevlm.runtimes.strategies.positions import MRope3D
-from edgevlm.runtimes.strategies.preprocessing import DynamicPatches, preprocess
 from edgevlm.runtimes.vision import VisionEncoder
 
 # (t, h, w) patch grids: square, non-square both ways, and sizes the 4-patch window does not divide

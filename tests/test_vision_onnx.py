@@ -14,9 +14,9 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
+from edgevlm.contract.kinds.patch_positions import grid_patch_positions
 from edgevlm.exporters import onnx_export
 from edgevlm.exporters.qwen_vit import export_qwen2_vl_vision, find_visual
-from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions
 from edgevlm.runtimes.vision import VisionEncoder, return_freed_memory
 
 # Grids not used at export (the export samples (1,4,6), (1,8,8), (1,2,16)) prove the patch axis is not baked in:

@@ -2,7 +2,7 @@
 
 Everything the runtime needs about a model is data here, read once when a bundle is opened: every section into a
 frozen dataclass, the mechanisms (`preprocessing`, `positions`, `vision.patch_positions`) into the runtime
-strategies registered under their kind (`edgevlm.runtimes.strategies`). Kinds name mechanisms, not families, so
+strategies registered under their kind (`edgevlm.contract.kinds`). Kinds name mechanisms, not families, so
 a family that reuses mechanisms needs no runtime code. Anything unknown, missing or of the wrong type is a
 `BundleError` naming the key. Format 1 manifests (edgevlm 0.1.0) are migrated when read (`migrate_v1`).
 """
@@ -19,11 +19,11 @@ from typing import Any
 
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
 from ..errors import BudgetError, BundleError
-from ..runtimes.strategies import strategy_class, strategy_from_dict
-from ..runtimes.strategies.patch_positions import PatchPositions
-from ..runtimes.strategies.positions import Positions
-from ..runtimes.strategies.preprocessing import Preprocessing
 from .graph import PATCH_POSITIONS, PIXEL_PATCHES
+from .kinds import strategy_class, strategy_from_dict
+from .kinds.patch_positions import PatchPositions
+from .kinds.positions import Positions
+from .kinds.preprocessing import Preprocessing
 
 MANIFEST_NAME = "edgevlm.json"
 FORMAT_VERSION = 2

@@ -12,10 +12,10 @@ from pathlib import Path
 from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, check_output_dir
+from ..contract.kinds.preprocessing import Preprocessing
 from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..progress import stage
-from ..runtimes.strategies.preprocessing import Preprocessing
 from .discovery import PACKAGED_MODELS, aliases, family_for
 from .gguf import quantize_gguf
 

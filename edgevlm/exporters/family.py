@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import numpy as np
 
+    from ..contract.kinds.positions import Positions
+    from ..contract.kinds.preprocessing import Preprocessing
     from ..contract.manifest import TokenSpec, VisionSpec
-    from ..runtimes.strategies.positions import Positions
-    from ..runtimes.strategies.preprocessing import Preprocessing
 
 
 @dataclass

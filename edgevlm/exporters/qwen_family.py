@@ -13,11 +13,11 @@ from abc import abstractmethod
 from pathlib import Path
 from typing import Any
 
+from ..contract.kinds.patch_positions import Grid2D
+from ..contract.kinds.positions import MRope3D
+from ..contract.kinds.preprocessing import DynamicPatches
 from ..contract.manifest import TokenSpec, VisionSpec, VisionVariant
 from ..images import load_image
-from ..runtimes.strategies.patch_positions import Grid2D
-from ..runtimes.strategies.positions import MRope3D
-from ..runtimes.strategies.preprocessing import DynamicPatches
 from .family import Family, Loaded, find_chat_template
 from .qwen2vl_gguf import SPECIAL_TOKENS, special_token_ids, write_qwen2_vl_llm_gguf
 

@@ -6,7 +6,7 @@ freezes shapes or fails in `torch.onnx.export`. For one image that split is a no
 image's patches. `Qwen2VLVisionForExport` therefore reuses the Hugging Face submodules and weights (patch embed,
 rotary `inv_freq`, each block's norms/qkv/proj/mlp, the merger) in a forward with no data-dependent shapes, and
 computes the rotary angles in the graph from the patch coordinates the runtime passes in
-(`edgevlm.runtimes.strategies.patch_positions.grid_patch_positions`).
+(`edgevlm.contract.kinds.patch_positions.grid_patch_positions`).
 
 A successor's tower may have RMSNorm and a gated MLP in its blocks (the wrapper calls the blocks' own norms and
 MLPs) and window attention (`window_size` in its config) in all blocks but `fullatt_block_indexes`. transformers
@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.contract.graph import IMAGE_EMBEDS, PATCH_POSITIONS, PIXEL_PATCHES
+from edgevlm.contract.kinds.patch_positions import grid_patch_positions
 from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
-from edgevlm.runtimes.strategies.patch_positions import grid_patch_positions
 
 logger = logging.getLogger(__name__)
 

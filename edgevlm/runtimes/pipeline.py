@@ -28,6 +28,7 @@ from ..chat import (  # fmt: skip
     resolve_images,
     stop_at,
 )
+from ..contract.kinds.preprocessing import PreparedImage, preprocess
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
 from ..images import CheckedImages, ImageLimits, check_images
 from ..planner import Planner
@@ -37,7 +38,6 @@ from .llm import LlamaLM, SamplingParams
 from .prefill import Prefill, Span
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
 from .reuse import image_key
-from .strategies.preprocessing import PreparedImage, preprocess
 from .token_embeddings import open_token_embeddings
 from .turns import Turns
 from .vision import VisionEncoder, return_freed_memory

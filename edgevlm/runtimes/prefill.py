@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..contract.kinds.positions import Positions, text_positions
+from ..contract.kinds.preprocessing import PreparedImage
 from ..results import Timings
 from .llm import LlamaLM
 from .reuse import EmbeddingCache, KVRecord, Unit
-from .strategies.positions import Positions, text_positions
-from .strategies.preprocessing import PreparedImage
 from .token_embeddings import TokenEmbeddings
 from .vision import VisionEncoder
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .strategies.preprocessing import PreparedImage
+from ..contract.kinds.preprocessing import PreparedImage
 
 # A unit of the KV cache: a text token (its id) or a whole image span (its content key).
 Unit = int | str

@@ -1,7 +1,7 @@
 """Device side of the vision encoder: an onnxruntime session (never torch).
 
 A graph encodes ONE image (`edgevlm.contract.graph` names its inputs and output); the manifest's `vision.patch_positions`
-strategy says what it takes besides the pixels (`edgevlm.runtimes.strategies.patch_positions`).
+strategy says what it takes besides the pixels (`edgevlm.contract.kinds.patch_positions`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
-from .strategies.patch_positions import Grid2D, PatchPositions, check_grid
+from ..contract.kinds.patch_positions import Grid2D, PatchPositions, check_grid
 
 logger = logging.getLogger(__name__)
 

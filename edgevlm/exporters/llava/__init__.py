@@ -15,12 +15,12 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
+from ...contract.kinds.patch_positions import NoPatchPositions
+from ...contract.kinds.positions import Linear
+from ...contract.kinds.preprocessing import FixedResize
 from ...contract.manifest import TokenSpec, VisionSpec, VisionVariant
 from ...errors import UnsupportedModelError
 from ...images import load_image
-from ...runtimes.strategies.patch_positions import NoPatchPositions
-from ...runtimes.strategies.positions import Linear
-from ...runtimes.strategies.preprocessing import FixedResize
 from ..family import Family, Loaded, find_chat_template
 from .llm import IMAGE_TOKEN, write_llava_llm_gguf
 

@@ -1,4 +1,4 @@
-"""One registry of runtime strategies, keyed by (manifest section, kind).
+"""One registry of the mechanisms a manifest names (strategies), keyed by (manifest section, kind).
 
 A manifest names the mechanism each section needs by a `kind` (`mrope-3d`, `grid-2d`, `dynamic-patches`, ...), never
 by a model family. Each kind is one class, registered here with `@register(section, kind)`; the manifest is read

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ...contract.graph import PATCH_POSITIONS, PIXEL_PATCHES
+from ..graph import PATCH_POSITIONS, PIXEL_PATCHES
 from .registry import register
 
 

@@ -1,4 +1,5 @@
-"""The runtime's mechanisms, one class per manifest kind (see `registry`): importing this package registers them.
+"""What each manifest kind means: one class per kind (see `registry`), run by the runtime; importing this package
+registers them.
 
 A family that reuses these mechanisms adds no runtime code; one that needs a new mechanism adds one class to the
 module of its section, registered under a new kind.
