@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from edgevlm.bench import image_side_blocks, markdown, plot, run_bench
-from edgevlm.runtimes.llm import cpu_has_amx
+from edgevlm.llama_backend import cpu_has_amx
 
 
 def test_image_side_blocks_stay_within_the_requested_tokens():

@@ -34,7 +34,7 @@ def test_cli_help_loads_no_backend():
 
 
 def test_llama_cpp_is_initialised_on_first_need_not_at_import():
-    code = "import edgevlm.runtimes.llm as llm\nprint(llm._initialized)\nllm.supports_gpu_offload()\nprint(llm._initialized)"  # fmt: skip
+    code = "import edgevlm.runtimes.llm, edgevlm.llama_backend as llama\nprint(llama._initialized)\nllama.supports_gpu_offload()\nprint(llama._initialized)"  # fmt: skip
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert result.stdout.split() == ["False", "True"]
 

@@ -123,7 +123,7 @@ def export(
             edgevlm_version=__version__,
         )
         if verify:
-            from ..runtimes.llm import deliver_interrupts
+            from ..llama_backend import deliver_interrupts
             from .verify import verify_bundle
 
             with stage("verifying the bundle against transformers"), deliver_interrupts():  # Ctrl-C in llama.cpp

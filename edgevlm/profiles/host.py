@@ -67,7 +67,7 @@ def _onnxruntime_providers() -> tuple[str, ...]:
 
 
 def _llama_gpu_offload() -> bool:
-    from ..runtimes.llm import supports_gpu_offload  # routes the log of the GPU backends it loads
+    from ..llama_backend import supports_gpu_offload  # routes the log of the GPU backends it loads
 
     return supports_gpu_offload()
 
