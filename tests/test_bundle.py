@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -53,11 +54,12 @@ def test_corrupt_file_fails_verify(bundle_copy):
         Bundle.open(bundle_copy).verify()
 
 
-def test_unknown_format_version_is_refused(bundle_copy):
+@pytest.mark.parametrize("version", [99, True, 1.0, "2"])
+def test_unknown_format_version_is_refused(bundle_copy, version):
     manifest = json.loads((bundle_copy / MANIFEST_NAME).read_text())
-    manifest["format_version"] = 99
+    manifest["format_version"] = version
     (bundle_copy / MANIFEST_NAME).write_text(json.dumps(manifest))
-    with pytest.raises(BundleError, match="format version 99; this edgevlm reads versions 1 and 2"):
+    with pytest.raises(BundleError, match=f"format version {re.escape(repr(version))}; this edgevlm reads versions 1 and 2"):  # fmt: skip
         edgevlm.load(bundle_copy)
 
 
@@ -132,6 +134,19 @@ def _as_format_1(manifest: dict) -> dict:
     return v1
 
 
+def test_format_1_llava_manifests_are_migrated(tiny_llava_bundles):
+    current = json.loads((tiny_llava_bundles["F32"] / MANIFEST_NAME).read_text())
+    v1 = json.loads(json.dumps(current))  # as 0.1.0 wrote a LLaVA bundle's
+    v1["format_version"] = 1
+    v1["preprocessing"]["kind"] = "clip"
+    v1["positions"]["sections"] = []
+    v1["vision"].update(input_names=["pixel_patches"], output_name="image_embeds", patch_positions="none")
+    v1["tokens"].update(image_pad_id=32000, vision_start_id=None, vision_end_id=None, eos_ids=[2])
+    migrated = Manifest.from_dict(v1)
+    assert migrated == Manifest.from_dict(current)
+    assert (migrated.preprocessing.kind, migrated.positions.kind, migrated.vision.patch_positions.kind) == ("fixed-resize", "linear", "none")  # fmt: skip
+
+
 def test_format_1_manifests_are_migrated(bundle_copy):
     manifest_path = bundle_copy / MANIFEST_NAME
     current = json.loads(manifest_path.read_text())
@@ -157,5 +172,5 @@ def test_format_1_without_patch_positions_reads_the_graph_inputs(bundle_copy, in
 def test_format_1_with_an_unknown_kind_names_it(bundle_copy):
     v1 = _as_format_1(json.loads((bundle_copy / MANIFEST_NAME).read_text()))
     v1["positions"]["kind"] = "spiral"
-    with pytest.raises(BundleError, match=r"positions kind 'spiral' is not known to this edgevlm \(it knows mrope-3d, linear\)"):  # fmt: skip
+    with pytest.raises(BundleError, match=r"positions.kind: 'spiral' is not known to this edgevlm \(its positions kinds: mrope-3d, linear"):  # fmt: skip
         Manifest.from_dict(v1)

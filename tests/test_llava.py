@@ -14,7 +14,8 @@ from conftest import random_image
 import edgevlm
 from edgevlm.budget import BudgetLimits, ImageRequest, plan_images, resolve_limits
 from edgevlm.contract.kinds.patch_positions import NoPatchPositions
-from edgevlm.contract.kinds.preprocessing import FixedResize, preprocess, preprocessing_from_dict
+from edgevlm.contract.kinds import strategy_from_dict
+from edgevlm.contract.kinds.preprocessing import FixedResize, preprocess
 from edgevlm.errors import BudgetError, ContextOverflowError
 from edgevlm.exporters.gguf import read_gguf_metadata, read_gguf_tensor_types
 from edgevlm.exporters.llava import FAMILY
@@ -55,7 +56,7 @@ def test_preprocessing_spec_from_llava_and_clip_processor_configs(tmp_path):
         config = json.loads((tmp_path / "preprocessor_config.json").read_text())
         spec = FixedResize.from_preprocessor_config(config, patch_size=14)
         assert (spec.crop_size, spec.shortest_edge, spec.pad_to_square) == (224, 224, pad)
-        assert preprocessing_from_dict(spec.to_dict()) == spec
+        assert strategy_from_dict("preprocessing", spec.to_dict()) == spec
     with pytest.raises(ValueError, match="do_center_crop=False"):
         FixedResize.from_preprocessor_config({"do_center_crop": False}, patch_size=14)
     with pytest.raises(ValueError, match="not a multiple of patch_size"):

@@ -20,7 +20,7 @@ from typing import Any
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
 from ..errors import BudgetError, BundleError
 from .graph import PATCH_POSITIONS, PIXEL_PATCHES
-from .kinds import strategy_class, strategy_from_dict
+from .kinds import strategy_class
 from .kinds.patch_positions import PatchPositions
 from .kinds.positions import Positions
 from .kinds.preprocessing import Preprocessing
@@ -107,9 +107,9 @@ class Manifest:
         if not isinstance(data, dict):
             raise BundleError(f"{where} is malformed: expected a JSON object, got {_describe(data)}; re-export the bundle.")  # fmt: skip
         version = data.get("format_version")
-        if version == 1:
+        if type(version) is int and version == 1:  # not True or 1.0, which 0.1.0 refused too
             data = migrate_v1(data)
-        elif version != FORMAT_VERSION:
+        elif type(version) is not int or version != FORMAT_VERSION:
             raise BundleError(
                 f"{where} has format version {_describe(version)}; this edgevlm reads versions 1 and {FORMAT_VERSION}. "
                 "Re-export the bundle with this edgevlm, or install the edgevlm version that wrote it."
@@ -139,8 +139,9 @@ _V1_KINDS = {
 
 def migrate_v1(data: dict) -> dict:
     """A format 1 manifest (edgevlm 0.1.0) as format 2: family-named kinds become mechanism names, the patch
-    positions kind is made explicit (format 1 defaulted to Qwen2-VL's; its `input_names` said the same), and the
-    fields no runtime read (`vision.input_names`, `vision.output_name`, `positions.sections`, token ids) go.
+    positions kind is made explicit (bundles exported before LLaVA support have none: format 1 then meant Qwen2-VL's,
+    as their `input_names` say), and the fields no runtime read (`vision.input_names`, `vision.output_name`,
+    `positions.sections`, token ids) go.
     Values of the wrong type are left for the format 2 reader to name."""
     data = dict(data, format_version=FORMAT_VERSION)
     preprocessing, positions, vision, tokens = (data.get(key) for key in ("preprocessing", "positions", "vision", "tokens"))  # fmt: skip
@@ -206,13 +207,18 @@ def _read_dataclass(cls: type, data: object, key: str):
 
 def _read_strategy(section: str, value: object, key: str):
     """The strategy a section names: a JSON object with `kind` and parameters, or (patch positions) a kind."""
+    if section != "patch_positions" and not isinstance(value, dict):
+        raise _Malformed(f"{key}: expected a JSON object with a 'kind', got {_describe(value)}")
+    if section != "patch_positions" and "kind" not in value:
+        raise _Malformed(f"{key}: missing key 'kind'")
+    kind, kind_key = (value, key) if section == "patch_positions" else (value["kind"], f"{key}.kind")
     try:
-        if section == "patch_positions":
-            return strategy_class(section, value)()
-        if not isinstance(value, dict):
-            raise _Malformed(f"{key}: expected a JSON object with a 'kind', got {_describe(value)}")
-        return strategy_from_dict(section, value)
-    except (ValueError, TypeError) as e:
+        cls = strategy_class(section, kind)
+    except ValueError as e:
+        raise _Malformed(f"{kind_key}: {e}") from None
+    try:
+        return cls() if section == "patch_positions" else cls.from_dict(value)
+    except (ValueError, TypeError, OverflowError) as e:
         raise _Malformed(f"{key}: {e}") from None
 
 
@@ -231,7 +237,7 @@ def _read_value(annotation, value: object, key: str):
         return tuple(_read_value(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
     if origin is dict and isinstance(value, dict):
         return {name: _read_value(args[1], item, f"{key}.{name}") for name, item in value.items()}
-    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+    if annotation is float and isinstance(value, int | float) and not isinstance(value, bool) and _finite(value):
         return value
     if annotation is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -239,6 +245,13 @@ def _read_value(annotation, value: object, key: str):
         return value
     expected = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(annotation)
     raise _Malformed(f"{key}: expected {expected or ('a JSON array' if origin is tuple else 'a JSON object')}, got {_describe(value)}")  # fmt: skip
+
+
+def _finite(value: float) -> bool:
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 def _to_json(value: Any) -> Any:
@@ -289,8 +302,11 @@ def _check_manifest(manifest: Manifest) -> None:
         if value < 1:
             raise _Malformed(f"{key}: expected a positive integer, got {value}")
     if manifest.positions.merge_size != manifest.preprocessing.merge_size:
-        raise _Malformed(f"positions.merge_size: {manifest.positions.merge_size} differs from preprocessing's "
+        raise _Malformed(f"positions.merge_size: {_describe(manifest.positions.merge_size)} differs from preprocessing's "
                          f"merge_size {manifest.preprocessing.merge_size}")  # fmt: skip
+    if llm.embedding_length != vision.embedding_dim:
+        raise _Malformed(f"vision.embedding_dim: {vision.embedding_dim} differs from llm.embedding_length "
+                         f"{llm.embedding_length}: the image embeddings would not fit the language model")  # fmt: skip
     _check_files_section(manifest)
 
 

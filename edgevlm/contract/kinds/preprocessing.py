@@ -32,7 +32,7 @@ from PIL import Image
 
 from ...errors import ImageError
 from ...images import to_rgb
-from .registry import check_positive_ints, register, spec_from_dict, spec_to_dict, strategy_from_dict
+from .registry import check_positive_ints, register, spec_from_dict, spec_to_dict
 
 logger = logging.getLogger(__name__)
 
@@ -222,11 +222,6 @@ class FixedResize:
 Preprocessing = DynamicPatches | FixedResize
 
 
-def preprocessing_from_dict(d: Mapping[str, Any]) -> Preprocessing:
-    """The preprocessing strategy of a manifest's `preprocessing` section, by its `kind`."""
-    return strategy_from_dict("preprocessing", d)
-
-
 def _check_normalization(spec: Any) -> None:
     """Check and freeze image_mean, image_std (3 numbers each, std > 0) and rescale_factor of a spec."""
     for name in ("image_mean", "image_std"):
@@ -265,7 +260,10 @@ def _normalization_values(cfg: Mapping[str, Any]) -> dict[str, Any]:
 
 def _is_real(value: Any) -> bool:
     is_number = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    return is_number and math.isfinite(value)
+    try:
+        return is_number and math.isfinite(value)
+    except OverflowError:  # an integer too large for a float
+        return False
 
 
 # --------------------------------------------------------------------------------------------------- resize

@@ -39,16 +39,17 @@ def strategy_class(section: str, kind: object) -> type:
     """The class registered for `kind`; ValueError naming the kinds this edgevlm knows otherwise."""
     cls = _STRATEGIES[section].get(kind) if isinstance(kind, str) else None
     if cls is None:
-        raise ValueError(f"{section} kind {kind!r} is not known to this edgevlm (it knows {', '.join(known_kinds(section))}); "
-                         "upgrade edgevlm or re-export the bundle")  # fmt: skip
+        text = repr(kind) if len(repr(kind)) <= 60 else repr(kind)[:57] + "..."
+        raise ValueError(f"{text} is not known to this edgevlm (its {section} kinds: {', '.join(known_kinds(section))}; "
+                         "a newer edgevlm may know it)")  # fmt: skip
     return cls
 
 
 def strategy_from_dict(section: str, data: Mapping[str, Any]) -> Any:
     """The strategy a manifest section ({"kind": ..., parameters}) describes; ValueError naming what is wrong."""
-    if not isinstance(data, Mapping):
+    if not isinstance(data, Mapping) or "kind" not in data:
         raise ValueError(f"{section}: expected a JSON object with a 'kind', got {data!r}")
-    return strategy_class(section, data.get("kind")).from_dict(data)
+    return strategy_class(section, data["kind"]).from_dict(data)
 
 
 def spec_to_dict(spec: Any) -> dict[str, Any]:
