@@ -17,8 +17,9 @@ import os
 from typing import TYPE_CHECKING
 
 from .bundle import Bundle
-from .chat import ChatChunk, ChatResult, ImagePolicy
+from .chat import ImagePolicy
 from .errors import BundleError, ContextOverflowError, EdgeVLMError, ImageError, ProfileError, UnsupportedModelError
+from .results import ChatChunk, ChatResult
 
 if TYPE_CHECKING:
     from .profiles import Profile

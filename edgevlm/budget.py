@@ -6,14 +6,14 @@ which image it shows, the (height, width) it is resized to, its patch grid, its 
 memory and compute of encoding it. The runtime resizes exactly as planned, so the plan is known before decoding.
 
 Rules (a token covers factor x factor pixels: factor = patch_size * merge_size; the preprocessing spec of the
-bundle's `kind` gives the model's own resize and token range, see `edgevlm.images`):
+bundle's `kind` gives the model's own resize and token range, see `edgevlm.contract.kinds.preprocessing`):
 
 - Per span, tokens lie in [lo, hi]: lo = max(min_image_tokens, the model's minimum (Qwen2-VL:
   ceil(min_pixels / factor²))), hi = max_image_tokens (none: unbounded) or the span's share of the total,
   whichever is smaller.
 - Limits outside the model's own range are refused when a request or the caller set them (cli); the hardware
   profile's and the bundle's limits are defaults written for any model, so they are moved into the range. A
-  fixed-size model (`clip`: every image is 576 tokens for LLaVA-1.5) thus plans every span at its one size: the
+  fixed-size model (`fixed-resize`: every image is 576 tokens for LLaVA-1.5) thus plans every span at its one size: the
   profile's cap of 256 tokens does not shrink it, an explicit `max_image_tokens=256` is an error, and images that
   do not fit the context or the image budget are refused, never shrunk.
 - A span whose model resize (`native_size`, e.g. `smart_resize` with the preprocessor's own min/max pixels) has a
@@ -416,7 +416,7 @@ class SpanPlan:
     image_index: int  # which input image
     view: str  # "full" | "crop" | "global" (the whole region, low resolution, before its tiles) | "tile"
     box: Box  # (left, top, right, bottom) of the region in the source image, pixels
-    resized_size: tuple[int, int]  # (height, width) handed to `images.preprocess(..., resized_size=...)`
+    resized_size: tuple[int, int]  # (height, width) handed to `preprocess(..., resized_size=...)` (`contract.kinds.preprocessing`)
     grid: tuple[int, int, int]  # (t, h, w) in patches, like transformers' image_grid_thw
     n_tokens: int
     limited_by: str | None  # None: the model's own resize; else "max_image_tokens", "min_image_tokens",

@@ -31,7 +31,7 @@ from urllib.request import url2pathname
 
 from .errors import GrammarError, ImageError, ImageNotAllowedError, RequestError
 from .images import ImageLimits, image_size
-from .results import GenerationStep, Timings
+from .results import ChatChunk, ChatResult, GenerationStep
 
 logger = logging.getLogger(__name__)
 
@@ -49,32 +49,6 @@ MAX_SCHEMA_BYTES = 64 * 2**10
 MAX_SCHEMA_REPEAT = 1000
 MAX_IMAGES = 64  # image parts in one request
 MAX_JSON_DEPTH = 64  # nesting of JSON objects and arrays in a request body or a json_schema
-
-
-@dataclass
-class ChatChunk:
-    """A piece of a streamed answer; the last one has `finish_reason` ("stop", "length" or "cancelled")."""
-
-    text: str
-    finish_reason: str | None
-    timings: Timings
-
-
-@dataclass
-class ChatResult:
-    """A whole answer: its text, why it ended, and where the time went (`Timings`: vision ms, image tokens,
-    prefill and decode tokens per second, and what earlier requests saved)."""
-
-    text: str
-    finish_reason: str
-    timings: Timings
-
-    @property
-    def usage(self) -> dict[str, int]:
-        """OpenAI-style token counts: prompt (text and image tokens), completion, total."""
-        prompt = self.timings.n_prompt_tokens + self.timings.n_image_tokens
-        return {"prompt_tokens": prompt, "completion_tokens": self.timings.n_generated,
-                "total_tokens": prompt + self.timings.n_generated}  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------------ messages

@@ -123,7 +123,7 @@ def _plan(args: argparse.Namespace) -> int:
     _check_tiles(args.tiles)
     settings = resolve_settings(args.profile, bundle, Overrides(n_ctx=args.n_ctx, vision_dtype=args.vision_dtype, limits=cli_limits))  # fmt: skip
     n_ctx = settings.llama.n_ctx
-    planner = Planner.for_bundle(manifest, cli_limits, settings.limits, n_ctx=n_ctx, vision_dtype=settings.vision_dtype)
+    planner = Planner.for_settings(manifest, settings, cli_limits)
     limits, tower = planner.limits(), planner.tower
     sizes = [image_size(path) for path in args.image]
     requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]

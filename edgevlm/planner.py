@@ -30,6 +30,7 @@ from .budget import (  # fmt: skip
 if TYPE_CHECKING:
     from .contract.kinds.preprocessing import Preprocessing
     from .contract.manifest import Manifest
+    from .profiles import RuntimeSettings
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,12 @@ class Planner:
     profile_limits: BudgetLimits | None = None
     n_ctx: int | None = None  # None: plan without a context (the images get what the limits allow)
     tower: VisionTowerSize | None = None  # None: no memory/time estimates
+
+    @classmethod
+    def for_settings(cls, manifest: Manifest, settings: RuntimeSettings, cli_limits: BudgetLimits | None = None) -> Planner:  # fmt: skip
+        """The planner of a bundle loaded with resolved `settings` (the profile's limits, context and vision
+        precision) and the caller's `cli_limits`."""
+        return cls.for_bundle(manifest, cli_limits, settings.limits, n_ctx=settings.llama.n_ctx, vision_dtype=settings.vision_dtype)  # fmt: skip
 
     @classmethod
     def for_bundle(cls, manifest: Manifest, cli_limits: BudgetLimits | None = None,
@@ -55,11 +62,14 @@ class Planner:
     def with_context(self, n_ctx: int) -> Planner:
         return dataclasses.replace(self, n_ctx=n_ctx)
 
+    def layered_limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
+        """The limits of the layers, merged limit by limit (request > cli > profile > bundle)."""
+        return resolve_limits(request=request, cli=self.cli_limits, profile=self.profile_limits, bundle=self.bundle_limits)  # fmt: skip
+
     def limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
-        """The limits in force for a request (request > cli > profile > bundle), the profile's and bundle's moved
-        into the model's own range; `BudgetError` when they contradict each other or the model."""
-        layers = resolve_limits(request=request, cli=self.cli_limits, profile=self.profile_limits, bundle=self.bundle_limits)  # fmt: skip
-        return within_model_range(layers, self.preprocessing)
+        """The limits the planner applies to a request: `layered_limits` with the profile's and bundle's moved into
+        the model's own range; `BudgetError` when they contradict each other or the model."""
+        return within_model_range(self.layered_limits(request), self.preprocessing)
 
     def token_range(self) -> tuple[int, int]:
         """The fewest and most tokens an image span may get before any request (which can still change them)."""

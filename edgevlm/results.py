@@ -1,5 +1,6 @@
-"""What a generation yields: `GenerationStep`s, the last with complete `Timings`. Apart from the pipeline, which
-uses `edgevlm.chat`, so that chat turns steps into chunks without importing the runtime."""
+"""What a generation yields, in one module: `generate` streams `GenerationStep`s, `chat` streams `ChatChunk`s or
+returns a `ChatResult`; the last of each carries complete `Timings`. Apart from the pipeline, so that chat and the
+server use them without importing the runtime."""
 
 from __future__ import annotations
 
@@ -54,3 +55,29 @@ class GenerationStep:
     token: int | None
     finish_reason: str | None = None
     timings: Timings = field(default_factory=Timings)
+
+
+@dataclass
+class ChatChunk:
+    """A piece of a streamed answer; the last one has `finish_reason` ("stop", "length" or "cancelled")."""
+
+    text: str
+    finish_reason: str | None
+    timings: Timings
+
+
+@dataclass
+class ChatResult:
+    """A whole answer: its text, why it ended, and where the time went (`Timings`: vision ms, image tokens,
+    prefill and decode tokens per second, and what earlier requests saved)."""
+
+    text: str
+    finish_reason: str
+    timings: Timings
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """OpenAI-style token counts: prompt (text and image tokens), completion, total."""
+        prompt = self.timings.n_prompt_tokens + self.timings.n_image_tokens
+        return {"prompt_tokens": prompt, "completion_tokens": self.timings.n_generated,
+                "total_tokens": prompt + self.timings.n_generated}  # fmt: skip

@@ -40,7 +40,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from .chat import MAX_JSON_DEPTH, ChatChunk, ChatResult, ImagePolicy, check_json_depth
+from .chat import MAX_JSON_DEPTH, ImagePolicy, check_json_depth
 from .errors import (
     BudgetError,
     ContextOverflowError,
@@ -51,7 +51,7 @@ from .errors import (
     RequestError,
     ServerSettingsError,
 )
-from .results import Timings
+from .results import ChatChunk, ChatResult, Timings
 
 if TYPE_CHECKING:
     from .runtimes.pipeline import EdgeVLM

@@ -1,4 +1,5 @@
-"""edgevlm.images: loading errors, RGB conversion and Qwen2-VL preprocessing, checked against transformers."""
+"""Image loading (edgevlm.images: errors, RGB conversion) and the `dynamic-patches` preprocessing, checked against
+transformers."""
 
 from __future__ import annotations
 

@@ -31,7 +31,10 @@ def families() -> dict[str, Family]:
     found: dict[str, Family] = {}
     for module in pkgutil.iter_modules([str(Path(__file__).parent)], "edgevlm.exporters."):
         if module.ispkg:
-            family = importlib.import_module(module.name).FAMILY
+            family = getattr(importlib.import_module(module.name), "FAMILY", None)
+            if family is None:
+                raise RuntimeError(f"{module.name} declares no FAMILY: every folder in edgevlm/exporters is an exporter "
+                                   "family (shared mechanics are plain modules beside them)")  # fmt: skip
             if family.name in found:
                 raise RuntimeError(f"two exporter families are named {family.name!r} (one in {module.name})")
             found[family.name] = family

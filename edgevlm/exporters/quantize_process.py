@@ -63,7 +63,7 @@ def quantize_main(src: str, dst: str, ftype_name: str, n_threads: str, level: st
     logging.getLogger("edgevlm.llama_cpp").setLevel(int(level))
     import llama_cpp
 
-    from ..llama_backend import collect_llama_errors  # routes llama.cpp's log to `logging`
+    from ..llama_backend import collect_llama_errors  # entering it routes llama.cpp's log to `logging`
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = getattr(llama_cpp, ftype_name)

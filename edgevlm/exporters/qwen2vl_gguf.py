@@ -44,7 +44,7 @@ TENSOR_MAP = {
     **{f"layers.{{bid}}.self_attn.{p}_proj.bias": f"blk.{{bid}}.attn_{p}.bias" for p in "qkv"},
 }
 
-# Tokens the runtime needs by role, looked up by text in the tokenizer (ids shown are Qwen2-VL's).
+# Qwen2-VL's special tokens by role, looked up by text in the tokenizer (ids shown are Qwen2-VL's).
 SPECIAL_TOKENS = {
     "endoftext": "<|endoftext|>",  # 151643: bos in config, pad, and an end-of-generation token
     "im_start": "<|im_start|>",  # 151644

@@ -17,8 +17,6 @@ from PIL import Image
 from ..budget import BudgetLimits, BudgetPlan, Crop, ImageRequest, ResolvedLimits
 from ..bundle import Bundle
 from ..chat import (  # fmt: skip
-    ChatChunk,
-    ChatResult,
     ImagePolicy,
     check_sampling,
     collect,
@@ -33,7 +31,7 @@ from ..errors import BundleError, ContextOverflowError, ModelClosedError, Profil
 from ..images import CheckedImages, ImageLimits, check_images
 from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
-from ..results import GenerationStep, Timings
+from ..results import ChatChunk, ChatResult, GenerationStep, Timings
 from .llm import LlamaLM, SamplingParams
 from .prefill import Prefill, Span
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
@@ -99,8 +97,7 @@ class EdgeVLM:
         self.settings = resolve_settings(profile, bundle, overrides)
         self.profile = self.settings.profile
         vision_dtype = self.settings.vision_dtype
-        # contradicting limits fail here, before any loading
-        planner = Planner.for_bundle(manifest, cli_limits, self.settings.limits, vision_dtype=vision_dtype)
+        planner = Planner.for_settings(manifest, self.settings, cli_limits)  # contradicting limits fail before loading
         if vision_dtype not in manifest.vision.variants:
             raise BundleError(f"bundle {bundle.path} has no {vision_dtype} vision graph; it has "
                               f"{', '.join(sorted(manifest.vision.variants))}.")  # fmt: skip
@@ -115,6 +112,9 @@ class EdgeVLM:
         )
         self._check_vision_providers()
         self.llm = LlamaLM(bundle.file(manifest.llm.file), self.settings.llama)
+        if self.llm.n_embd != manifest.llm.embedding_length:
+            raise BundleError(f"{bundle.file(manifest.llm.file)} has embeddings of {self.llm.n_embd} values, the manifest "
+                              f"says {manifest.llm.embedding_length}: the files do not belong together. Re-export the bundle.")  # fmt: skip
         self.planner = planner.with_context(self.llm.n_ctx)
         self.prefill = Prefill(self.llm, self.vision, manifest.positions, open_token_embeddings(self.llm.path), EMBEDDING_CACHE_BYTES)  # fmt: skip
         self.chat_template = self.llm.chat_template
@@ -157,8 +157,8 @@ class EdgeVLM:
         return joined(self.prompts.segments(messages))
 
     def resolve_limits(self, request: BudgetLimits | None = None) -> ResolvedLimits:
-        """The token limits in force for a request: request > cli (this object's) > profile > bundle."""
-        return self.planner.limits(request)
+        """The token limits of the layers for a request: request > cli (this object's) > profile > bundle."""
+        return self.planner.layered_limits(request)
 
     def plan(
         self,
@@ -421,7 +421,7 @@ class EdgeVLM:
         with self._native:
             self.llm.close()
             self.vision.close()
-            self.prefill.token_embeddings = None  # unmaps the GGUF's embedding rows
+            self.prefill.close()
 
     def __enter__(self) -> EdgeVLM:
         return self

@@ -123,6 +123,10 @@ class Prefill:
         self.forget()
         self.embedding_cache.clear()
 
+    def close(self) -> None:
+        """Unmap the GGUF's token embedding rows (the model and vision session are closed by their owner)."""
+        self.token_embeddings = None
+
     def _prefill_as_one_batch(self, pending: list[tuple[Span, int]], embeddings: dict[str, np.ndarray], position: int,
                               timings: Timings) -> int:  # fmt: skip
         """Decode the pending text and images as ONE embeddings batch (the text's rows looked up in the GGUF): a

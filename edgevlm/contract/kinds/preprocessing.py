@@ -46,9 +46,24 @@ MAX_ASPECT_RATIO = 200
 # --------------------------------------------------------------------------------------------------- spec
 
 
+class _Preprocessing:
+    """Shared reading and writing of a `preprocessing` section."""
+
+    kind: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
+        return spec_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Any:
+        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
+        return spec_from_dict(cls, "preprocessing", d)
+
+
 @register("preprocessing", "dynamic-patches")
 @dataclass(frozen=True)
-class DynamicPatches:
+class DynamicPatches(_Preprocessing):
     """Dynamic resolution (Qwen2-VL): any image size, resized to a multiple of patch_size * merge_size pixels within
     [min_pixels, max_pixels] and cut into patches."""
 
@@ -60,7 +75,6 @@ class DynamicPatches:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-    kind: ClassVar[str]
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "preprocessing", ("patch_size", "temporal_patch_size", "merge_size", "min_pixels", "max_pixels"))  # fmt: skip
@@ -97,15 +111,6 @@ class DynamicPatches:
     def prepare(self, image: Image.Image, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:
         return _prepare_dynamic(image, self, resized_size)
 
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
-        return spec_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DynamicPatches:
-        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
-        return spec_from_dict(cls, "preprocessing", d)
-
     @classmethod
     def from_preprocessor_config(cls, cfg: Mapping[str, Any]) -> DynamicPatches:
         """Build from a Hugging Face `preprocessor_config.json` dict of a Qwen2-VL model.
@@ -136,7 +141,7 @@ class DynamicPatches:
 
 @register("preprocessing", "fixed-resize")
 @dataclass(frozen=True)
-class FixedResize:
+class FixedResize(_Preprocessing):
     """CLIP image preprocessing to one fixed square size (LLaVA-1.5).
 
     Every image becomes `crop_size` x `crop_size` pixels, (crop_size / patch_size)² tokens (576 for LLaVA-1.5's
@@ -150,7 +155,6 @@ class FixedResize:
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-    kind: ClassVar[str]
     merge_size: ClassVar[int] = 1  # one token per patch
 
     def __post_init__(self) -> None:
@@ -191,15 +195,6 @@ class FixedResize:
 
     def prepare(self, image: Image.Image, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:
         return _prepare_fixed(image, self, resized_size)
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
-        return spec_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> FixedResize:
-        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
-        return spec_from_dict(cls, "preprocessing", d)
 
     @classmethod
     def from_preprocessor_config(cls, cfg: Mapping[str, Any], patch_size: int) -> FixedResize:

@@ -1,6 +1,6 @@
 """Qwen2.5-VL (Qwen2_5_VLForConditionalGeneration): what differs from Qwen2-VL on the export side.
 
-Everything the runtime sees is Qwen2-VL's: the same image processor (`qwen2_vl` preprocessing), the same vision
+Everything the runtime sees is Qwen2-VL's: the same image processor (`dynamic-patches` preprocessing), the same vision
 graph inputs (window attention is computed inside the graph, see `qwen_vit.WindowAttention`), the same
 `qwen2vl` GGUF (llama.cpp's converter maps this architecture to it) and the same M-RoPE positions for images
 (transformers' `get_rope_index` scales time by `second_per_grid_ts` for videos only). What differs is the
