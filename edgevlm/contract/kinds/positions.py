@@ -7,11 +7,11 @@ strategies give the positions of image embeddings, and of text decoded as embedd
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import numpy as np
 
-from .registry import check_positive_ints, register, spec_from_dict, spec_to_dict
+from .registry import Section, check_positive_ints, register
 
 
 def text_positions(start: int, n_tokens: int) -> np.ndarray:
@@ -20,21 +20,13 @@ def text_positions(start: int, n_tokens: int) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Positions:
-    """Shared reading and writing of a `positions` section; `merge_size` patches per side make one token."""
+class _Positions(Section):
+    """What the position kinds share: `merge_size` patches per side make one token."""
 
     merge_size: int = 1
-    kind: ClassVar[str]
 
     def __post_init__(self) -> None:
         check_positive_ints(self, "positions", ("merge_size",))
-
-    def to_dict(self) -> dict[str, Any]:
-        return spec_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Any:
-        return spec_from_dict(cls, "positions", data)
 
 
 @register("positions", "mrope-3d")

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ...errors import ImageError
 from ...images import to_rgb
-from .registry import check_positive_ints, register, spec_from_dict, spec_to_dict
+from .registry import Section, check_positive_ints, register
 
 logger = logging.getLogger(__name__)
 
@@ -46,24 +46,9 @@ MAX_ASPECT_RATIO = 200
 # --------------------------------------------------------------------------------------------------- spec
 
 
-class _Preprocessing:
-    """Shared reading and writing of a `preprocessing` section."""
-
-    kind: ClassVar[str]
-
-    def to_dict(self) -> dict[str, Any]:
-        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
-        return spec_to_dict(self)
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> Any:
-        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
-        return spec_from_dict(cls, "preprocessing", d)
-
-
 @register("preprocessing", "dynamic-patches")
 @dataclass(frozen=True)
-class DynamicPatches(_Preprocessing):
+class DynamicPatches(Section):
     """Dynamic resolution (Qwen2-VL): any image size, resized to a multiple of patch_size * merge_size pixels within
     [min_pixels, max_pixels] and cut into patches."""
 
@@ -141,7 +126,7 @@ class DynamicPatches(_Preprocessing):
 
 @register("preprocessing", "fixed-resize")
 @dataclass(frozen=True)
-class FixedResize(_Preprocessing):
+class FixedResize(Section):
     """CLIP image preprocessing to one fixed square size (LLaVA-1.5).
 
     Every image becomes `crop_size` x `crop_size` pixels, (crop_size / patch_size)² tokens (576 for LLaVA-1.5's

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 SECTIONS = ("preprocessing", "positions", "patch_positions")
 _STRATEGIES: dict[str, dict[str, type]] = {section: {} for section in SECTIONS}
@@ -24,7 +24,7 @@ def register(section: str, kind: str) -> Callable[[T], T]:
     def add(cls: T) -> T:
         if kind in _STRATEGIES[section]:
             raise RuntimeError(f"two strategies registered for {section} kind {kind!r}")
-        cls.kind = kind
+        cls.kind, cls.section = kind, section
         _STRATEGIES[section][kind] = cls
         return cls
 
@@ -52,7 +52,23 @@ def strategy_from_dict(section: str, data: Mapping[str, Any]) -> Any:
     return strategy_class(section, data["kind"]).from_dict(data)
 
 
-def spec_to_dict(spec: Any) -> dict[str, Any]:
+class Section:
+    """Base of a kind's class whose manifest section is a JSON object: `kind` and the class's fields."""
+
+    kind: ClassVar[str]
+    section: ClassVar[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able dict, `kind` included; `from_dict` reads it back."""
+        return _spec_to_dict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Any:
+        """Read `to_dict` output. Unknown keys, a different `kind` or bad values raise ValueError naming them."""
+        return _spec_from_dict(cls, cls.section, data)
+
+
+def _spec_to_dict(spec: Any) -> dict[str, Any]:
     """A strategy's manifest section: `kind` and every parameter, tuples as lists."""
     out: dict[str, Any] = {"kind": spec.kind}
     for field in dataclasses.fields(spec):
@@ -61,8 +77,8 @@ def spec_to_dict(spec: Any) -> dict[str, Any]:
     return out
 
 
-def spec_from_dict(cls: type, section: str, data: Mapping[str, Any]) -> Any:
-    """Read `spec_to_dict` output into `cls`; a different kind or unknown keys raise ValueError naming them
+def _spec_from_dict(cls: type, section: str, data: Mapping[str, Any]) -> Any:
+    """Read `_spec_to_dict` output into `cls`; a different kind or unknown keys raise ValueError naming them
     (the class's `__post_init__` checks the values)."""
     values = dict(data)
     kind = values.pop("kind", cls.kind)
