@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import codecs
 import contextlib
 import logging
 import os
@@ -12,9 +11,8 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from ..budget import BudgetLimits, BudgetPlan, Crop, ImageRequest, ResolvedLimits
+from ..budget import BudgetLimits, BudgetPlan, ImageRequest, ResolvedLimits
 from ..bundle import Bundle
 from ..chat import (  # fmt: skip
     ImagePolicy,
@@ -26,19 +24,19 @@ from ..chat import (  # fmt: skip
     resolve_images,
     stop_at,
 )
-from ..contract.kinds.preprocessing import PreparedImage, preprocess
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
 from ..images import CheckedImages, ImageLimits, check_images
 from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
 from ..results import ChatChunk, ChatResult, GenerationStep, Timings
+from .decode import decode
 from .llm import LlamaLM, SamplingParams
-from .prefill import Prefill, Span
+from .prefill import Prefill
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
-from .reuse import image_key
+from .spans import CropArg, Span, image_requests, prepare_spans
 from .token_embeddings import open_token_embeddings
 from .turns import Turns
-from .vision import VisionEncoder, return_freed_memory
+from .vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
 
@@ -46,27 +44,12 @@ logger = logging.getLogger(__name__)
 EMBEDDING_CACHE_BYTES = 64 * 2**20
 
 
-CropArg = Crop | Sequence[Crop | None] | None
-
-
-def _image_requests(sizes: list[tuple[int, int]], crop: CropArg, tiles: int | None) -> list[ImageRequest]:
-    """One `ImageRequest` per (width, height); `crop` is one Crop for every image or one entry (or None) per image."""
-    crops = [crop] * len(sizes) if crop is None or isinstance(crop, Crop) else list(crop)
-    if len(crops) != len(sizes):
-        raise ValueError(f"{len(crops)} crops given for {len(sizes)} images; give one per image (None: no crop)")
-    return [ImageRequest(w, h, crop=c, tiles=tiles or 0) for (w, h), c in zip(sizes, crops, strict=True)]
-
-
-def _region(image: Image.Image, box: tuple[int, int, int, int]) -> Image.Image:
-    return image if box == (0, 0, *image.size) else image.crop(box)
-
-
 class EdgeVLM:
     """A loaded bundle: the vision graph in onnxruntime and the language model in llama.cpp.
 
-    The façade over the runtime's parts: `prompts` renders the chat template, `planner` plans image spans,
-    `vision` encodes them, `prefill` fills llama.cpp's KV cache (reusing what earlier requests left) and the decode
-    loop here streams the answer. Token limits for images come in layers (`planner`): arguments of `generate`/`plan`
+    The façade over the runtime's parts: `prompts` renders the chat template, `planner` plans image spans
+    (`spans` cuts them from the images), `vision` encodes them, `prefill` fills llama.cpp's KV cache (reusing what
+    earlier requests left) and `decode` streams the answer; this class loads them, takes turns and checks requests. Token limits for images come in layers (`planner`): arguments of `generate`/`plan`
     (request) > the ones given here (cli: `edgevlm run` flags) > the hardware profile's (after fitting its memory
     ceiling) > the bundle's manifest `budget` section. `settings` is everything the bundle was loaded with
     (`edgevlm.profiles.RuntimeSettings`).
@@ -175,7 +158,7 @@ class EdgeVLM:
     ) -> BudgetPlan:
         """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding);
         images above the pixel caps are refused as `generate` refuses them."""
-        requests = _image_requests(list(check_images(images, image_limits).sizes), crop, tiles)
+        requests = image_requests(list(check_images(images, image_limits).sizes), crop, tiles)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
         return self._plan(lambda n: self._prompt_segments(prompt, n), requests, max_new_tokens, request_limits)[0]
 
@@ -191,26 +174,10 @@ class EdgeVLM:
         return plan, pieces
 
     def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int,
-                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> tuple[list[Span], BudgetPlan]:  # fmt: skip
-        """Plan the image spans from the checked sizes, then decode one image at a time and cut/resize/patchify its
-        spans exactly as planned: at most one decoded image is alive, and its memory goes back to the OS after."""
-        requests = _image_requests(list(images.sizes), crop, tiles)
-        plan, pieces = self._plan(render, requests, max_new_tokens, request_limits)
-        prepared: list[PreparedImage] = []  # in span order, which is image order
-        for index in range(len(images.sources)):
-            decoded = images.decode(index)
-            prepared += [preprocess(_region(decoded, span.box), self.preprocessing, resized_size=span.resized_size)
-                         for span in plan.spans if span.image_index == index]  # fmt: skip
-            del decoded
-        if images.sources:
-            return_freed_memory()  # else glibc keeps the freed decode buffers resident
-        spans: list[Span] = []
-        for i, piece in enumerate(pieces):
-            if piece:
-                spans.append(Span(tokens=piece))
-            if i < len(prepared):
-                spans.append(Span(image=prepared[i], key=image_key(prepared[i], self.vision_dtype)))
-        return spans, plan
+                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> list[Span]:  # fmt: skip
+        """Plan the image spans from the checked sizes, then cut them from the images exactly as planned."""
+        plan, pieces = self._plan(render, image_requests(list(images.sizes), crop, tiles), max_new_tokens, request_limits)
+        return prepare_spans(pieces, images, plan, self.preprocessing, self.vision_dtype)
 
     # -- generation -----------------------------------------------------------------------------------------------
     def generate(
@@ -319,13 +286,13 @@ class EdgeVLM:
             timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000)
             t_begin = time.perf_counter()
             with self._using():
-                spans, _ = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
+                spans = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
                 timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
                 position = self._prefill_request(spans, sampling, timings, cancel)
             if position is None:
                 yield GenerationStep("", None, "cancelled", timings)
                 return
-            steps = self._decode_loop(position, max_new_tokens, timings, t_begin, cancel)
+            steps = decode(self.llm, self.prefill, position, max_new_tokens, timings, t_begin, cancel)
             while True:
                 with self._native:  # one token's native work at a time; close() frees the model between tokens
                     step = GenerationStep("", None, "cancelled", timings) if self._closed else next(steps)
@@ -358,36 +325,8 @@ class EdgeVLM:
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
         with self._exclusive():
-            spans, _ = self._prepare(lambda n: self._prompt_segments(prompt, n), check_images(images), 0, BudgetLimits(), None, None)  # fmt: skip
+            spans = self._prepare(lambda n: self._prompt_segments(prompt, n), check_images(images), 0, BudgetLimits(), None, None)  # fmt: skip
             return self.prefill.prompt_logits(spans)
-
-    def _decode_loop(self, position: int, max_new_tokens: int, timings: Timings, t_begin: float,
-                     cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
-        utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        t_first = None
-        token = None
-        for i in range(max_new_tokens):
-            if cancel is not None and cancel.is_set():
-                yield GenerationStep(utf8.decode(b"", final=True), None, "cancelled", timings)
-                return
-            if token is not None:  # the previous token goes into the cache only when another one is wanted
-                self.prefill.append_generated(token, position)
-                position += 1
-            token = self.llm.sample()
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                timings.time_to_first_token_ms = (now - t_begin) * 1000
-            timings.n_generated = i + 1
-            timings.decode_ms = (now - t_first) * 1000
-            if self.llm.is_end_of_generation(token):
-                yield GenerationStep(utf8.decode(b"", final=True), token, "stop", timings)
-                return
-            text = utf8.decode(self.llm.token_bytes(token))
-            if i == max_new_tokens - 1 or self.llm.n_past >= self.llm.n_ctx:
-                yield GenerationStep(text + utf8.decode(b"", final=True), token, "length", timings)
-                return
-            yield GenerationStep(text, token, None, timings)
 
     # -- lifetime -------------------------------------------------------------------------------------------------
     @contextlib.contextmanager

@@ -9,30 +9,16 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
 
 import numpy as np
 
 from ..contract.kinds.positions import Positions, text_positions
-from ..contract.kinds.preprocessing import PreparedImage
 from ..results import Timings
 from .llm import LlamaLM
-from .reuse import EmbeddingCache, KVRecord, Unit
+from .reuse import EmbeddingCache, KVRecord
+from .spans import Span
 from .token_embeddings import TokenEmbeddings
 from .vision import VisionEncoder
-
-
-@dataclass(frozen=True)
-class Span:
-    """A piece of the prompt: text tokens, or one image (with its content key for the caches)."""
-
-    tokens: list[int] | None = None
-    image: PreparedImage | None = None
-    key: str = ""
-
-    @property
-    def units(self) -> list[Unit]:
-        return list(self.tokens) if self.tokens is not None else [self.key]
 
 
 class Prefill:
