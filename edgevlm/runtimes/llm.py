@@ -22,6 +22,8 @@ from ..llama_backend import collect_llama_errors, cpu_has_amx, deliver_interrupt
 from ..profiles import LlamaSettings
 
 logger = logging.getLogger(__name__)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0: greedy

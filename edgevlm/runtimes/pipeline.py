@@ -176,7 +176,8 @@ class EdgeVLM:
     def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int,
                  request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> list[Span]:  # fmt: skip
         """Plan the image spans from the checked sizes, then cut them from the images exactly as planned."""
-        plan, pieces = self._plan(render, image_requests(list(images.sizes), crop, tiles), max_new_tokens, request_limits)
+        requests = image_requests(list(images.sizes), crop, tiles)
+        plan, pieces = self._plan(render, requests, max_new_tokens, request_limits)
         return prepare_spans(pieces, images, plan, self.preprocessing, self.vision_dtype)
 
     # -- generation -----------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from ..contract.kinds.patch_positions import Grid2D, PatchPositions, check_grid
 
 logger = logging.getLogger(__name__)
 
+
 def return_freed_memory() -> bool:
     """Give the C heap's free pages back to the OS; whether glibc's `malloc_trim` released any (False elsewhere).
 
