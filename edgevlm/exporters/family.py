@@ -73,16 +73,20 @@ class Family(Protocol):
         """transformers' own inputs for one user turn (its chat template and image processor)."""
 
     def reference_logits(self, loaded: Loaded, prompt: str, images: list[Any]) -> np.ndarray:
-        """transformers' logits at every position of one user turn."""
-        from .verify import transformers_logits
+        """transformers' logits at every position of one user turn, as float32 numpy."""
+        import torch
 
-        return transformers_logits(loaded.model, self.reference_inputs(loaded, prompt, images))
+        with torch.no_grad():
+            return loaded.model(**self.reference_inputs(loaded, prompt, images)).logits[0].float().numpy()
 
     def reference_greedy(self, loaded: Loaded, prompt: str, images: list[Any], n_tokens: int) -> list[int]:
         """The ids transformers' greedy decoding appends to one user turn."""
-        from .verify import transformers_greedy
+        import torch
 
-        return transformers_greedy(loaded.model, self.reference_inputs(loaded, prompt, images), n_tokens)
+        inputs = self.reference_inputs(loaded, prompt, images)
+        with torch.no_grad():
+            out = loaded.model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
+        return out[0, inputs["input_ids"].shape[1] :].tolist()
 
 
 def find_chat_template(tokenizer: Any, model_dir: str | Path | None) -> str | None:

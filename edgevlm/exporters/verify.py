@@ -49,23 +49,6 @@ PARITY_CASES = (
 )
 
 
-def transformers_logits(model, inputs: dict) -> np.ndarray:
-    """Logits of a transformers model at every position of `inputs` (one sequence), as float32 numpy."""
-    import torch
-
-    with torch.no_grad():
-        return model(**inputs).logits[0].float().numpy()
-
-
-def transformers_greedy(model, inputs: dict, n_tokens: int) -> list[int]:
-    """The ids transformers' greedy `generate` appends to `inputs` (one sequence)."""
-    import torch
-
-    with torch.no_grad():
-        out = model.generate(**inputs, max_new_tokens=n_tokens, do_sample=False)
-    return out[0, inputs["input_ids"].shape[1] :].tolist()
-
-
 def compare_case(vlm, family: Family, loaded: Loaded, case: ParityCase, n_greedy: int = 24) -> dict:
     """Logit and greedy-continuation agreement of a loaded bundle (`vlm`) with transformers for one case."""
     images = case.images()
