@@ -269,7 +269,7 @@ def _to_json(value: Any) -> Any:
 # --------------------------------------------------------------------------------------------------- checks
 
 
-def check_file_name(name: object, key: str) -> None:
+def _check_file_name(name: object, key: str) -> None:
     """A bundle file name must be a plain name inside the bundle folder: no directories, no way out of it."""
     plain = (
         isinstance(name, str) and 0 < len(name) <= 255 and not name.startswith(".")
@@ -283,11 +283,11 @@ def check_file_name(name: object, key: str) -> None:
 def _check_manifest(manifest: Manifest) -> None:
     """The checks beyond types: file names, known dtypes, positive sizes, files listed with checksums."""
     vision, llm = manifest.vision, manifest.llm
-    check_file_name(llm.file, "llm.file")
+    _check_file_name(llm.file, "llm.file")
     if not vision.variants:
         raise _Malformed("vision.variants: lists no vision graph")
     for dtype, variant in vision.variants.items():
-        check_file_name(variant.file, f"vision.variants.{dtype}.file")
+        _check_file_name(variant.file, f"vision.variants.{dtype}.file")
         if variant.dtype not in VISION_DTYPES:
             raise _Malformed(f"vision.variants.{dtype}.dtype: {variant.dtype!r} is not one of {', '.join(VISION_DTYPES)}")  # fmt: skip
     if vision.default not in vision.variants:
@@ -305,8 +305,8 @@ def _check_manifest(manifest: Manifest) -> None:
         raise _Malformed(f"positions.merge_size: {_describe(manifest.positions.merge_size)} differs from preprocessing's "
                          f"merge_size {manifest.preprocessing.merge_size}")  # fmt: skip
     if llm.embedding_length != vision.embedding_dim:
-        raise _Malformed(f"vision.embedding_dim: {vision.embedding_dim} differs from llm.embedding_length "
-                         f"{llm.embedding_length}: the image embeddings would not fit the language model")  # fmt: skip
+        raise _Malformed(f"vision.embedding_dim: {_describe(vision.embedding_dim)} differs from llm.embedding_length "
+                         f"{_describe(llm.embedding_length)}: the image embeddings would not fit the language model")  # fmt: skip
     _check_files_section(manifest)
 
 
@@ -314,7 +314,7 @@ def _check_files_section(manifest: Manifest) -> None:
     if not manifest.files:
         raise _Malformed("files: lists no files, so nothing could be checked")
     for name, entry in manifest.files.items():
-        check_file_name(name, f"files.{name}")
+        _check_file_name(name, f"files.{name}")
         if entry.size < 0 or not _SHA256.fullmatch(entry.sha256):
             raise _Malformed(f"files.{name}: expected a size >= 0 and a sha256 of 64 lowercase hex digits")
     unlisted = [name for name in manifest.referenced_files() if name not in manifest.files]
