@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from edgevlm.bench import host_record
+
 PHOTO = (4032, 3024)  # width, height: a 12 MP phone/kiosk camera frame
 DEFAULT_BUDGETS = (64, 256, 1024, 4096)
 PROMPT = "What is written on the sign?"
@@ -265,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
 
     meta = {
         "image": f"sample_image {PHOTO[0]}x{PHOTO[1]} (JPEG q90)", "vision_dtype": args.vision_dtype,
-        "cpu_count": os.cpu_count(), "runs": args.runs, "max_new_tokens": args.max_new_tokens,
+        "cpu_count": os.cpu_count(), "host": host_record(), "runs": args.runs, "max_new_tokens": args.max_new_tokens,
         "mem_total_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "bundle": str(args.bundle),
         "max_pixels": args.max_pixels,
     }  # fmt: skip

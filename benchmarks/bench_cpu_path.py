@@ -35,6 +35,8 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_export_run import edgevlm_revision, run_child
 
+from edgevlm.bench import host_record
+
 PROMPT = "Describe this picture in detail."
 IMAGE_SIZE = 448  # 256 image tokens for Qwen2-VL
 PHOTO_SIZE = (4032, 3024)  # a 12-megapixel phone photo
@@ -229,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     median = statistics.median
     results: dict = {"model": str(args.model), "bundle": str(args.bundle), "profile": args.profile,
-                     "edgevlm_revision": edgevlm_revision(), "cpu_count": os.cpu_count(), "prompt": PROMPT}  # fmt: skip
+                     "edgevlm_revision": edgevlm_revision(), "cpu_count": os.cpu_count(), "host": host_record(), "prompt": PROMPT}  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         from edgevlm.exporters.verify import sample_image
 

@@ -24,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgevlm.bench import host_record
+
 VISION_DTYPES = ("fp32", "int8")
 EXPORT_FLAGS = ["--int4", "--vision-dtype", "fp32", "--vision-dtype", "int8", "--force"]
 IMAGE_SIZE = 448  # a 448x448 image is a 32x32 patch grid: 256 image tokens for Qwen2-VL
@@ -191,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict = {
         "model": str(args.model), "bundle": str(args.bundle), "edgevlm_revision": edgevlm_revision(),
-        "cpu_count": os.cpu_count(),
+        "cpu_count": os.cpu_count(), "host": host_record(),
     }  # fmt: skip
     if not args.skip_export:
         print(f"exporting {args.model} …", file=sys.stderr, flush=True)

@@ -15,7 +15,6 @@ import argparse
 import base64
 import io
 import json
-import os
 import random
 import socket
 import subprocess
@@ -30,6 +29,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 from PIL import Image
+
+from edgevlm.bench import host_record
 
 SOAK_KINDS = {  # kind: weight in the mix
     "valid": 40, "valid_stream": 10, "malformed_json": 6, "bad_fields": 8, "oversized_body": 4, "pixel_bomb": 4,
@@ -224,22 +225,13 @@ def main() -> int:
         "valid_latency_p50_s": round(float(np.percentile(valid, 50)), 3) if valid else None,
         "valid_latency_p99_s": round(float(np.percentile(valid, 99)), 3) if valid else None,
         "outcomes": dict(sorted(outcomes.items())), "unexpected": unexpected,
-        "host": _host(),
+        "host": host_record(),
     }  # fmt: skip
     print(json.dumps(report, indent=1))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1) + "\n")
     ok = alive and after[1].startswith("200") and report["rss_growth"] <= 0.05 and not unexpected
     return 0 if ok else 1
-
-
-def _host() -> str:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    model = next((line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")), "?")
-    return f"{model}, {os.cpu_count()} CPUs"
 
 
 if __name__ == "__main__":

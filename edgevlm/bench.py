@@ -122,6 +122,25 @@ def decode_against_baseline(vlm, prompt: str, max_new_tokens: int, runs: int) ->
     }
 
 
+def host_record() -> dict:
+    """This machine as every benchmark result records it: the CPU and the instruction sets that pick the kernels,
+    cores, RAM, and the kernels onnxruntime's int8 MatMuls and llama.cpp use here."""
+    import onnxruntime
+
+    from .llama_backend import system_info
+    from .profiles import probe_host
+
+    host = probe_host()
+    int8_dot = next((flag for flag in ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp") if flag in host.cpu_flags), None)
+    return {
+        "cpu_model": host.cpu_model, "isa": host.isa, "physical_cores": host.physical_cores,
+        "logical_cpus": host.logical_cpus, "ram_gib": round(host.ram_bytes / 2**30, 1) if host.ram_bytes else None,
+        "onnxruntime": onnxruntime.__version__,
+        "onnxruntime_int8_dot_product": int8_dot or ("int16 pairs (vpmaddubsw)" if host.int8_saturates else "unknown"),
+        "llama_cpp": system_info(),
+    }  # fmt: skip
+
+
 def run_bench(
     bundle: str | Path,
     *,
@@ -178,9 +197,11 @@ def run_bench(
         peak_rss = peak_rss_bytes()  # before the baseline loads a second context on the language model
         result = {
             "bundle": str(opened.path),
+            "host": host_record(),
             "files": {name: entry.size for name, entry in opened.manifest.files.items()},
             "llm_settings": asdict(vlm.llm.settings),
             "llm_extra_buffers": vlm.llm.repack_weights,  # what the setting above came to (its None is decided)
+            "llm_mmap": vlm.llm.mmap,  # off where the weights are repacked
             "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
             "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
             "load_s": load_s,

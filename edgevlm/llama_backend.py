@@ -87,6 +87,12 @@ def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+def system_info() -> str:
+    """llama.cpp's own line on the kernels it built and runs here, e.g. "CPU : SSE3 = 1 | AVX2 = 1 | AMX_INT8 = 1 | ..."."""
+    init_llama()
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
 def cpu_has_amx() -> bool:
     """Whether llama.cpp's CPU backend was built for and runs on a CPU with AMX int8 tiles."""
     init_llama()

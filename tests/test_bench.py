@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -47,6 +48,15 @@ def test_bench_measures_every_stage_per_image_size(bench_result):
     # what the automatic rule chose for llama.cpp's extra buffer types, not the setting (None)
     assert bench_result["llm_settings"]["repack_weights"] is None
     assert bench_result["llm_extra_buffers"] is not cpu_has_amx()
+
+
+def test_bench_records_the_host_it_ran_on(bench_result):
+    host = bench_result["host"]
+    assert host["physical_cores"] >= 1 and host["logical_cpus"] >= host["physical_cores"]
+    assert host["llama_cpp"].startswith("CPU :") and host["onnxruntime"]
+    # on x86 the ISA line names at least the vector width the kernels use
+    assert host["isa"] != "unknown" or not Path("/proc/cpuinfo").exists()
+    assert host["onnxruntime_int8_dot_product"] in ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp", "int16 pairs (vpmaddubsw)", "unknown")  # fmt: skip
 
 
 def test_bench_baseline_is_plain_llama_cpp_on_the_same_gguf(bench_result):

@@ -17,6 +17,7 @@ import pytest
 import edgevlm
 from edgevlm.budget import BudgetLimits
 from edgevlm.bundle import Bundle
+from edgevlm.contract.manifest import Manifest
 from edgevlm.errors import ProfileError
 from edgevlm.profiles import (
     HostInfo,
@@ -443,3 +444,42 @@ def test_a_provider_onnxruntime_cannot_start_is_reported(tiny_bundles, tmp_path,
     strict = write(tmp_path / "strict.toml", 'extends = "cpu"\nstrict = true\n')
     with pytest.raises(ProfileError, match=r"could not start CUDAExecutionProvider.*is strict"):
         edgevlm.load(tiny_bundles["F32"], profile=strict, providers=providers, n_ctx=256)
+
+
+AVX2_HOST = replace(CPU_HOST, cpu_model="AMD EPYC 7B13", cpu_flags=frozenset({"sse2", "avx2", "fma"}))
+VNNI_HOST = replace(AVX2_HOST, cpu_flags=frozenset({"sse2", "avx2", "fma", "avx512f", "avx512_vnni"}))
+
+
+def _with_int8_weight_bits(bundle: Path, tmp_path: Path, bits: int) -> Bundle:
+    """The bundle's manifest as if its int8 graph had `bits`-bit weights (8: exported by edgevlm 0.1.0)."""
+    manifest = json.loads((bundle / "edgevlm.json").read_text())
+    manifest["vision"]["variants"]["int8"]["weight_bits"] = bits
+    return Bundle(bundle, Manifest.from_dict(manifest))
+
+
+@pytest.mark.parametrize(("host", "bits", "expected"), [
+    (AVX2_HOST, 8, "fp32"),  # saturates: the exact fp32 graph instead, with a note
+    (AVX2_HOST, 7, "int8"),
+    (VNNI_HOST, 8, "int8"),  # VNNI's dot product adds in int32
+    (CPU_HOST, 8, "int8"),  # flags unknown: no change
+])  # fmt: skip
+def test_the_cpu_profile_avoids_an_int8_graph_that_saturates_on_this_cpu(tiny_bundles, tmp_path, host, bits, expected):
+    bundle = _with_int8_weight_bits(tiny_bundles["Q8_0"], tmp_path, bits)
+    settings = resolve_settings("cpu", bundle, host=host)
+    assert settings.vision_dtype == expected
+    assert any("saturation" in note for note in settings.notes) == (expected == "fp32")
+    explicit = resolve_settings("cpu", bundle, Overrides(vision_dtype="int8"), host=host)
+    assert explicit.vision_dtype == "int8"  # asked for by name: loaded as asked
+
+
+def test_host_reads_the_cpu_model_and_the_isa_flags_that_pick_kernels(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/cpuinfo").write_text(
+        "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+        "flags\t\t: fpu sse2 avx avx2 fma bmi2\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
+    )
+    host = probe_host(tmp_path, onnxruntime_providers=("CPUExecutionProvider",), llama_gpu_offload=False)
+    assert (host.cpu_model, host.isa, host.int8_saturates) == ("AMD EPYC 7B13 64-Core Processor", "avx2 fma", True)
+    (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n")
+    arm = probe_host(tmp_path, onnxruntime_providers=("CPUExecutionProvider",), llama_gpu_offload=False)
+    assert (arm.cpu_model, arm.isa, arm.int8_saturates) == (None, "asimd asimddp", False)

@@ -16,9 +16,10 @@ from typing import Any
 from ..contract.kinds.patch_positions import Grid2D
 from ..contract.kinds.positions import MRope3D
 from ..contract.kinds.preprocessing import DynamicPatches
-from ..contract.manifest import TokenSpec, VisionSpec, VisionVariant
+from ..contract.manifest import TokenSpec, VisionSpec
 from ..images import load_image
 from .family import Family, Loaded, find_chat_template
+from .onnx_export import vision_variants
 from .qwen2vl_gguf import SPECIAL_TOKENS, special_token_ids, write_qwen2_vl_llm_gguf
 
 logger = logging.getLogger(__name__)
@@ -57,12 +58,8 @@ class QwenVLFamily(Family):
         vision_config = loaded.model.config.vision_config
         grids = self.validation_grids(vision_config)
         report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids)
-        variants = {
-            dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})  # fmt: skip
-            for dtype, entry in report.items()
-        }
         return VisionSpec(
-            variants=variants,
+            variants=vision_variants(report),
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
             patch_positions=Grid2D(),

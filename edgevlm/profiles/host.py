@@ -15,6 +15,9 @@ GIB = 2**30
 LOWMEM_BELOW_BYTES = 12 * GIB  # `auto` picks cpu-lowmem under this much RAM
 # /proc/device-tree/model substrings (lower case) -> profile; NVIDIA's names, e.g. "NVIDIA Jetson Orin Nano Developer Kit"
 JETSON_MODELS = (("orin nano", "jetson-orin-nano"), ("orin nx", "jetson-orin-nx"), ("agx orin", "jetson-agx-orin"))
+# The /proc/cpuinfo flags that decide which int8 and llama.cpp kernels run: x86 vector widths and int8 dot products
+# (VNNI, AMX), ARM's NEON (asimd) and its dot product (asimddp)
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "asimddp")
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,24 @@ class HostInfo:
     ram_bytes: int | None  # MemTotal
     physical_cores: int  # of the CPUs this process may run on
     logical_cpus: int
+    cpu_model: str | None = None  # /proc/cpuinfo "model name"
+    cpu_flags: frozenset[str] = frozenset()  # the `ISA_FLAGS` /proc/cpuinfo lists
 
     @property
     def is_jetson(self) -> bool:
         return self.tegra_release is not None or "jetson" in (self.device_model or "").lower()
+
+    @property
+    def isa(self) -> str:
+        """The instruction sets that matter for the kernels, e.g. "avx2 fma avx512f avx512_vnni amx_int8"."""
+        return " ".join(flag for flag in ISA_FLAGS if flag in self.cpu_flags) or "unknown"
+
+    @property
+    def int8_saturates(self) -> bool:
+        """Whether onnxruntime's u8s8 kernels add products in int16 here (x86 without VNNI or AMX): 8-bit int8 weights
+        lose accuracy there (`exporters.onnx_export.INT8_WEIGHT_BITS`). False where the flags are unknown."""
+        x86 = "avx2" in self.cpu_flags or "sse2" in self.cpu_flags
+        return x86 and not self.cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
 
 
 def _read_text(path: Path) -> str | None:
@@ -44,6 +61,13 @@ def _read_text(path: Path) -> str | None:
 def _ram_bytes(meminfo: str | None) -> int | None:
     match = re.search(r"^MemTotal:\s+(\d+)\s*kB", meminfo or "", re.MULTILINE)
     return int(match.group(1)) * 1024 if match else None
+
+
+def _cpu_identity(cpuinfo: str | None) -> tuple[str | None, frozenset[str]]:
+    """(model name, flags) from /proc/cpuinfo's first processor: x86 "model name"/"flags", ARM "Features"."""
+    model = re.search(r"^model name\s*:\s*(.+)$", cpuinfo or "", re.MULTILINE)
+    flags = re.search(r"^(?:flags|Features)\s*:\s*(.*)$", cpuinfo or "", re.MULTILINE)
+    return (model.group(1).strip() if model else None), frozenset(flags.group(1).split() if flags else ())
 
 
 def _cpu_topology(root: Path, cpus: set[int] | None) -> tuple[int, int]:
@@ -85,6 +109,7 @@ def probe_host(
     affinity = set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
     physical, logical = _cpu_topology(root, affinity)
     tegra_release = _read_text(root / "etc/nv_tegra_release")
+    cpu_model, cpu_flags = _cpu_identity(_read_text(root / "proc/cpuinfo"))
     return HostInfo(
         device_model=_read_text(root / "proc/device-tree/model"),
         tegra_release=tegra_release.splitlines()[0] if tegra_release else None,
@@ -95,6 +120,8 @@ def probe_host(
         ram_bytes=_ram_bytes(_read_text(root / "proc/meminfo")),
         physical_cores=physical,
         logical_cpus=logical,
+        cpu_model=cpu_model,
+        cpu_flags=cpu_flags & set(ISA_FLAGS) | cpu_flags & {"sse2"},
     )
 
 

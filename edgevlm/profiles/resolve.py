@@ -56,7 +56,9 @@ class LlamaSettings:
     kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
     mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
     mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
-    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
+    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles); a repacking load reads the
+    # GGUF instead of mapping it, whatever `mmap` says (the mapped pages would stay resident next to the repacked
+    # copy). None: on, except on CPUs
     # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
     # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
     repack_weights: bool | None = None
@@ -176,13 +178,20 @@ def _available_providers(profile: Profile, host: HostInfo, notes: _Notes) -> lis
     return kept
 
 
-def _vision_dtype(profile: Profile, bundle: Bundle | None, on_gpu: bool, notes: _Notes) -> str | None:
+def _vision_dtype(profile: Profile, bundle: Bundle | None, on_gpu: bool, host: HostInfo, notes: _Notes) -> str | None:
     preference = list(profile.vision.precision)
     if not on_gpu and "fp16" in preference[:-1]:  # onnxruntime's CPU kernels run fp16 graphs slowly
         preference = [p for p in preference if p != "fp16"] + ["fp16"]
     if bundle is None:
         return preference[0] if preference else None
     variants = bundle.manifest.vision.variants
+    int8 = variants.get("int8")
+    if not on_gpu and host.int8_saturates and int8 is not None and int8.weight_bits == 8 and len(variants) > 1:
+        preference = [p for p in preference if p != "int8"] + ["int8"]
+        if next((p for p in preference if p in variants), None) != "int8":
+            notes.adjust(f"this bundle's int8 vision graph has 8-bit weights, which onnxruntime's int8 kernels add "
+                         f"with saturation on CPUs without VNNI or AMX (this one: {host.isa}): loading another variant. "
+                         "Re-export the bundle with this edgevlm for an int8 graph that is exact on every CPU.")  # fmt: skip
     chosen = next((p for p in preference if p in variants), None)
     if chosen is None:
         chosen = bundle.manifest.vision.default
@@ -227,7 +236,7 @@ def resolve_settings(
     else:
         kept = _available_providers(profile, host, notes)
         on_gpu = kept != ["cpu"]
-    vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, notes)
+    vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, host, notes)
 
     llm = profile.llm
     n_gpu_layers = overrides.n_gpu_layers

@@ -18,10 +18,11 @@ from typing import Any
 from ...contract.kinds.patch_positions import NoPatchPositions
 from ...contract.kinds.positions import Linear
 from ...contract.kinds.preprocessing import FixedResize
-from ...contract.manifest import TokenSpec, VisionSpec, VisionVariant
+from ...contract.manifest import TokenSpec, VisionSpec
 from ...errors import UnsupportedModelError
 from ...images import load_image
 from ..family import Family, Loaded, find_chat_template
+from ..onnx_export import vision_variants
 from .llm import IMAGE_TOKEN, write_llava_llm_gguf
 
 logger = logging.getLogger(__name__)
@@ -59,13 +60,9 @@ class LlavaFamily(Family):
         from .vision import export_llava_vision, feature_layer_count
 
         report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes)
-        variants = {
-            dtype: VisionVariant(file=entry["file"], dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})
-            for dtype, entry in report.items()
-        }  # fmt: skip
         vision_config = loaded.model.config.vision_config
         return VisionSpec(
-            variants=variants,
+            variants=vision_variants(report),
             default=dtypes[0],
             embedding_dim=int(loaded.model.config.text_config.hidden_size),
             patch_positions=NoPatchPositions(),
