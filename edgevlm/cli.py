@@ -281,8 +281,7 @@ def _profiles(args: argparse.Namespace) -> int:
         print(f"{name:<{width}}  {'*' if name == auto_name else ' '} {load_profile(name).description}")
     print(f"\nauto picks {auto_name}: {reason}")
     ram = f"{host.ram_bytes / 2**30:.1f} GiB RAM" if host.ram_bytes else "RAM unknown"
-    print(f"this machine: {host.cpu_model or 'CPU model unknown'} ({host.isa}; int8 kernels "
-          f"{'add pairs in int16: 7-bit int8 graphs only' if host.int8_saturates else 'exact'}), "
+    print(f"this machine: {host.cpu_model or 'CPU model unknown'} ({host.isa}), "
           f"{host.physical_cores} physical cores ({host.logical_cpus} CPUs), {ram}, "
           f"onnxruntime providers {', '.join(host.onnxruntime_providers)}, llama.cpp GPU offload "
           f"{'yes' if host.llama_gpu_offload else 'no'}{', ' + host.device_model if host.device_model else ''}")  # fmt: skip

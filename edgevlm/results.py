@@ -26,6 +26,7 @@ class Timings:
     n_prefill_tokens: int = 0  # prompt cells decoded for this request
     n_text_with_images: int = 0  # prompt text tokens decoded in the same batch as an image's embeddings
     n_generated: int = 0
+    n_threads: int = 0  # llama.cpp threads this request decoded with (fewer than the profile's when cores were busy)
 
     @property
     def decode_tokens_per_s(self) -> float:

@@ -56,7 +56,7 @@ def test_bench_records_the_host_it_ran_on(bench_result):
     assert host["llama_cpp"].startswith("CPU :") and host["onnxruntime"]
     # on x86 the ISA line names at least the vector width the kernels use
     assert host["isa"] != "unknown" or not Path("/proc/cpuinfo").exists()
-    assert host["onnxruntime_int8_dot_product"] in ("amx_int8", "avx512_vnni", "avx_vnni", "asimddp", "int16 pairs (vpmaddubsw)", "unknown")  # fmt: skip
+    assert host["onnxruntime_int8"] in ("exact int32 sums", "pairs saturate in int16 (vpmaddubsw)")
 
 
 def test_bench_baseline_is_plain_llama_cpp_on_the_same_gguf(bench_result):

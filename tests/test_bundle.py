@@ -174,19 +174,3 @@ def test_format_1_with_an_unknown_kind_names_it(bundle_copy):
     v1["positions"]["kind"] = "spiral"
     with pytest.raises(BundleError, match=r"positions.kind: 'spiral' is not known to this edgevlm \(its positions kinds: mrope-3d, linear"):  # fmt: skip
         Manifest.from_dict(v1)
-
-
-def test_format_1_int8_graphs_are_marked_8_bit(tiny_bundles):
-    """0.1.0 quantized int8 weights to 8 bits, which saturate on CPUs without VNNI (the profile then prefers another
-    variant); this edgevlm exports 7-bit ones."""
-    current = json.loads((tiny_bundles["Q8_0"] / MANIFEST_NAME).read_text())
-    assert current["vision"]["variants"]["int8"]["weight_bits"] == 7 and current["vision"]["variants"]["fp32"]["weight_bits"] is None  # fmt: skip
-    v1 = json.loads(json.dumps(current))
-    v1["format_version"] = 1
-    for variant in v1["vision"]["variants"].values():
-        variant.pop("weight_bits", None)
-    v1["preprocessing"]["kind"] = "qwen2_vl"
-    v1["positions"]["kind"] = "mrope"
-    v1["vision"]["patch_positions"] = "qwen2_vl"
-    variants = Manifest.from_dict(v1).vision.variants
-    assert (variants["int8"].weight_bits, variants["fp32"].weight_bits) == (8, None)

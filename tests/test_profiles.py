@@ -17,7 +17,6 @@ import pytest
 import edgevlm
 from edgevlm.budget import BudgetLimits
 from edgevlm.bundle import Bundle
-from edgevlm.contract.manifest import Manifest
 from edgevlm.errors import ProfileError
 from edgevlm.profiles import (
     HostInfo,
@@ -29,6 +28,7 @@ from edgevlm.profiles import (
     resolve_settings,
     shipped_profiles,
 )
+from edgevlm.profiles.host import other_running_tasks
 from edgevlm.profiles.memory import kv_cache_bytes, kv_values_per_token
 from edgevlm.runtimes.llm import _set_load_mode
 
@@ -180,12 +180,12 @@ TRT_OPTIONS = {
 EXPECTED = {  # on GPU_HOST (6 physical cores), without a bundle
     "cpu": (
         [("CPUExecutionProvider", {})], "int8",
-        LlamaSettings(n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=None, kv_cache_type="f16", mmap=True, mlock=False),
+        LlamaSettings(n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=None, kv_cache_type="f16", mmap=True, mlock=False, adapt_threads=True),
         BudgetLimits(max_image_tokens=256),
     ),
     "cpu-lowmem": (
         [("CPUExecutionProvider", {})], "int8",
-        LlamaSettings(n_ctx=2048, n_batch=256, n_ubatch=256, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=True, kv_cache_type="q8_0", mmap=True, mlock=False),
+        LlamaSettings(n_ctx=2048, n_batch=256, n_ubatch=256, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=True, kv_cache_type="q8_0", mmap=True, mlock=False, adapt_threads=True),
         BudgetLimits(max_image_tokens=512, image_budget=1024),
     ),
     "cuda": (
@@ -446,32 +446,6 @@ def test_a_provider_onnxruntime_cannot_start_is_reported(tiny_bundles, tmp_path,
         edgevlm.load(tiny_bundles["F32"], profile=strict, providers=providers, n_ctx=256)
 
 
-AVX2_HOST = replace(CPU_HOST, cpu_model="AMD EPYC 7B13", cpu_flags=frozenset({"sse2", "avx2", "fma"}))
-VNNI_HOST = replace(AVX2_HOST, cpu_flags=frozenset({"sse2", "avx2", "fma", "avx512f", "avx512_vnni"}))
-
-
-def _with_int8_weight_bits(bundle: Path, tmp_path: Path, bits: int) -> Bundle:
-    """The bundle's manifest as if its int8 graph had `bits`-bit weights (8: exported by edgevlm 0.1.0)."""
-    manifest = json.loads((bundle / "edgevlm.json").read_text())
-    manifest["vision"]["variants"]["int8"]["weight_bits"] = bits
-    return Bundle(bundle, Manifest.from_dict(manifest))
-
-
-@pytest.mark.parametrize(("host", "bits", "expected"), [
-    (AVX2_HOST, 8, "fp32"),  # saturates: the exact fp32 graph instead, with a note
-    (AVX2_HOST, 7, "int8"),
-    (VNNI_HOST, 8, "int8"),  # VNNI's dot product adds in int32
-    (CPU_HOST, 8, "int8"),  # flags unknown: no change
-])  # fmt: skip
-def test_the_cpu_profile_avoids_an_int8_graph_that_saturates_on_this_cpu(tiny_bundles, tmp_path, host, bits, expected):
-    bundle = _with_int8_weight_bits(tiny_bundles["Q8_0"], tmp_path, bits)
-    settings = resolve_settings("cpu", bundle, host=host)
-    assert settings.vision_dtype == expected
-    assert any("saturation" in note for note in settings.notes) == (expected == "fp32")
-    explicit = resolve_settings("cpu", bundle, Overrides(vision_dtype="int8"), host=host)
-    assert explicit.vision_dtype == "int8"  # asked for by name: loaded as asked
-
-
 def test_host_reads_the_cpu_model_and_the_isa_flags_that_pick_kernels(tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/cpuinfo").write_text(
@@ -479,7 +453,30 @@ def test_host_reads_the_cpu_model_and_the_isa_flags_that_pick_kernels(tmp_path):
         "flags\t\t: fpu sse2 avx avx2 fma bmi2\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
     )
     host = probe_host(tmp_path, onnxruntime_providers=("CPUExecutionProvider",), llama_gpu_offload=False)
-    assert (host.cpu_model, host.isa, host.int8_saturates) == ("AMD EPYC 7B13 64-Core Processor", "avx2 fma", True)
+    assert (host.cpu_model, host.isa) == ("AMD EPYC 7B13 64-Core Processor", "avx2 fma")
     (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n")
     arm = probe_host(tmp_path, onnxruntime_providers=("CPUExecutionProvider",), llama_gpu_offload=False)
-    assert (arm.cpu_model, arm.isa, arm.int8_saturates) == (None, "asimd asimddp", False)
+    assert (arm.cpu_model, arm.isa) == (None, "asimd asimddp")
+
+
+def test_other_running_tasks_reads_the_instantaneous_count_less_the_caller(tmp_path):
+    (tmp_path / "proc").mkdir()
+    (tmp_path / "proc/loadavg").write_text("1.52 0.98 0.61 3/412 12345\n")
+    assert other_running_tasks(tmp_path) == 2
+    (tmp_path / "proc/loadavg").write_text("0.00 0.01 0.05 1/97 12\n")
+    assert other_running_tasks(tmp_path) == 0
+    assert other_running_tasks(tmp_path / "nowhere") == 0  # no /proc: nothing known to be busy
+
+
+@pytest.mark.parametrize(("others", "explicit", "expected"), [(0, None, 2), (1, None, 1), (5, None, 1), (1, 2, 2)])
+def test_requests_leave_busy_cores_to_other_processes(tiny_bundles, monkeypatch, others, explicit, expected):
+    """The cpu profile's llama.cpp threads, per request: its 2 threads minus the other processes' running tasks at
+    the request's start (at least 1); a thread count given to load() is used as given."""
+    import edgevlm.runtimes.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "other_running_tasks", lambda: others)
+    host = replace(CPU_HOST, physical_cores=2, logical_cpus=2)
+    monkeypatch.setattr("edgevlm.profiles.resolve.probe_host", lambda: host)
+    with edgevlm.load(tiny_bundles["F32"], profile="cpu", n_threads=explicit, n_ctx=256) as vlm:
+        steps = list(vlm.generate("hi", max_new_tokens=2))
+        assert steps[-1].timings.n_threads == vlm.llm.n_threads == expected

@@ -44,9 +44,6 @@ class VisionVariant:
 
     file: str
     dtype: str  # fp32 | fp16 | int8
-    # int8 only: 7 (exact on every CPU) or 8 (format 1 bundles: saturates in onnxruntime's kernels on x86 CPUs without
-    # VNNI or AMX, so the profile resolver prefers another variant there)
-    weight_bits: int | None = None
     validation: dict = field(default_factory=dict)
 
 
@@ -143,8 +140,8 @@ _V1_KINDS = {
 def migrate_v1(data: dict) -> dict:
     """A format 1 manifest (edgevlm 0.1.0) as format 2: family-named kinds become mechanism names, the patch
     positions kind is made explicit (bundles exported before LLaVA support have none: format 1 then meant Qwen2-VL's,
-    as their `input_names` say), int8 graphs are marked as 8-bit weights, and the fields no runtime read
-    (`vision.input_names`, `vision.output_name`, `positions.sections`, token ids) go.
+    as their `input_names` say), and the fields no runtime read (`vision.input_names`, `vision.output_name`,
+    `positions.sections`, token ids) go.
     Values of the wrong type are left for the format 2 reader to name."""
     data = dict(data, format_version=FORMAT_VERSION)
     preprocessing, positions, vision, tokens = (data.get(key) for key in ("preprocessing", "positions", "vision", "tokens"))  # fmt: skip
@@ -158,10 +155,6 @@ def migrate_v1(data: dict) -> dict:
         implied = "grid-2d" if isinstance(input_names, list) and PATCH_POSITIONS in input_names else "none"
         kind = vision.get("patch_positions", implied)
         vision["patch_positions"] = _V1_KINDS["patch_positions"].get(kind, kind) if isinstance(kind, str) else kind
-        variants = vision.get("variants")
-        if isinstance(variants, dict):  # 0.1.0 quantized int8 weights to the full 8 bits
-            vision["variants"] = {name: dict(v, weight_bits=8) if isinstance(v, dict) and v.get("dtype") == "int8" else v
-                                  for name, v in variants.items()}  # fmt: skip
         data["vision"] = vision
     if isinstance(tokens, dict):
         data["tokens"] = {k: v for k, v in tokens.items() if k not in ("image_pad_id", "vision_start_id", "vision_end_id", "eos_ids")}  # fmt: skip
@@ -297,9 +290,6 @@ def _check_manifest(manifest: Manifest) -> None:
         _check_file_name(variant.file, f"vision.variants.{dtype}.file")
         if variant.dtype not in VISION_DTYPES:
             raise _Malformed(f"vision.variants.{dtype}.dtype: {variant.dtype!r} is not one of {', '.join(VISION_DTYPES)}")  # fmt: skip
-        if variant.weight_bits not in ((7, 8) if variant.dtype == "int8" else (None,)):
-            expected = "7 or 8" if variant.dtype == "int8" else f"absent for a {variant.dtype} graph"
-            raise _Malformed(f"vision.variants.{dtype}.weight_bits: {_describe(variant.weight_bits)}, expected {expected}")  # fmt: skip
     if vision.default not in vision.variants:
         raise _Malformed(f"vision.default: {vision.default!r} is not one of the variants ({', '.join(vision.variants)})")  # fmt: skip
     if llm.text_normalization not in TEXT_NORMALIZATIONS:

@@ -210,18 +210,8 @@ def check_agreement(agreement: OnnxAgreement, cosine_floor: float, what: str) ->
         raise CosineValidationError(what, agreement.mean_cosine, cosine_floor, agreement.max_abs_diff)
 
 
-# Weights are quantized to 7 bits (-64..64). onnxruntime's u8s8 kernels on AVX2 and AVX-512 without VNNI multiply
-# with `vpmaddubsw`, which adds two u8 x s8 products into an int16 and saturates past 32767: full 8-bit weights
-# (255 * 127 * 2 = 64770) lose accuracy there (tiny tower, `qemu-x86_64 -cpu Haswell`: min cosine 0.99795 vs 0.99982
-# on AMX). With 7 bits (255 * 64 * 2 = 32640) every x86 kernel and ARM's dot products compute the same exact integer
-# sums: 0.99973 / 0.99962 (mean / min cosine) on both. u8u8 would keep 8 bits but runs at fp32's speed on AMX
-# (63 ms vs 11-18 ms for a 1024x1280x5120 MatMul); 7-bit u8s8 runs as fast as 8-bit u8s8.
-INT8_WEIGHT_BITS = 7
-
-
 def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
-    """Dynamic int8 quantization of the weight MatMuls (per output channel, `INT8_WEIGHT_BITS`-bit weights);
-    everything else stays float.
+    """Dynamic int8 quantization of the weight MatMuls (per output channel); everything else stays float.
 
     Only MatMuls with a constant weight are quantized: attention's activation-by-activation MatMuls and the patch
     embedding on raw pixels stay float, which keeps the accuracy loss to the weights' rounding. Activations are
@@ -237,7 +227,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
     with _without_log_records(logging.getLogger(), "consider to run pre-processing"):  # advice for static quantization
         quantization.quantize_dynamic(
             fp32_path, out_path, op_types_to_quantize=["MatMul"], per_channel=True,
-            weight_type=quantization.QuantType.QInt8, reduce_range=INT8_WEIGHT_BITS == 7,
+            weight_type=quantization.QuantType.QInt8,
             # int8 weights are a quarter of fp32 ones; only a huge graph still needs external data.
             use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES,
             extra_options={"MatMulConstBOnly": True}, nodes_to_exclude=float_matmuls,
@@ -371,8 +361,7 @@ def export_vision_variants(
 def vision_variants(report: Mapping[str, Mapping[str, object]]) -> dict[str, VisionVariant]:
     """The manifest's vision variants from `export_vision_variants`' report."""
     return {
-        dtype: VisionVariant(file=str(entry["file"]), dtype=dtype, weight_bits=INT8_WEIGHT_BITS if dtype == "int8" else None,
-                             validation={k: v for k, v in entry.items() if k != "file"})
+        dtype: VisionVariant(file=str(entry["file"]), dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})
         for dtype, entry in report.items()
     }  # fmt: skip
 

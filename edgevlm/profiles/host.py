@@ -43,13 +43,6 @@ class HostInfo:
         """The instruction sets that matter for the kernels, e.g. "avx2 fma avx512f avx512_vnni amx_int8"."""
         return " ".join(flag for flag in ISA_FLAGS if flag in self.cpu_flags) or "unknown"
 
-    @property
-    def int8_saturates(self) -> bool:
-        """Whether onnxruntime's u8s8 kernels add products in int16 here (x86 without VNNI or AMX): 8-bit int8 weights
-        lose accuracy there (`exporters.onnx_export.INT8_WEIGHT_BITS`). False where the flags are unknown."""
-        x86 = "avx2" in self.cpu_flags or "sse2" in self.cpu_flags
-        return x86 and not self.cpu_flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
-
 
 def _read_text(path: Path) -> str | None:
     try:
@@ -121,8 +114,21 @@ def probe_host(
         physical_cores=physical,
         logical_cpus=logical,
         cpu_model=cpu_model,
-        cpu_flags=cpu_flags & set(ISA_FLAGS) | cpu_flags & {"sse2"},
+        cpu_flags=cpu_flags & set(ISA_FLAGS),
     )
+
+
+def other_running_tasks(root: str | os.PathLike = "/") -> int:
+    """Tasks of other processes running or runnable right now: /proc/loadavg's instantaneous count, less the thread
+    asking; the least of three reads, so a task that only passes through is not counted. 0 where unknown."""
+    counts = []
+    for _ in range(3):
+        text = _read_text(Path(root) / "proc/loadavg")
+        match = re.match(r"\S+ \S+ \S+ (\d+)/", text or "")
+        if match is None:
+            return 0
+        counts.append(int(match.group(1)) - 1)
+    return max(0, min(counts))
 
 
 def choose_profile(host: HostInfo) -> tuple[str, str]:

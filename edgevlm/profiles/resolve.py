@@ -62,6 +62,9 @@ class LlamaSettings:
     # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
     # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
     repack_weights: bool | None = None
+    # Each request decodes with n_threads minus the tasks of other processes running when it starts (at least 1):
+    # llama.cpp's threads wait for each other at every step, so one of them waiting for a busy core stalls all.
+    adapt_threads: bool = False
 
 
 @dataclass(frozen=True)
@@ -178,20 +181,13 @@ def _available_providers(profile: Profile, host: HostInfo, notes: _Notes) -> lis
     return kept
 
 
-def _vision_dtype(profile: Profile, bundle: Bundle | None, on_gpu: bool, host: HostInfo, notes: _Notes) -> str | None:
+def _vision_dtype(profile: Profile, bundle: Bundle | None, on_gpu: bool, notes: _Notes) -> str | None:
     preference = list(profile.vision.precision)
     if not on_gpu and "fp16" in preference[:-1]:  # onnxruntime's CPU kernels run fp16 graphs slowly
         preference = [p for p in preference if p != "fp16"] + ["fp16"]
     if bundle is None:
         return preference[0] if preference else None
     variants = bundle.manifest.vision.variants
-    int8 = variants.get("int8")
-    if not on_gpu and host.int8_saturates and int8 is not None and int8.weight_bits == 8 and len(variants) > 1:
-        preference = [p for p in preference if p != "int8"] + ["int8"]
-        if next((p for p in preference if p in variants), None) != "int8":
-            notes.adjust(f"this bundle's int8 vision graph has 8-bit weights, which onnxruntime's int8 kernels add "
-                         f"with saturation on CPUs without VNNI or AMX (this one: {host.isa}): loading another variant. "
-                         "Re-export the bundle with this edgevlm for an int8 graph that is exact on every CPU.")  # fmt: skip
     chosen = next((p for p in preference if p in variants), None)
     if chosen is None:
         chosen = bundle.manifest.vision.default
@@ -236,7 +232,7 @@ def resolve_settings(
     else:
         kept = _available_providers(profile, host, notes)
         on_gpu = kept != ["cpu"]
-    vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, host, notes)
+    vision_dtype = overrides.vision_dtype or _vision_dtype(profile, bundle, on_gpu, notes)
 
     llm = profile.llm
     n_gpu_layers = overrides.n_gpu_layers
@@ -255,6 +251,7 @@ def resolve_settings(
         n_threads=threads or _threads(llm.n_threads, host), n_threads_batch=threads or _threads(llm.n_threads_batch, host),
         n_gpu_layers=n_gpu_layers, flash_attn=None if llm.flash_attn == "auto" else llm.flash_attn,
         kv_cache_type=llm.kv_cache_type, mmap=llm.mmap, mlock=llm.mlock,
+        adapt_threads=llm.adapt_threads and threads is None,  # a thread count asked for is used as asked
     )  # fmt: skip
 
     ceiling, ceiling_text = _ceiling(profile, host)

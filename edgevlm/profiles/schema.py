@@ -168,6 +168,7 @@ class LLMProfile:
     kv_cache_type: str = _key(_choice(*KV_CACHE_BYTES_PER_VALUE), "f16")
     mmap: bool | None = _key(_bool)  # None: llama.cpp decides
     mlock: bool = _key(_bool, False)
+    adapt_threads: bool = _key(_bool, False)  # each request: n_threads minus the other tasks running at its start
 
 
 @dataclass(frozen=True)

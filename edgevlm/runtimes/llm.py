@@ -142,7 +142,7 @@ class LlamaLM:
         # llama.cpp rounds n_ctx up (to 256 at least) and clamps n_batch to it: use what it really made
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
-        self.n_threads = ctx_params.n_threads
+        self.n_threads, self.n_threads_batch = ctx_params.n_threads, ctx_params.n_threads_batch
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_past = 0  # number of cache slots filled (not the RoPE position, which M-RoPE advances differently)
         self._sampler = None  # greedy or top-k/top-p/temperature/dist chain
@@ -201,6 +201,12 @@ class LlamaLM:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
     # -- decoding -------------------------------------------------------------------------------------------------
+    def use_threads(self, n_threads: int, n_threads_batch: int) -> None:
+        """Decode with these thread counts from now on (the context keeps its weights and cache)."""
+        if (n_threads, n_threads_batch) != (self.n_threads, self.n_threads_batch):
+            llama_cpp.llama_set_n_threads(self._ctx, n_threads, n_threads_batch)
+            self.n_threads, self.n_threads_batch = n_threads, n_threads_batch
+
     def reset(self) -> None:
         """Forget the KV cache."""
         llama_cpp.llama_memory_clear(self._memory, True)

@@ -28,6 +28,7 @@ from ..errors import BundleError, ContextOverflowError, ModelClosedError, Profil
 from ..images import CheckedImages, ImageLimits, check_images
 from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
+from ..profiles.host import other_running_tasks
 from ..results import ChatChunk, ChatResult, GenerationStep, Timings
 from .decode import decode
 from .llm import LlamaLM, SamplingParams
@@ -287,6 +288,7 @@ class EdgeVLM:
             timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000)
             t_begin = time.perf_counter()
             with self._using():
+                self._adapt_threads(timings)
                 spans = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
                 timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
                 position = self._prefill_request(spans, sampling, timings, cancel)
@@ -302,6 +304,14 @@ class EdgeVLM:
                     return
         finally:
             self.turns.give_back()
+
+    def _adapt_threads(self, timings: Timings) -> None:
+        """With the profile's `adapt_threads`, leave the cores other processes are using right now to them."""
+        llama = self.settings.llama
+        if llama.adapt_threads:
+            others = other_running_tasks()
+            self.llm.use_threads(max(1, llama.n_threads - others), max(1, llama.n_threads_batch - others))
+        timings.n_threads = self.llm.n_threads
 
     def _prefill_request(self, spans: list[Span], sampling: SamplingParams, timings: Timings,
                          cancel: threading.Event | None) -> int | None:  # fmt: skip
