@@ -465,6 +465,12 @@ def test_other_running_tasks_reads_the_instantaneous_count_less_the_caller(tmp_p
     assert other_running_tasks(tmp_path) == 2
     (tmp_path / "proc/loadavg").write_text("0.00 0.01 0.05 1/97 12\n")
     assert other_running_tasks(tmp_path) == 0
+    # this process's own running threads (llama.cpp's, still polling after a step) are not other processes' tasks
+    (tmp_path / "proc/loadavg").write_text("2.10 1.00 0.50 4/97 12\n")
+    for tid, state in ((100, "R"), (101, "R"), (102, "S")):
+        (tmp_path / f"proc/self/task/{tid}").mkdir(parents=True)
+        (tmp_path / f"proc/self/task/{tid}/stat").write_text(f"{tid} (python3 (x) y) {state} 1 2 3\n")
+    assert other_running_tasks(tmp_path) == 2
     assert other_running_tasks(tmp_path / "nowhere") == 0  # no /proc: nothing known to be busy
 
 

@@ -119,16 +119,23 @@ def probe_host(
 
 
 def other_running_tasks(root: str | os.PathLike = "/") -> int:
-    """Tasks of other processes running or runnable right now: /proc/loadavg's instantaneous count, less the thread
-    asking; the least of three reads, so a task that only passes through is not counted. 0 where unknown."""
+    """Tasks of other processes running or runnable right now: /proc/loadavg's instantaneous count less this
+    process's running threads (llama.cpp's still polling after a step, the thread asking); the least of three reads,
+    so a task that only passes through is not counted. 0 where unknown."""
     counts = []
     for _ in range(3):
         text = _read_text(Path(root) / "proc/loadavg")
         match = re.match(r"\S+ \S+ \S+ (\d+)/", text or "")
         if match is None:
             return 0
-        counts.append(int(match.group(1)) - 1)
+        counts.append(int(match.group(1)) - max(1, _own_running_threads(Path(root))))
     return max(0, min(counts))
+
+
+def _own_running_threads(root: Path) -> int:
+    """This process's threads in state R (running or runnable), from /proc/self/task/*/stat."""
+    states = (_read_text(stat) or "" for stat in (root / "proc/self/task").glob("*/stat"))
+    return sum(1 for text in states if text.rpartition(")")[2].split()[:1] == ["R"])
 
 
 def choose_profile(host: HostInfo) -> tuple[str, str]:
