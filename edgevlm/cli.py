@@ -314,7 +314,8 @@ def _show_profile(args: argparse.Namespace, host) -> int:
     print(f"  intra-op threads {settings.intra_op_threads}, spinning {'on' if settings.allow_spinning else 'off'}")
     print("llm (llama.cpp):")
     print(f"  n_gpu_layers {llama.n_gpu_layers} ({'all' if llama.n_gpu_layers < 0 else 'CPU only' if llama.n_gpu_layers == 0 else 'partial'}), "
-          f"n_threads {llama.n_threads}, n_threads_batch {llama.n_threads_batch}")  # fmt: skip
+          f"n_threads {llama.n_threads}, n_threads_batch {llama.n_threads_batch}"
+          f"{' (less the cores other processes are busy on, per request)' if llama.adapt_threads else ''}")  # fmt: skip
     flash = "auto" if llama.flash_attn is None else "on" if llama.flash_attn else "off"
     mmap = "auto" if llama.mmap is None else "on" if llama.mmap else "off"
     print(f"  n_ctx {llama.n_ctx}, n_batch {llama.n_batch}, n_ubatch {llama.n_ubatch}, flash attention {flash}, "
