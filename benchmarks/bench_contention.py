@@ -26,6 +26,9 @@ from edgevlm.bench import host_record
 from edgevlm.demo.scenes import scene
 from edgevlm.profiles import probe_host
 
+sys.path.insert(0, str(Path(__file__).parent))  # the sibling benchmark modules
+from bench_export_run import edgevlm_revision
+
 
 def _spin() -> None:
     while True:
@@ -97,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         for name, row in medians.items():
             print(f"  {name:<12} latency {row['latency_s'] * 1000:8.1f} ms  first token {row['time_to_first_token_s'] * 1000:8.1f} ms"
                   f"  decode {row['decode_tokens_per_s']:6.1f} tok/s  llama.cpp threads {row['n_threads']:.0f}")  # fmt: skip
-    report = {"bundle": str(args.bundle), "host": host_record(), "questions": args.questions, "rounds": args.rounds,
+    report = {"bundle": str(args.bundle), "edgevlm_revision": edgevlm_revision(), "host": host_record(),
+              "questions": args.questions, "rounds": args.rounds,
               "image_side": args.image_side, "max_new_tokens": args.max_new_tokens, "situations": results}  # fmt: skip
     if args.json:
         args.json.write_text(json.dumps(report, indent=1) + "\n")

@@ -3,8 +3,9 @@
     python benchmarks/bench_repack_rss.py BUNDLE/llm-Q4_K_M.gguf --json benchmarks/results/repack-rss-qwen2-vl-2b.json
 
 Where the CPU has no AMX, llama.cpp repacks Q4_K weights into its CPU_REPACK buffer for its SIMD kernels. With the
-file mapped, the pages those weights were read from stay resident next to the repacked copy; the runtime therefore
-reads the file instead when it repacks (`runtimes/llm.py`). Each setting loads the GGUF in a fresh process (plain
+file mapped (the `cpu` profile's `mmap = true`), the pages those weights were read from may stay resident next to
+the repacked copy (an AVX2 host measured 597 MB of repacked weights on top of the mapped file); reading the file
+instead would not keep them. This measures whether it does, before the runtime changes its rule. Each setting loads the GGUF in a fresh process (plain
 llama-cpp-python `Llama`, text only), decodes a short prompt and reports its peak and final RSS, its load time and
 its decode speed; settings alternate over `--rounds` rounds. Run it on a CPU without AMX: on AMX hosts llama.cpp's
 extra buffers include its AMX kernels, which crash in this build (README, Known limits), so only the no-repack row
@@ -24,8 +25,8 @@ from pathlib import Path
 
 from edgevlm.bench import host_record
 
-# (repack, mmap): the runtime's old rule where it repacks, its rule now, and no repacking (what AMX hosts load)
-SETTINGS = {"repack+mmap (before)": (True, True), "repack, read (now)": (True, False), "no repack, mmap": (False, True)}
+# (repack, mmap): what the runtime loads where it repacks, the alternative, and no repacking (what AMX hosts load)
+SETTINGS = {"repack, mapped (today)": (True, True), "repack, read": (True, False), "no repack, mapped": (False, True)}
 PROMPT = "Describe a robot that sorts apples in a warehouse, in detail."
 
 

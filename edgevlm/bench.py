@@ -12,7 +12,6 @@ torch.
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import resource
@@ -104,8 +103,8 @@ def decode_against_baseline(vlm, prompt: str, max_new_tokens: int, runs: int) ->
     from .runtimes.llm import plain_llama
 
     llm = vlm.llm
-    plain = plain_llama(llm.path, repack_weights=llm.repack_weights, n_ctx=llm.n_ctx, n_threads=llm.n_threads,
-                        n_threads_batch=llm.settings.n_threads_batch or llm.n_threads, verbose=False)  # fmt: skip
+    plain = plain_llama(llm.path, repack_weights=llm.repack_weights, n_ctx=llm.n_ctx, n_threads=llm.loaded_threads[0],
+                        n_threads_batch=llm.loaded_threads[1], verbose=False)  # fmt: skip
     ours, theirs = [], []
     try:
         for _ in range(1 + runs):
@@ -123,31 +122,6 @@ def decode_against_baseline(vlm, prompt: str, max_new_tokens: int, runs: int) ->
     }
 
 
-@functools.cache
-def int8_pairs_saturate() -> bool | None:
-    """Whether onnxruntime's u8 x s8 int8 kernels add pairs of products in int16 on this CPU, saturating past 32767
-    (`vpmaddubsw`: x86 without VNNI or AMX), found by running one MatMulInteger whose pairs overflow int16. The int8
-    vision graph is a little less accurate there (tiny tower: worst token cosine 0.99795 instead of 0.99982; the 2B
-    shapes 0.99874 instead of 0.99916). None where the `onnx` package (edgevlm[export]) is not installed."""
-    try:
-        import onnx
-        from onnx import TensorProto, helper, numpy_helper
-    except ImportError:
-        return None
-    import numpy as np
-    import onnxruntime as ort
-
-    weights = numpy_helper.from_array(np.full((64, 16), 127, np.int8), "w")
-    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "w"], ["y"])], "int8_probe",
-                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [4, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.INT32, [4, 16])], [weights])  # fmt: skip
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    onnx.checker.check_model(model)
-    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    sums = session.run(None, {"a": np.full((4, 64), 255, np.uint8)})[0]
-    return bool(sums[0, 0] != 64 * 255 * 127)
-
-
 def host_record() -> dict:
     """This machine as every benchmark result records it: the CPU and the instruction sets that pick the kernels,
     cores, RAM, and the kernels onnxruntime's int8 MatMuls and llama.cpp use here."""
@@ -155,14 +129,14 @@ def host_record() -> dict:
 
     from .llama_backend import system_info
     from .profiles import probe_host
+    from .runtimes.vision import int8_pairs_saturate
 
     host = probe_host()
-    saturate = int8_pairs_saturate()
     return {
         "cpu_model": host.cpu_model, "isa": host.isa, "physical_cores": host.physical_cores,
         "logical_cpus": host.logical_cpus, "ram_gib": round(host.ram_bytes / 2**30, 1) if host.ram_bytes else None,
         "onnxruntime": onnxruntime.__version__,
-        "onnxruntime_int8": {True: "pairs saturate in int16 (vpmaddubsw)", False: "exact int32 sums", None: "unknown"}[saturate],
+        "onnxruntime_int8": "pairs saturate in int16 (vpmaddubsw)" if int8_pairs_saturate() else "exact int32 sums",
         "llama_cpp": system_info(),
     }  # fmt: skip
 
@@ -227,7 +201,6 @@ def run_bench(
             "files": {name: entry.size for name, entry in opened.manifest.files.items()},
             "llm_settings": asdict(vlm.llm.settings),
             "llm_extra_buffers": vlm.llm.repack_weights,  # what the setting above came to (its None is decided)
-            "llm_mmap": vlm.llm.mmap,  # off where the weights are repacked
             "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
             "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
             "load_s": load_s,

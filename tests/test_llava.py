@@ -13,8 +13,8 @@ from conftest import random_image
 
 import edgevlm
 from edgevlm.budget import BudgetLimits, ImageRequest, plan_images, resolve_limits
-from edgevlm.contract.kinds.patch_positions import NoPatchPositions
 from edgevlm.contract.kinds import strategy_from_dict
+from edgevlm.contract.kinds.patch_positions import NoPatchPositions
 from edgevlm.contract.kinds.preprocessing import FixedResize, preprocess
 from edgevlm.errors import BudgetError, ContextOverflowError
 from edgevlm.exporters.gguf import read_gguf_metadata, read_gguf_tensor_types

@@ -28,7 +28,7 @@ from edgevlm.profiles import (
     resolve_settings,
     shipped_profiles,
 )
-from edgevlm.profiles.host import other_running_tasks
+from edgevlm.profiles.host import cores_taken_by_others
 from edgevlm.profiles.memory import kv_cache_bytes, kv_values_per_token
 from edgevlm.runtimes.llm import _set_load_mode
 
@@ -453,34 +453,40 @@ def test_host_reads_the_cpu_model_and_the_isa_flags_that_pick_kernels(tmp_path):
         "flags\t\t: fpu sse2 avx avx2 fma bmi2\n\nprocessor\t: 1\nmodel name\t: AMD EPYC 7B13 64-Core Processor\n"
     )
     host = probe_host(tmp_path, onnxruntime_providers=("CPUExecutionProvider",), llama_gpu_offload=False)
-    assert (host.cpu_model, host.isa) == ("AMD EPYC 7B13 64-Core Processor", "avx2 fma")
+    assert (host.cpu_model, host.isa) == ("AMD EPYC 7B13 64-Core Processor", "avx2 fma")  # f16c is not listed here
     (tmp_path / "proc/cpuinfo").write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes crc32 asimddp\n")
     arm = probe_host(tmp_path, onnxruntime_providers=("CPUExecutionProvider",), llama_gpu_offload=False)
     assert (arm.cpu_model, arm.isa) == (None, "asimd asimddp")
 
 
-def test_other_running_tasks_reads_the_instantaneous_count_less_the_caller(tmp_path):
+def test_cores_taken_by_others_reads_the_running_tasks_less_our_own_and_idle_siblings(tmp_path):
     (tmp_path / "proc").mkdir()
     (tmp_path / "proc/loadavg").write_text("1.52 0.98 0.61 3/412 12345\n")
-    assert other_running_tasks(tmp_path) == 2
+    assert cores_taken_by_others(tmp_path) == 2  # the caller is one of the 3
     (tmp_path / "proc/loadavg").write_text("0.00 0.01 0.05 1/97 12\n")
-    assert other_running_tasks(tmp_path) == 0
+    assert cores_taken_by_others(tmp_path) == 0
     # this process's own running threads (llama.cpp's, still polling after a step) are not other processes' tasks
     (tmp_path / "proc/loadavg").write_text("2.10 1.00 0.50 4/97 12\n")
     for tid, state in ((100, "R"), (101, "R"), (102, "S")):
         (tmp_path / f"proc/self/task/{tid}").mkdir(parents=True)
         (tmp_path / f"proc/self/task/{tid}/stat").write_text(f"{tid} (python3 (x) y) {state} 1 2 3\n")
-    assert other_running_tasks(tmp_path) == 2
-    assert other_running_tasks(tmp_path / "nowhere") == 0  # no /proc: nothing known to be busy
+    assert cores_taken_by_others(tmp_path) == 2
+    # two cores with two SMT siblings each: the first two other tasks run on the idle siblings
+    for cpu, siblings in enumerate(["0,2", "1,3", "0,2", "1,3"]):
+        (tmp_path / f"sys/devices/system/cpu/cpu{cpu}/topology").mkdir(parents=True)
+        (tmp_path / f"sys/devices/system/cpu/cpu{cpu}/topology/core_cpus_list").write_text(siblings)
+    (tmp_path / "proc/loadavg").write_text("2.10 1.00 0.50 5/97 12\n")
+    assert cores_taken_by_others(tmp_path) == 1  # 5 running - 2 of ours - 2 idle siblings
+    assert cores_taken_by_others(tmp_path / "nowhere") == 0  # no /proc: nothing known to be busy
 
 
 @pytest.mark.parametrize(("others", "explicit", "expected"), [(0, None, 2), (1, None, 1), (5, None, 1), (1, 2, 2)])
 def test_requests_leave_busy_cores_to_other_processes(tiny_bundles, monkeypatch, others, explicit, expected):
-    """The cpu profile's llama.cpp threads, per request: its 2 threads minus the other processes' running tasks at
-    the request's start (at least 1); a thread count given to load() is used as given."""
-    import edgevlm.runtimes.pipeline as pipeline
+    """The cpu profile's llama.cpp threads, per request: its 2 threads minus the cores other processes are running on
+    at the request's start (at least 1); a thread count given to load() is used as given."""
+    from edgevlm.runtimes import pipeline
 
-    monkeypatch.setattr(pipeline, "other_running_tasks", lambda: others)
+    monkeypatch.setattr(pipeline, "cores_taken_by_others", lambda: others)
     host = replace(CPU_HOST, physical_cores=2, logical_cpus=2)
     monkeypatch.setattr("edgevlm.profiles.resolve.probe_host", lambda: host)
     with edgevlm.load(tiny_bundles["F32"], profile="cpu", n_threads=explicit, n_ctx=256) as vlm:

@@ -14,21 +14,21 @@ import pytest
 torch = pytest.importorskip("torch")
 onnx = pytest.importorskip("onnx")
 
-from edgevlm.bench import int8_pairs_saturate
 from edgevlm.contract.kinds.patch_positions import grid_patch_positions
 from edgevlm.exporters import onnx_export
 from edgevlm.exporters.qwen_vit import export_qwen2_vl_vision, find_visual
-from edgevlm.runtimes.vision import VisionEncoder, return_freed_memory
+from edgevlm.runtimes.vision import VisionEncoder, int8_pairs_saturate, return_freed_memory
 
 # Grids not used at export (the export samples (1,4,6), (1,8,8), (1,2,16)) prove the patch axis is not baked in:
 # square, wide, tall, one merged row (h = 2), a single token, and an odd number of merged rows/columns.
 PARITY_GRIDS = [(1, 8, 8), (1, 2, 16), (1, 6, 10), (1, 14, 4), (1, 2, 2), (1, 10, 6), (1, 32, 32)]
 # int8 (dynamic, per-channel weights) on the tiny model: mean cosine 0.99987, worst token 0.99982 where onnxruntime's
-# int8 kernels sum in int32 (VNNI, AMX, ARM). x86 CPUs without VNNI add pairs of u8 x s8 products in int16 and
-# saturate (`vpmaddubsw`): mean 0.99939, worst token 0.99795 (AVX2, measured under `qemu-x86_64 -cpu Haswell`). The
-# test reads which kernel this CPU has; below the floors quantization broke, not rounding.
-INT8_MEAN_COSINE = 0.999
-INT8_MIN_COSINE = 0.997 if int8_pairs_saturate() else 0.998
+# int8 kernels sum in int32 (VNNI, AMX, ARM): the floors leave ~10x margin on 1 - cosine. x86 CPUs without VNNI add
+# pairs of u8 x s8 products in int16 and saturate (`vpmaddubsw`): mean 0.99939, worst token 0.99795, measured under
+# `qemu-x86_64 -cpu Haswell` only; their floors leave ~3x. The test reads which kernel this CPU's onnxruntime runs.
+SATURATING = int8_pairs_saturate()
+INT8_MEAN_COSINE = 0.998 if SATURATING else 0.999
+INT8_MIN_COSINE = 0.995 if SATURATING else 0.998
 # fp16 weights and compute: ~0.9999998; a real fp16 rounding regression (e.g. rotary angles in fp16) shows at 1e-5.
 FP16_MEAN_COSINE = 0.99999
 

@@ -16,8 +16,11 @@ LOWMEM_BELOW_BYTES = 12 * GIB  # `auto` picks cpu-lowmem under this much RAM
 # /proc/device-tree/model substrings (lower case) -> profile; NVIDIA's names, e.g. "NVIDIA Jetson Orin Nano Developer Kit"
 JETSON_MODELS = (("orin nano", "jetson-orin-nano"), ("orin nx", "jetson-orin-nx"), ("agx orin", "jetson-agx-orin"))
 # The /proc/cpuinfo flags that decide which int8 and llama.cpp kernels run: x86 vector widths and int8 dot products
-# (VNNI, AMX), ARM's NEON (asimd) and its dot product (asimddp)
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "asimddp")
+# (VNNI, AMX), ARM's NEON (asimd, or neon on 32-bit), its dot product (asimddp), int8 matrix multiply (i8mm) and SVE
+ISA_FLAGS = (
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8",
+    "amx_bf16", "neon", "asimd", "asimddp", "i8mm", "sve",
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -118,18 +121,28 @@ def probe_host(
     )
 
 
-def other_running_tasks(root: str | os.PathLike = "/") -> int:
-    """Tasks of other processes running or runnable right now: /proc/loadavg's instantaneous count less this
-    process's running threads (llama.cpp's still polling after a step, the thread asking); the least of three reads,
-    so a task that only passes through is not counted. 0 where unknown."""
-    counts = []
+def cores_taken_by_others(root: str | os.PathLike = "/") -> int:
+    """Physical cores of this process's CPUs that other processes' tasks are running on right now (0 where unknown).
+
+    /proc/loadavg's instantaneous count of running tasks, less this process's own running threads (llama.cpp's still
+    polling after a step, the thread asking; read before and after, the larger kept), least of three reads so a task
+    that only passes through is not counted; idle SMT siblings take other tasks first. The count is machine-wide, so
+    a process pinned to some of the CPUs (taskset, cpuset) cannot tell whether its own are busy: 0 there.
+    """
+    root = Path(root)
+    real = root.resolve() == Path("/").resolve()
+    affinity = set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
+    if affinity is not None and len(affinity) < (os.cpu_count() or len(affinity)):
+        return 0
+    others = []
     for _ in range(3):
-        text = _read_text(Path(root) / "proc/loadavg")
-        match = re.match(r"\S+ \S+ \S+ (\d+)/", text or "")
+        own = _own_running_threads(root)
+        match = re.match(r"\S+ \S+ \S+ (\d+)/", _read_text(root / "proc/loadavg") or "")
         if match is None:
             return 0
-        counts.append(int(match.group(1)) - max(1, _own_running_threads(Path(root))))
-    return max(0, min(counts))
+        others.append(int(match.group(1)) - max(1, own, _own_running_threads(root)))
+    physical, logical = _cpu_topology(root, affinity)
+    return max(0, min(others) - (logical - physical))
 
 
 def _own_running_threads(root: Path) -> int:

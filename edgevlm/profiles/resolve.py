@@ -56,9 +56,7 @@ class LlamaSettings:
     kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
     mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
     mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
-    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles); a repacking load reads the
-    # GGUF instead of mapping it, whatever `mmap` says (the mapped pages would stay resident next to the repacked
-    # copy). None: on, except on CPUs
+    # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
     # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
     # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
     repack_weights: bool | None = None

@@ -109,10 +109,7 @@ class LlamaLM:
         model_params.n_gpu_layers = settings.n_gpu_layers
         self.repack_weights = settings.repack_weights if settings.repack_weights is not None else not cpu_has_amx()
         model_params.use_extra_bufts = self.repack_weights
-        # Repacked weights are a private copy of the file's: a mapped file would keep the pages they came from
-        # resident too (597 MB twice for the 2B Q4_K_M on an AVX2 host), so a repacking load reads the file instead.
-        self.mmap = False if self.repack_weights else settings.mmap
-        _set_load_mode(model_params, self.mmap, settings.mlock)
+        _set_load_mode(model_params, settings.mmap, settings.mlock)
         with deliver_interrupts():  # loading logs a lot: a Ctrl-C lands in the log callback
             self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
@@ -143,6 +140,7 @@ class LlamaLM:
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
         self.n_threads, self.n_threads_batch = ctx_params.n_threads, ctx_params.n_threads_batch
+        self.loaded_threads = (self.n_threads, self.n_threads_batch)  # what `use_threads` may lower from
         self._memory = llama_cpp.llama_get_memory(self._ctx)
         self.n_past = 0  # number of cache slots filled (not the RoPE position, which M-RoPE advances differently)
         self._sampler = None  # greedy or top-k/top-p/temperature/dist chain

@@ -28,7 +28,7 @@ from ..errors import BundleError, ContextOverflowError, ModelClosedError, Profil
 from ..images import CheckedImages, ImageLimits, check_images
 from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
-from ..profiles.host import other_running_tasks
+from ..profiles.host import cores_taken_by_others
 from ..results import ChatChunk, ChatResult, GenerationStep, Timings
 from .decode import decode
 from .llm import LlamaLM, SamplingParams
@@ -307,10 +307,10 @@ class EdgeVLM:
 
     def _adapt_threads(self, timings: Timings) -> None:
         """With the profile's `adapt_threads`, leave the cores other processes are using right now to them."""
-        llama = self.settings.llama
-        if llama.adapt_threads:
-            others = other_running_tasks()
-            self.llm.use_threads(max(1, llama.n_threads - others), max(1, llama.n_threads_batch - others))
+        if self.settings.llama.adapt_threads:
+            taken = cores_taken_by_others()
+            n_threads, n_threads_batch = self.llm.loaded_threads
+            self.llm.use_threads(max(1, n_threads - taken), max(1, n_threads_batch - taken))
         timings.n_threads = self.llm.n_threads
 
     def _prefill_request(self, spans: list[Span], sampling: SamplingParams, timings: Timings,
