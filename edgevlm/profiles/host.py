@@ -6,6 +6,7 @@ Jetson or a CUDA desktop with a folder of files and a list of provider names.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from dataclasses import dataclass
@@ -134,15 +135,21 @@ def cores_taken_by_others(root: str | os.PathLike = "/") -> int:
     affinity = set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
     if affinity is not None and len(affinity) < (os.cpu_count() or len(affinity)):
         return 0
-    others = []
+    own_before = _own_running_threads(root)
+    running = []
     for _ in range(3):
-        own = _own_running_threads(root)
         match = re.match(r"\S+ \S+ \S+ (\d+)/", _read_text(root / "proc/loadavg") or "")
         if match is None:
             return 0
-        others.append(int(match.group(1)) - max(1, own, _own_running_threads(root)))
-    physical, logical = _cpu_topology(root, affinity)
-    return max(0, min(others) - (logical - physical))
+        running.append(int(match.group(1)))
+    others = min(running) - max(1, own_before, _own_running_threads(root))
+    physical, logical = _cached_topology(root, frozenset(affinity) if affinity is not None else None)
+    return max(0, others - (logical - physical))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_topology(root: Path, cpus: frozenset[int] | None) -> tuple[int, int]:
+    return _cpu_topology(root, set(cpus) if cpus is not None else None)
 
 
 def _own_running_threads(root: Path) -> int:
