@@ -143,13 +143,14 @@ def cores_taken_by_others(root: str | os.PathLike = "/") -> int:
             return 0
         running.append(int(match.group(1)))
     others = min(running) - max(1, own_before, _own_running_threads(root))
-    physical, logical = _cached_topology(root, frozenset(affinity) if affinity is not None else None)
+    physical, logical = _this_machines_topology(frozenset(affinity)) if real and affinity else _cpu_topology(root, None)
     return max(0, others - (logical - physical))
 
 
-@functools.lru_cache(maxsize=8)
-def _cached_topology(root: Path, cpus: frozenset[int] | None) -> tuple[int, int]:
-    return _cpu_topology(root, set(cpus) if cpus is not None else None)
+@functools.lru_cache(maxsize=4)
+def _this_machines_topology(cpus: frozenset[int]) -> tuple[int, int]:
+    """(physical cores, logical CPUs) of this machine's `cpus`, read once: a request asks for it every time."""
+    return _cpu_topology(Path("/"), set(cpus))
 
 
 def _own_running_threads(root: Path) -> int:
