@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from edgevlm.bench import host_record
+from edgevlm.bench import host_record, peak_rss_bytes
 
 # (repack, mmap): what the runtime loads where it repacks, the alternative, and no repacking (what AMX hosts load)
 SETTINGS = {"repack, mapped (today)": (True, True), "repack, read": (True, False), "no repack, mapped": (False, True)}
@@ -40,7 +39,7 @@ def child(gguf: str, repack: bool, mmap: bool, threads: int) -> dict:
     out = llm(PROMPT, max_tokens=32, temperature=0.0)
     gen_s = time.perf_counter() - t1
     rss = int(Path("/proc/self/status").read_text().split("VmRSS:")[1].split()[0]) * 1024
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = peak_rss_bytes()
     return {"load_s": load_s, "tokens_per_s": out["usage"]["completion_tokens"] / gen_s, "rss_bytes": rss, "peak_rss_bytes": peak}
 
 

@@ -1,6 +1,12 @@
 """Errors a user can hit. Each message says what happened, what was expected, and what to do next."""
 
 
+def describe_value(value: object) -> str:
+    """`value` as JSON-ish text, cut short: error messages quote what they refuse."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 class EdgeVLMError(Exception):
     """Base class of edgevlm's own errors."""
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits
-from ..errors import BudgetError, BundleError
+from ..errors import BudgetError, BundleError, describe_value
 from .graph import PATCH_POSITIONS, PIXEL_PATCHES
 from .kinds import strategy_class
 from .kinds.patch_positions import PatchPositions
@@ -105,13 +105,13 @@ class Manifest:
     def from_dict(cls, data: object, where: str = MANIFEST_NAME) -> Manifest:
         """Read and check a manifest (parsed JSON); anything malformed is a BundleError naming the key."""
         if not isinstance(data, dict):
-            raise BundleError(f"{where} is malformed: expected a JSON object, got {_describe(data)}; re-export the bundle.")  # fmt: skip
+            raise BundleError(f"{where} is malformed: expected a JSON object, got {describe_value(data)}; re-export the bundle.")  # fmt: skip
         version = data.get("format_version")
         if type(version) is int and version == 1:  # not True or 1.0, which 0.1.0 refused too
             data = migrate_v1(data)
         elif type(version) is not int or version != FORMAT_VERSION:
             raise BundleError(
-                f"{where} has format version {_describe(version)}; this edgevlm reads versions 1 and {FORMAT_VERSION}. "
+                f"{where} has format version {describe_value(version)}; this edgevlm reads versions 1 and {FORMAT_VERSION}. "
                 "Re-export the bundle with this edgevlm, or install the edgevlm version that wrote it."
             )
         try:
@@ -173,12 +173,6 @@ class _Malformed(Exception):
     """A manifest value of the wrong type or out of range; the message names its key."""
 
 
-def _describe(value: object) -> str:
-    """`value` as JSON-ish text, cut short: error messages quote what they refuse."""
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 # the strategy fields' annotations -> the registry section their kinds are looked up in
 _STRATEGY_SECTIONS = {Preprocessing: "preprocessing", Positions: "positions", PatchPositions: "patch_positions"}
 
@@ -186,7 +180,7 @@ _STRATEGY_SECTIONS = {Preprocessing: "preprocessing", Positions: "positions", Pa
 def _read_dataclass(cls: type, data: object, key: str):
     """An instance of dataclass `cls` from a JSON object, every field's type checked against its annotation."""
     if not isinstance(data, dict):
-        raise _Malformed(f"{key or 'the manifest'}: expected a JSON object, got {_describe(data)}")
+        raise _Malformed(f"{key or 'the manifest'}: expected a JSON object, got {describe_value(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
     if unknown:
@@ -208,7 +202,7 @@ def _read_dataclass(cls: type, data: object, key: str):
 def _read_strategy(section: str, value: object, key: str):
     """The strategy a section names: a JSON object with `kind` and parameters, or (patch positions) a kind."""
     if section != "patch_positions" and not isinstance(value, dict):
-        raise _Malformed(f"{key}: expected a JSON object with a 'kind', got {_describe(value)}")
+        raise _Malformed(f"{key}: expected a JSON object with a 'kind', got {describe_value(value)}")
     if section != "patch_positions" and "kind" not in value:
         raise _Malformed(f"{key}: missing key 'kind'")
     kind, kind_key = (value, key) if section == "patch_positions" else (value["kind"], f"{key}.kind")
@@ -244,7 +238,7 @@ def _read_value(annotation, value: object, key: str):
     if annotation in (str, bool, dict) and isinstance(value, annotation):
         return value
     expected = {str: "a string", int: "an integer", float: "a finite number", bool: "true or false"}.get(annotation)
-    raise _Malformed(f"{key}: expected {expected or ('a JSON array' if origin is tuple else 'a JSON object')}, got {_describe(value)}")  # fmt: skip
+    raise _Malformed(f"{key}: expected {expected or ('a JSON array' if origin is tuple else 'a JSON object')}, got {describe_value(value)}")  # fmt: skip
 
 
 def _finite(value: float) -> bool:
@@ -276,7 +270,7 @@ def _check_file_name(name: object, key: str) -> None:
         and not any(c in name for c in "/\\\0")
     )  # fmt: skip
     if not plain:
-        raise _Malformed(f"{key}: {_describe(name)} is not a plain file name inside the bundle (no '/', '\\', "
+        raise _Malformed(f"{key}: {describe_value(name)} is not a plain file name inside the bundle (no '/', '\\', "
                          "'..', leading '.', NUL or empty names)")  # fmt: skip
 
 
@@ -302,11 +296,11 @@ def _check_manifest(manifest: Manifest) -> None:
         if value < 1:
             raise _Malformed(f"{key}: expected a positive integer, got {value}")
     if manifest.positions.merge_size != manifest.preprocessing.merge_size:
-        raise _Malformed(f"positions.merge_size: {_describe(manifest.positions.merge_size)} differs from preprocessing's "
+        raise _Malformed(f"positions.merge_size: {describe_value(manifest.positions.merge_size)} differs from preprocessing's "
                          f"merge_size {manifest.preprocessing.merge_size}")  # fmt: skip
     if llm.embedding_length != vision.embedding_dim:
-        raise _Malformed(f"vision.embedding_dim: {_describe(vision.embedding_dim)} differs from llm.embedding_length "
-                         f"{_describe(llm.embedding_length)}: the image embeddings would not fit the language model")  # fmt: skip
+        raise _Malformed(f"vision.embedding_dim: {describe_value(vision.embedding_dim)} differs from llm.embedding_length "
+                         f"{describe_value(llm.embedding_length)}: the image embeddings would not fit the language model")  # fmt: skip
     _check_files_section(manifest)
 
 

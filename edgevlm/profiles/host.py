@@ -67,6 +67,12 @@ def _cpu_identity(cpuinfo: str | None) -> tuple[str | None, frozenset[str]]:
     return (model.group(1).strip() if model else None), frozenset(flags.group(1).split() if flags else ())
 
 
+def _affinity(root: Path) -> set[int] | None:
+    """The CPUs this process may run on when `root` is this machine's (tests pass a fake tree: None)."""
+    real = root.resolve() == Path("/").resolve()
+    return set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
+
+
 def _cpu_topology(root: Path, cpus: set[int] | None) -> tuple[int, int]:
     """(physical cores, logical CPUs) among `cpus` (None: every CPU under root/sys), from each CPU's sibling list."""
     cpu_dir = root / "sys/devices/system/cpu"
@@ -102,9 +108,7 @@ def probe_host(
     """Read this machine's facts under `root` (tests pass a fake tree); GPU checks ask onnxruntime and llama.cpp
     unless given."""
     root = Path(root)
-    real = root.resolve() == Path("/").resolve()
-    affinity = set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
-    physical, logical = _cpu_topology(root, affinity)
+    physical, logical = _cpu_topology(root, _affinity(root))
     tegra_release = _read_text(root / "etc/nv_tegra_release")
     cpu_model, cpu_flags = _cpu_identity(_read_text(root / "proc/cpuinfo"))
     return HostInfo(
@@ -131,8 +135,7 @@ def cores_taken_by_others(root: str | os.PathLike = "/") -> int:
     a process pinned to some of the CPUs (taskset, cpuset) cannot tell whether its own are busy: 0 there.
     """
     root = Path(root)
-    real = root.resolve() == Path("/").resolve()
-    affinity = set(os.sched_getaffinity(0)) if real and hasattr(os, "sched_getaffinity") else None
+    affinity = _affinity(root)
     if affinity is not None and len(affinity) < (os.cpu_count() or len(affinity)):
         return 0
     own_before = _own_running_threads(root)
@@ -143,7 +146,7 @@ def cores_taken_by_others(root: str | os.PathLike = "/") -> int:
             return 0
         running.append(int(match.group(1)))
     others = min(running) - max(1, own_before, _own_running_threads(root))
-    physical, logical = _this_machines_topology(frozenset(affinity)) if real and affinity else _cpu_topology(root, None)
+    physical, logical = _this_machines_topology(frozenset(affinity)) if affinity else _cpu_topology(root, None)
     return max(0, others - (logical - physical))
 
 

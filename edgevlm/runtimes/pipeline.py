@@ -50,9 +50,10 @@ class EdgeVLM:
 
     The façade over the runtime's parts: `prompts` renders the chat template, `planner` plans image spans
     (`spans` cuts them from the images), `vision` encodes them, `prefill` fills llama.cpp's KV cache (reusing what
-    earlier requests left) and `decode` streams the answer; this class loads them, takes turns and checks requests. Token limits for images come in layers (`planner`): arguments of `generate`/`plan`
-    (request) > the ones given here (cli: `edgevlm run` flags) > the hardware profile's (after fitting its memory
-    ceiling) > the bundle's manifest `budget` section. `settings` is everything the bundle was loaded with
+    earlier requests left) and `decode` streams the answer; this class loads them, takes turns and checks requests.
+    Token limits for images come in layers (`planner`): arguments of `generate`/`plan` (request) > the ones given
+    here (cli: `edgevlm run` flags) > the hardware profile's (after fitting its memory ceiling) > the bundle's
+    manifest `budget` section. `settings` is everything the bundle was loaded with
     (`edgevlm.profiles.RuntimeSettings`).
     """
 

@@ -12,6 +12,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar, TypeVar
 
+from ...errors import describe_value
+
 SECTIONS = ("preprocessing", "positions", "patch_positions")
 _STRATEGIES: dict[str, dict[str, type]] = {section: {} for section in SECTIONS}
 
@@ -39,8 +41,7 @@ def strategy_class(section: str, kind: object) -> type:
     """The class registered for `kind`; ValueError naming the kinds this edgevlm knows otherwise."""
     cls = _STRATEGIES[section].get(kind) if isinstance(kind, str) else None
     if cls is None:
-        text = repr(kind) if len(repr(kind)) <= 60 else repr(kind)[:57] + "..."
-        raise ValueError(f"{text} is not known to this edgevlm (its {section} kinds: {', '.join(known_kinds(section))}; "
+        raise ValueError(f"{describe_value(kind)} is not known to this edgevlm (its {section} kinds: {', '.join(known_kinds(section))}; "
                          "a newer edgevlm may know it)")  # fmt: skip
     return cls
 
