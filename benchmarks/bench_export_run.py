@@ -31,7 +31,7 @@ EXPORT_FLAGS = ["--int4", "--vision-dtype", "fp32", "--vision-dtype", "int8", "-
 IMAGE_SIZE = 448  # a 448x448 image is a 32x32 patch grid: 256 image tokens for Qwen2-VL
 PROMPT = "Describe this picture in detail."
 WORKER = "--generate-worker"  # first argument of the per-configuration child process
-TIMING_FIELDS = ("preprocess_ms", "vision_ms", "prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s")
+TIMING_FIELDS = ("preprocess_ms", "vision_ms", "prefill_ms", "image_prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s")  # fmt: skip
 STAGE_RE = re.compile(r"edgevlm\.progress: (.+): done in ([\d.]+) s")
 
 
@@ -43,11 +43,12 @@ class ChildRun:
     stderr: str
 
 
-def run_child(cmd: list[str]) -> ChildRun:
-    """Run `cmd` to the end; its wall time, its own peak RSS and its output. A failure raises with its stderr tail."""
+def run_child(cmd: list[str], env: dict[str, str] | None = None) -> ChildRun:
+    """Run `cmd` (in `env`, default this process's environment) to the end; its wall time, its own peak RSS and its
+    output. A failure raises with its stderr tail."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, env=env)
         _, status, usage = os.wait4(proc.pid, 0)  # unlike RUSAGE_CHILDREN, the rusage of this child alone
         wall_s = time.perf_counter() - start
         proc.returncode = os.waitstatus_to_exitcode(status)  # negative: killed by that signal (e.g. -11, -9)
