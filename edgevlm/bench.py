@@ -200,7 +200,8 @@ def run_bench(
             "host": host_record(),
             "files": {name: entry.size for name, entry in opened.manifest.files.items()},
             "llm_settings": asdict(vlm.llm.settings),
-            "llm_extra_buffers": vlm.llm.repack_weights,  # what the setting above came to (its None is decided)
+            "llm_extra_buffers": vlm.llm.repack_weights,  # what the settings above came to (their None decided)
+            "llm_mapped": vlm.llm.mapped,
             "vision": {"dtype": vlm.vision_dtype, "providers": vlm.vision.providers},
             "prompt": prompt, "max_new_tokens": max_new_tokens, "runs": runs,
             "load_s": load_s,
@@ -222,7 +223,8 @@ def markdown(result: dict) -> str:
     vision = result["vision"]
     summary = (f"bundle {result['bundle']}: load {result['load_s']:.2f} s, peak RSS {result['peak_rss_bytes'] / 2**30:.2f} "
                f"GiB, vision {vision['dtype']} on {', '.join(vision['providers'])}, llama.cpp extra buffer types "
-               f"(repacked and AMX weights) {'on' if result['llm_extra_buffers'] else 'off'}")  # fmt: skip
+               f"(repacked and AMX weights) {'on' if result['llm_extra_buffers'] else 'off'}, GGUF "
+               f"{'mapped' if result['llm_mapped'] else 'read'}")  # fmt: skip
     lines = [summary, ""]
     lines += ["| file | MB |", "|---|---:|"]
     lines += [f"| {name} | {size / mb:.1f} |" for name, size in result["files"].items()]

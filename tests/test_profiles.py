@@ -180,12 +180,12 @@ TRT_OPTIONS = {
 EXPECTED = {  # on GPU_HOST (6 physical cores), without a bundle
     "cpu": (
         [("CPUExecutionProvider", {})], "int8",
-        LlamaSettings(n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=None, kv_cache_type="f16", mmap=True, mlock=False, adapt_threads=True),
+        LlamaSettings(n_ctx=4096, n_batch=512, n_ubatch=512, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=None, kv_cache_type="f16", mmap=None, mlock=False, adapt_threads=True),
         BudgetLimits(max_image_tokens=256),
     ),
     "cpu-lowmem": (
         [("CPUExecutionProvider", {})], "int8",
-        LlamaSettings(n_ctx=2048, n_batch=256, n_ubatch=256, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=True, kv_cache_type="q8_0", mmap=True, mlock=False, adapt_threads=True),
+        LlamaSettings(n_ctx=2048, n_batch=256, n_ubatch=256, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=True, kv_cache_type="q8_0", mmap=None, mlock=False, adapt_threads=True),
         BudgetLimits(max_image_tokens=512, image_budget=1024),
     ),
     "cuda": (
@@ -309,6 +309,23 @@ def test_kv_cache_estimate_equals_what_llama_cpp_allocates(tiny_bundles, caplog,
     assert reported, "llama.cpp did not log its KV cache size"
     estimate = kv_cache_bytes(kv_values_per_token(gguf, bundle.manifest.llm.arch), 1000, kv_cache_type)
     assert int(reported.group(2)) == 1024 and abs(estimate / 2**20 - float(reported.group(1))) < 0.01
+
+
+@pytest.mark.parametrize(("mmap", "repack", "mapped"), [(None, False, True), (None, True, False), (True, True, True), (False, False, False)])  # fmt: skip
+def test_the_gguf_is_read_where_llama_cpp_repacks_it(tiny_bundles, tmp_path, mmap, repack, mapped):
+    """Repacked weights are a copy: the mapped pages they were read from would stay resident beside it (0.57 GiB more
+    for a 2B Q4_K_M with llama.cpp's AVX2 kernels), so unless the profile says otherwise the file is read there."""
+    from edgevlm.runtimes.llm import LlamaLM
+
+    bundle = Bundle.open(tiny_bundles["F32"])
+    gguf = tmp_path / "llm.gguf"  # a name of its own: no other test's model maps this path
+    os.link(bundle.file(bundle.manifest.llm.file), gguf)
+    llm = LlamaLM(gguf, LlamaSettings(n_ctx=256, n_threads=1, mmap=mmap, repack_weights=repack))
+    try:
+        assert llm.mapped is mapped
+        assert (str(gguf) in Path("/proc/self/maps").read_text()) is mapped
+    finally:
+        llm.close()
 
 
 def test_memory_ceiling_shrinks_the_profile_or_refuses(tiny_bundles, tmp_path, caplog):

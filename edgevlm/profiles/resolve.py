@@ -54,7 +54,10 @@ class LlamaSettings:
     n_gpu_layers: int = 0
     flash_attn: bool | None = None  # None: llama.cpp decides
     kv_cache_type: str = "f16"  # type of the K and V cache: f32, f16, bf16, q8_0, q5_1, q5_0, q4_1, q4_0, iq4_nl
-    mmap: bool | None = None  # map the GGUF instead of reading it; None: llama.cpp decides
+    # map the GGUF instead of reading it. None: mapped, except where llama.cpp repacks weights (`repack_weights`): the
+    # mapped pages a repacked tensor was read from stay resident beside its copy (0.57 GiB more for a 2B Q4_K_M with
+    # llama.cpp's AVX2 kernels, benchmarks/bench_repack_rss.py), and reading the file leaves only the copy
+    mmap: bool | None = None
     mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
     # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
     # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they

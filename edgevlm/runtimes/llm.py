@@ -83,6 +83,7 @@ def plain_llama(gguf_path: str | os.PathLike, *, repack_weights: bool | None = N
     parameters are patched while it loads."""
     init_llama()
     use_extra_bufts = repack_weights if repack_weights is not None else not cpu_has_amx()
+    llama_kwargs.setdefault("use_mmap", not use_extra_bufts)  # `LlamaLM`'s rule: read the file where it repacks
     module = llama_cpp.llama_cpp
     default_params = module.llama_model_default_params
 
@@ -109,7 +110,8 @@ class LlamaLM:
         model_params.n_gpu_layers = settings.n_gpu_layers
         self.repack_weights = settings.repack_weights if settings.repack_weights is not None else not cpu_has_amx()
         model_params.use_extra_bufts = self.repack_weights
-        _set_load_mode(model_params, settings.mmap, settings.mlock)
+        self.mapped = settings.mmap if settings.mmap is not None else not self.repack_weights
+        _set_load_mode(model_params, self.mapped, settings.mlock)
         with deliver_interrupts():  # loading logs a lot: a Ctrl-C lands in the log callback
             self._model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), model_params)
         if not self._model:
