@@ -3,7 +3,7 @@ to the grid and the DeepStack feature sets.
 
 transformers resamples the square learned position grid (`num_position_embeddings`) to each image's (h, w) patches by
 bilinear interpolation with aligned corners (`get_vision_interpolation_indices_and_weights`) on the host. The graph
-does the same arithmetic from the patch positions the runtime already passes (the grid is their largest row and
+does the same arithmetic from the patch positions the runtime already passes (the grid is the last patch's row and
 column + 1), so it keeps Qwen2-VL's inputs and the runtime needs nothing new for it.
 
 The output row of a merged token is the main merger's output, then one DeepStack set per layer in
@@ -29,7 +29,9 @@ class Qwen3VLVisionForExport(Qwen2VLVisionForExport):
     def position_embeddings(self, patch_positions: torch.Tensor) -> torch.Tensor:
         """(n, embed): the learned grid resampled to the image's grid at each patch, as transformers computes it."""
         side = self.visual.num_grid_per_side
-        extent = patch_positions.max(dim=0).values + 1  # (h, w) in patches
+        # (h, w) in patches: the last patch is the bottom-right one (block-major order). A ReduceMax would give the
+        # same, but onnxruntime's symbolic shape inference (the fp16 conversion's) cannot follow one.
+        extent = patch_positions[-1] + 1
         # transformers' closed form of linspace(0, side - 1, size)[index]; a one-patch-wide axis maps to 0
         source = patch_positions.float() * (side - 1) / torch.clamp(extent - 1, min=1)  # (n, 2): row, col
         floor = torch.floor(source)
