@@ -51,6 +51,9 @@ class VisionVariant:
 class VisionSpec:
     variants: dict[str, VisionVariant]
     default: str
+    # Width of each image embedding row the graph emits: the language model's input embedding, and after it the
+    # `deepstack_layers` feature sets (each as wide) that llama.cpp adds to the hidden states after its first
+    # `deepstack_layers` layers (Qwen3-VL's DeepStack; llama.cpp's `n_embd_inp`).
     embedding_dim: int
     patch_positions: PatchPositions  # what the graph takes besides the pixels; in JSON its kind ("grid-2d", "none")
     # The tower's sizes, for memory/time estimates (`edgevlm plan`); None in bundles exported before they were kept.
@@ -58,6 +61,12 @@ class VisionSpec:
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
+    deepstack_layers: int = 0
+
+    @property
+    def row_sets(self) -> int:
+        """Feature sets side by side in an embedding row: the input embedding and the DeepStack sets."""
+        return 1 + self.deepstack_layers
 
 
 @dataclass(frozen=True)
@@ -298,9 +307,12 @@ def _check_manifest(manifest: Manifest) -> None:
     if manifest.positions.merge_size != manifest.preprocessing.merge_size:
         raise _Malformed(f"positions.merge_size: {describe_value(manifest.positions.merge_size)} differs from preprocessing's "
                          f"merge_size {manifest.preprocessing.merge_size}")  # fmt: skip
-    if llm.embedding_length != vision.embedding_dim:
+    if vision.deepstack_layers < 0:
+        raise _Malformed(f"vision.deepstack_layers: expected an integer >= 0, got {vision.deepstack_layers}")
+    if llm.embedding_length * vision.row_sets != vision.embedding_dim:
         raise _Malformed(f"vision.embedding_dim: {describe_value(vision.embedding_dim)} differs from llm.embedding_length "
-                         f"{describe_value(llm.embedding_length)}: the image embeddings would not fit the language model")  # fmt: skip
+                         f"{describe_value(llm.embedding_length)} x {vision.row_sets} (the input embedding and "
+                         f"{vision.deepstack_layers} DeepStack sets): the image embeddings would not fit the language model")  # fmt: skip
     _check_files_section(manifest)
 
 

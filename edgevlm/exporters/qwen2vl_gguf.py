@@ -9,7 +9,8 @@ is not in this file (it goes to ONNX).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,26 +57,32 @@ SPECIAL_TOKENS = {
 }
 
 
-def gguf_tensor_name(hf_name: str) -> str | None:
-    """The GGUF name of an HF checkpoint tensor; None for the vision tower. Unknown LLM tensors raise ValueError."""
+def gguf_tensor_name(hf_name: str, tensor_map: Mapping[str, str] = TENSOR_MAP, arch: str = ARCH) -> str | None:
+    """The GGUF name of an HF checkpoint tensor by `tensor_map`; None for the vision tower. Unknown LLM tensors raise
+    ValueError."""
     if hf_name.startswith(VISION_PREFIXES):
         return None
     if hf_name == "lm_head.weight":
-        return TENSOR_MAP[hf_name]
+        return tensor_map[hf_name]
     for prefix in LLM_PREFIXES:
         if hf_name.startswith(prefix):
             rest = hf_name[len(prefix) :]
             break
     else:
-        raise ValueError(f"unexpected tensor {hf_name!r} in a Qwen2-VL checkpoint")
-    name = decoder_tensor_name(rest, TENSOR_MAP)
+        raise ValueError(f"unexpected tensor {hf_name!r} in a Qwen-VL checkpoint")
+    name = decoder_tensor_name(rest, tensor_map)
     if name is not None:
         return name
-    raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain Qwen2-VL")
+    raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {arch}; the checkpoint is not of this family")
 
 
 def qwen2_vl_hparams(text_config: Any) -> dict[str, Any]:
     """GGUF metadata keys/values of the `qwen2vl` architecture from a Qwen2-VL text config."""
+    return mrope_hparams(ARCH, text_config)
+
+
+def mrope_hparams(arch: str, text_config: Any) -> dict[str, Any]:
+    """GGUF metadata of a decoder with M-RoPE (`arch`.rope.dimension_sections, padded to llama.cpp's 4 sections)."""
     import gguf
 
     rope, rope_theta = rope_settings(text_config)
@@ -89,14 +96,31 @@ def qwen2_vl_hparams(text_config: Any) -> dict[str, Any]:
         raise UnsupportedModelError(f"mrope_section {mrope_section} has more than 4 sections; llama.cpp takes 4")
     if getattr(text_config, "use_sliding_window", False):
         raise UnsupportedModelError("Qwen2-VL with use_sliding_window=true is not supported by llama.cpp's qwen2vl")
-    head_dim = text_config.hidden_size // text_config.num_attention_heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     if 2 * sum(mrope_section) != head_dim:
         raise UnsupportedModelError(
             f"mrope_section {mrope_section} covers {2 * sum(mrope_section)} rotary dims, head_dim is {head_dim}"
         )
 
-    sections = gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=ARCH)
-    return {**decoder_hparams(ARCH, text_config, rope_theta), sections: mrope_section + [0] * (4 - len(mrope_section))}
+    sections = gguf.Keys.Rope.DIMENSION_SECTIONS.format(arch=arch)
+    return {**decoder_hparams(arch, text_config, rope_theta), sections: mrope_section + [0] * (4 - len(mrope_section))}
+
+
+@dataclass(frozen=True)
+class QwenLLMFormat:
+    """How a Qwen-VL family's language model is written: llama.cpp's architecture, the tensor names and the
+    metadata (from the whole model config: a key may depend on the vision tower, as Qwen3-VL's DeepStack count)."""
+
+    arch: str
+    tensor_map: Mapping[str, str]
+    hparams: Callable[[Any], dict[str, Any]]
+
+
+def _qwen2_vl_model_hparams(config: Any) -> dict[str, Any]:
+    return qwen2_vl_hparams(getattr(config, "text_config", config))
+
+
+QWEN2VL_FORMAT = QwenLLMFormat(ARCH, TENSOR_MAP, _qwen2_vl_model_hparams)
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, int]:
@@ -113,12 +137,12 @@ def _tied(hf_model: Any) -> bool:
     return output is None or output.weight is embed.weight or output.weight.data_ptr() == embed.weight.data_ptr()
 
 
-def _tensor_source(hf_model: Any, tied: bool) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:
+def _tensor_source(hf_model: Any, tied: bool, llm_format: QwenLLMFormat) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:  # fmt: skip
     import torch
 
     def tensors() -> Iterator[tuple[str, np.ndarray]]:
         for hf_name, tensor in hf_model.state_dict().items():
-            name = gguf_tensor_name(hf_name)
+            name = gguf_tensor_name(hf_name, llm_format.tensor_map, llm_format.arch)
             if name is None or (tied and name == "output.weight"):
                 continue
             # f32 weights give a view (no copy); bf16/f16 ones a per-tensor f32 copy, dropped after writing.
@@ -135,14 +159,17 @@ def write_qwen2_vl_llm_gguf(
     dtype: str = "f16",
     chat_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    llm_format: QwenLLMFormat = QWEN2VL_FORMAT,
 ) -> dict[str, Any]:
-    """Write the language model of a `Qwen2VLForConditionalGeneration` as a `qwen2vl` GGUF with its tokenizer.
+    """Write the language model of a `Qwen2VLForConditionalGeneration` (or a successor's, by `llm_format`) as a
+    `qwen2vl` (`llm_format.arch`) GGUF with its tokenizer.
 
     `chat_template` defaults to the tokenizer's or the model directory's. Returns the manifest's LLM section
     (JSON-able): arch, n_ctx_train, embedding_length, n_vocab, rope sections, special token ids.
     """
+    arch = llm_format.arch
     text_config = getattr(hf_model.config, "text_config", hf_model.config)
-    hparams = qwen2_vl_hparams(text_config)  # validates the config before any tensor is touched
+    hparams = llm_format.hparams(hf_model.config)  # validates the config before any tensor is touched
     vocab_size = int(text_config.vocab_size)
     ids = special_token_ids(tokenizer)
     if chat_template is None:
@@ -162,18 +189,18 @@ def write_qwen2_vl_llm_gguf(
     tied = _tied(hf_model)
     write_gguf(
         out_path,
-        arch=ARCH,
+        arch=arch,
         metadata=hparams,
-        tensors=_tensor_source(hf_model, tied),
+        tensors=_tensor_source(hf_model, tied, llm_format),
         tokenizer=gguf_tokenizer,
         dtype=dtype,
         name=Path(str(getattr(hf_model, "name_or_path", "") or "qwen2-vl")).name or "qwen2-vl",
         progress=progress,
     )
     return {
-        **decoder_summary(ARCH, dtype, text_config, vocab_size, chat_template),
+        **decoder_summary(arch, dtype, text_config, vocab_size, chat_template),
         "tied_embeddings": tied,
-        "rope_sections": hparams[f"{ARCH}.rope.dimension_sections"],
+        "rope_sections": hparams[f"{arch}.rope.dimension_sections"],
         "special_tokens": {"eos": ids["im_end"], **ids},
         "eos_token_ids": [ids["im_end"], ids["endoftext"]],
         # llama.cpp does not normalize; tokenizing normalize(form, text) gives transformers' ids.

@@ -2,7 +2,9 @@
 
 The vision tower + merger go to ONNX (`qwen_vit`), the language model to a `qwen2vl` GGUF (`qwen2vl_gguf`); the
 base class here ties them to the manifest and gives transformers' inputs that parity checks compare a bundle
-against. A family subclasses it and says how its tower is sized and which grids validate its graph.
+against. A family subclasses it and says how its tower is sized and which grids validate its graph; a successor
+with another tower or language model names its graph wrapper (`vision_wrapper`), GGUF format (`llm_format`) and
+position kind (`positions`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from ..contract.manifest import TokenSpec, VisionSpec
 from ..images import load_image
 from .family import Family, Loaded, find_chat_template
 from .onnx_export import vision_variants
-from .qwen2vl_gguf import SPECIAL_TOKENS, special_token_ids, write_qwen2_vl_llm_gguf
+from .qwen2vl_gguf import QWEN2VL_FORMAT, SPECIAL_TOKENS, QwenLLMFormat, special_token_ids, write_qwen2_vl_llm_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +30,8 @@ logger = logging.getLogger(__name__)
 class QwenVLFamily(Family):
     """A family with Qwen2-VL's interfaces; a subclass declares it (the first of its `architectures` is also the
     transformers class that loads a checkpoint) and sizes its tower."""
+
+    llm_format: QwenLLMFormat = QWEN2VL_FORMAT
 
     def load(self, model_dir: Path) -> Loaded:
         import torch
@@ -57,14 +61,24 @@ class QwenVLFamily(Family):
 
         vision_config = loaded.model.config.vision_config
         grids = self.validation_grids(vision_config)
-        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids)
+        wrapper = self.vision_wrapper()
+        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids, wrapper=wrapper)
+        # DeepStack (Qwen3-VL): each image row also carries one feature set per tapped tower layer
+        deepstack_layers = len(getattr(vision_config, "deepstack_visual_indexes", None) or ())
         return VisionSpec(
             variants=vision_variants(report),
             default=dtypes[0],
-            embedding_dim=int(loaded.model.config.text_config.hidden_size),
+            embedding_dim=int(loaded.model.config.text_config.hidden_size) * (1 + deepstack_layers),
             patch_positions=Grid2D(),
+            deepstack_layers=deepstack_layers,
             **self.tower_sizes(vision_config),
         )
+
+    def vision_wrapper(self) -> type:
+        """The export-friendly forward of the tower (a `qwen_vit.Qwen2VLVisionForExport`)."""
+        from .qwen_vit import Qwen2VLVisionForExport
+
+        return Qwen2VLVisionForExport
 
     def validation_grids(self, vision_config: Any) -> tuple[tuple[int, int, int], ...]:
         """The (t, h, w) patch grids the exported graph is checked on against the PyTorch tower."""
@@ -77,7 +91,7 @@ class QwenVLFamily(Family):
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
-        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
+        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template, llm_format=self.llm_format)  # fmt: skip
 
     def tokens(self, loaded: Loaded) -> TokenSpec:
         special_token_ids(loaded.tokenizer)  # the tokenizer has the family's special tokens, or a clear error

@@ -26,6 +26,13 @@ QWEN2_VL_SPECIAL_TOKENS = [
     "<|image_pad|>", "<|video_pad|>",
 ]  # fmt: skip
 
+# Added tokens Qwen2.5-VL's tokenizer (and its successors') has after Qwen2-VL's (ids 151657-151664), as Qwen2.5's:
+# not special.
+QWEN2_5_EXTRA_TOKENS = [
+    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
+    "<|repo_name|>", "<|file_sep|>",
+]  # fmt: skip
+
 # The chat template published with Qwen2-VL-*-Instruct (its successors publish the same one).
 QWEN2_VL_CHAT_TEMPLATE = (
     "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}"
@@ -132,10 +139,11 @@ def qwen2_text_config(shape: Qwen2VLShape) -> dict:
 
 
 def write_model_dir(
-    out_dir: str | Path, model_class, config, tokenizer, *, seed: int, init_std: float, dtype: str, processor_kwargs: dict | None
+    out_dir: str | Path, model_class, config, tokenizer, *, seed: int, init_std: float, dtype: str, processor_kwargs: dict | None,
+    chat_template: str = QWEN2_VL_CHAT_TEMPLATE,
 ) -> Path:  # fmt: skip
     """Save a `model_class(config)` with weights of standard deviation `init_std`, `tokenizer`, Qwen2-VL's image
-    processor (`processor_kwargs`) and chat template to `out_dir`."""
+    processor (`processor_kwargs`) and `chat_template` to `out_dir`."""
     import torch
     from transformers import Qwen2VLImageProcessorPil
 
@@ -147,10 +155,11 @@ def write_model_dir(
     with torch.device("cpu"):
         model = model_class(config).to(getattr(torch, dtype)).eval()
     model.save_pretrained(out_dir)
+    tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out_dir)
     # The image processor alone (the Qwen-VL families share Qwen2-VL's): the processors also want a video
     # processor, which needs torchvision.
     Qwen2VLImageProcessorPil(**(processor_kwargs or {})).save_pretrained(out_dir)
-    (out_dir / "chat_template.jinja").write_text(QWEN2_VL_CHAT_TEMPLATE)
+    (out_dir / "chat_template.jinja").write_text(chat_template)
     logger.info("wrote %s (%.1fM parameters)", out_dir, sum(p.numel() for p in model.parameters()) / 1e6)
     return out_dir

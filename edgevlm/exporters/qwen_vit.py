@@ -92,7 +92,8 @@ class Qwen2VLVisionForExport(nn.Module):
     """`pixel_patches` (n, C*T*P*P) + `patch_positions` (n, 2) -> `image_embeds` (n / merge², hidden) for ONE image.
 
     Holds (does not copy) the Hugging Face `Qwen2VisionTransformerPretrainedModel`. A batch axis of 1 is kept
-    through the blocks so every Linear exports as MatMul (which int8 quantization covers), not Gemm.
+    through the blocks so every Linear exports as MatMul (which int8 quantization covers), not Gemm. A successor's
+    tower overrides `embed_patches` (what enters the blocks) and `project` (what leaves the graph).
     """
 
     def __init__(self, visual: nn.Module, *, fused_attention: bool = False):
@@ -107,13 +108,20 @@ class Qwen2VLVisionForExport(nn.Module):
         self.qkv_parts = nn.ModuleList(_split_linear(block.attn.qkv, 3) for block in visual.blocks) if fused_attention else None  # fmt: skip
 
     def forward(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
+        hidden = self.embed_patches(pixel_patches, patch_positions)
+        return self.project(self.block_states(hidden, patch_positions))
+
+    def embed_patches(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
+        """(1, n, embed): the patch embedding. The Conv3d whose kernel is one whole patch is a MatMul on the
+        flattened patch, which onnxruntime runs ~10x faster than its 5-D Conv (and which stays float: it reads raw
+        pixels)."""
+        proj = self.visual.patch_embed.proj
+        hidden = (pixel_patches @ proj.weight.reshape(proj.out_channels, -1).T)[None]
+        return hidden + proj.bias if proj.bias is not None else hidden
+
+    def block_states(self, hidden: torch.Tensor, patch_positions: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden states (1, n, embed) after each block of the tower."""
         visual = self.visual
-        # The patch embedding is a Conv3d whose kernel is one whole patch: a MatMul on the flattened patch, which
-        # onnxruntime runs ~10x faster than its 5-D Conv (and which stays float: it reads raw pixels).
-        proj = visual.patch_embed.proj
-        hidden = (pixel_patches @ proj.weight.reshape(proj.out_channels, -1).T)[None]  # (1, n, embed)
-        if proj.bias is not None:
-            hidden = hidden + proj.bias
         n_patches = hidden.shape[1]
         # Axial rope: angles of the row then the column over head_dim / 2, repeated to rotate the whole head.
         half_angles = (patch_positions.float()[..., None] * visual.rotary_pos_emb.inv_freq).flatten(1)  # (n, hd/2)
@@ -125,6 +133,7 @@ class Qwen2VLVisionForExport(nn.Module):
         window_mask = None if self.window is None else self.window.mask(patch_positions)
         if window_mask is not None and self.fused_attention:  # the kernel adds a bias where SDPA takes a bool mask
             window_mask = torch.where(window_mask, torch.zeros(()), torch.full((), float("-inf")))
+        states = []
         for index, block in enumerate(visual.blocks):
             attn = block.attn
             mask = None if self.window is None or index in self.window.full_blocks else window_mask
@@ -141,8 +150,13 @@ class Qwen2VLVisionForExport(nn.Module):
                 out = out.transpose(1, 2)
             hidden = hidden + attn.proj(out.reshape(1, n_patches, -1))
             hidden = hidden + block.mlp(block.norm2(hidden))
-        merger = visual.merger
-        merged = merger.ln_q(hidden).reshape(1, -1, merger.hidden_size)  # merge² neighbouring patches per token
+            states.append(hidden)
+        return states
+
+    def project(self, states: list[torch.Tensor]) -> torch.Tensor:
+        """`image_embeds` from the blocks' states: the merger on the last one."""
+        merger = self.visual.merger
+        merged = merger.ln_q(states[-1]).reshape(1, -1, merger.hidden_size)  # merge² neighbouring patches per token
         return merger.mlp(merged)[0]
 
     @staticmethod
@@ -182,7 +196,13 @@ class _HFVisionReference:
     def __call__(self, pixel_patches: torch.Tensor, patch_positions: torch.Tensor) -> torch.Tensor:
         h, w = (int(x) + 1 for x in patch_positions.max(dim=0).values)
         grid_thw = torch.tensor([[pixel_patches.shape[0] // (h * w), h, w]])
-        return self.visual(pixel_patches, grid_thw=grid_thw).pooler_output
+        return vision_features(self.visual(pixel_patches, grid_thw=grid_thw))
+
+
+def vision_features(output) -> torch.Tensor:
+    """What the language model receives from a Hugging Face vision forward's output: the merged tokens, then each
+    DeepStack feature set (Qwen3-VL) in the tower's layer order, side by side in each row."""
+    return torch.cat([output.pooler_output, *(getattr(output, "deepstack_features", None) or [])], dim=-1)
 
 
 def find_visual(hf_model: nn.Module) -> nn.Module:
@@ -227,18 +247,19 @@ def export_qwen2_vl_vision(
     dtypes: Sequence[str] = ("fp32",),
     grids: Sequence[tuple[int, int, int]] = DEFAULT_GRIDS,
     progress: Callable[[str], None] | None = None,
+    wrapper: type[Qwen2VLVisionForExport] = Qwen2VLVisionForExport,
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) to `out_dir`, validated.
 
     fp32 is checked against the Hugging Face vision forward on every grid; the variants as
     `onnx_export.export_vision_variants` makes them. Returns the manifest entry per dtype. `progress` is called
-    with a short description before each long step.
+    with a short description before each long step. `wrapper` is the export-friendly forward of the family's tower.
     """
     visual = find_visual(hf_model)
     _check_export_args(visual, dtypes, grids)
     input_sets = [vision_sample_inputs(visual, tuple(grid), seed=i) for i, grid in enumerate(grids)]
     return export_vision_variants(
-        lambda fused: Qwen2VLVisionForExport(visual, fused_attention=fused).eval(), VISION_EXPORT_SPEC,
+        lambda fused: wrapper(visual, fused_attention=fused).eval(), VISION_EXPORT_SPEC,
         _HFVisionReference(visual), input_sets, out_dir, dtypes,
         fp32_report={"grids": [list(grid) for grid in grids]}, progress=progress,
     )  # fmt: skip
@@ -250,5 +271,6 @@ __all__ = [
     "WindowAttention",
     "export_qwen2_vl_vision",
     "find_visual",
+    "vision_features",
     "vision_sample_inputs",
 ]  # fmt: skip

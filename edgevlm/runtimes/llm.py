@@ -119,6 +119,8 @@ class LlamaLM:
                               "llama-cpp-python does not know. Run `edgevlm verify BUNDLE`, or upgrade llama-cpp-python.")  # fmt: skip
         self._vocab = llama_cpp.llama_model_get_vocab(self._model)
         self.n_embd = llama_cpp.llama_model_n_embd(self._model)
+        # the width of an embeddings batch's rows: wider than n_embd when DeepStack sets ride along (qwen3vl)
+        self.n_embd_inp = llama_cpp.llama_model_n_embd_inp(self._model)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(self._model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
 
@@ -246,12 +248,12 @@ class LlamaLM:
         return np.concatenate(rows) if logits == "all" else None
 
     def decode_embeddings(self, embeddings: np.ndarray, positions: np.ndarray, *, logits: str = "none") -> np.ndarray | None:  # fmt: skip
-        """Decode input embeddings (n, n_embd) at positions of shape (n_pos_per_token, n), section-major."""
+        """Decode input embeddings (n, n_embd_inp) at positions of shape (n_pos_per_token, n), section-major."""
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         positions = np.atleast_2d(np.asarray(positions, dtype=np.int32))
         n_total, dim = embeddings.shape
-        if dim != self.n_embd:
-            raise ValueError(f"image embeddings have width {dim}, the language model expects {self.n_embd}")
+        if dim != self.n_embd_inp:
+            raise ValueError(f"image embeddings have width {dim}, the language model expects {self.n_embd_inp}")
         if positions.shape[1] != n_total:
             raise ValueError(f"{positions.shape[1]} positions for {n_total} embeddings")
         self._check_room(n_total)

@@ -97,11 +97,13 @@ class EdgeVLM:
         )
         self._check_vision_providers()
         self.llm = LlamaLM(bundle.file(manifest.llm.file), self.settings.llama)
-        if self.llm.n_embd != manifest.llm.embedding_length:
-            raise BundleError(f"{bundle.file(manifest.llm.file)} has embeddings of {self.llm.n_embd} values, the manifest "
-                              f"says {manifest.llm.embedding_length}: the files do not belong together. Re-export the bundle.")  # fmt: skip
+        if (self.llm.n_embd, self.llm.n_embd_inp) != (manifest.llm.embedding_length, manifest.vision.embedding_dim):
+            raise BundleError(f"{bundle.file(manifest.llm.file)} has embeddings of {self.llm.n_embd} values and input rows of "
+                              f"{self.llm.n_embd_inp}, the manifest says {manifest.llm.embedding_length} and "
+                              f"{manifest.vision.embedding_dim}: the files do not belong together. Re-export the bundle.")  # fmt: skip
         self.planner = planner.with_context(self.llm.n_ctx)
-        self.prefill = Prefill(self.llm, self.vision, manifest.positions, open_token_embeddings(self.llm.path), EMBEDDING_CACHE_BYTES)  # fmt: skip
+        token_embeddings = open_token_embeddings(self.llm.path, self.llm.n_embd_inp)
+        self.prefill = Prefill(self.llm, self.vision, manifest.positions, token_embeddings, EMBEDDING_CACHE_BYTES)
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")

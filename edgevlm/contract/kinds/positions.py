@@ -76,4 +76,22 @@ class Linear(_Positions):
         return text_positions(start, n_tokens)[None, :], start + n_tokens
 
 
-Positions = MRope3D | Linear
+@register("positions", "mrope-3d-interleaved")
+@dataclass(frozen=True)
+class MRope3DInterleaved(MRope3D):
+    """Qwen3-VL's interleaved M-RoPE: the same (time, row, column) positions as `mrope-3d`, and the fourth slot
+    carries the time position too. transformers rotates every pair outside the interleaved row and column sections
+    by time; llama.cpp's interleaved kernel (rope type IMROPE) takes the angle of those past 3 x their section (2 of
+    Qwen3-VL's 64 pairs, `sections` [24, 20, 20, 0]) from the fourth slot, which it fills with the text position
+    for token batches."""
+
+    def text_embedding_positions(self, start: int, n_tokens: int) -> np.ndarray:
+        return np.tile(text_positions(start, n_tokens), (self.slots, 1))
+
+    def image_positions(self, start: int, grid: tuple[int, int, int]) -> tuple[np.ndarray, int]:
+        positions, next_position = super().image_positions(start, grid)
+        positions[3] = positions[0]
+        return positions, next_position
+
+
+Positions = MRope3D | MRope3DInterleaved | Linear

@@ -5,13 +5,14 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from ..qwen_synthetic import QWEN2_VL_TINY, Qwen2VLShape, qwen2_text_config, qwen2_tokenizer, write_model_dir
-
-# Added tokens Qwen2.5-VL's tokenizer has after Qwen2-VL's (ids 151657-151664), as Qwen2.5's: not special.
-QWEN2_5_EXTRA_TOKENS = [
-    "<tool_call>", "</tool_call>", "<|fim_prefix|>", "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>",
-    "<|repo_name|>", "<|file_sep|>",
-]  # fmt: skip
+from ..qwen_synthetic import (
+    QWEN2_5_EXTRA_TOKENS,
+    QWEN2_VL_TINY,
+    Qwen2VLShape,
+    qwen2_text_config,
+    qwen2_tokenizer,
+    write_model_dir,
+)
 
 
 @dataclass(frozen=True)
