@@ -1,6 +1,7 @@
-"""Build a random-weight model directory with Qwen2-VL-2B-Instruct's published sizes, for benchmarks.
+"""Build a random-weight model directory with a 2B model's published sizes (Qwen2-VL, Qwen3-VL), for benchmarks.
 
-    python benchmarks/make_qwen2vl_2b.py /work/bench/qwen2-vl-2b-random
+    python benchmarks/make_2b.py /work/bench/qwen2-vl-2b-random
+    python benchmarks/make_2b.py /work/bench/qwen3-vl-2b-random --model qwen3-vl-2b
 
 Weights are stored in bfloat16, as in the published checkpoint: the directory then has the real model's size on
 disk (~4.4 GB) and an export reads, and upcasts, what it would read from the real one. The builder initialises in
@@ -10,12 +11,17 @@ float32 before casting, so building needs ~9 GB of RAM whichever dtype is stored
 from __future__ import annotations
 
 import argparse
+import importlib
 import resource
 import sys
 import time
 from pathlib import Path
 
-from edgevlm.exporters.qwen2_vl.synthetic import QWEN2_VL_2B, build_qwen2_vl
+# model -> (module, builder, shape) of the family's synthetic builder
+MODELS = {
+    "qwen2-vl-2b": ("edgevlm.exporters.qwen2_vl.synthetic", "build_qwen2_vl", "QWEN2_VL_2B"),
+    "qwen3-vl-2b": ("edgevlm.exporters.qwen3_vl.synthetic", "build_qwen3_vl", "QWEN3_VL_2B"),
+}
 
 
 def directory_bytes(path: Path) -> int:
@@ -25,13 +31,16 @@ def directory_bytes(path: Path) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output", type=Path, help="model directory to create (must not exist or be empty)")
+    parser.add_argument("--model", choices=MODELS, default="qwen2-vl-2b", help="whose sizes (default: qwen2-vl-2b)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random weights (default: 0)")
     args = parser.parse_args(argv)
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         parser.error(f"{args.output} exists and is not an empty directory; remove it or choose another path")
 
+    module, builder, shape = MODELS[args.model]
+    synthetic = importlib.import_module(module)
     start = time.perf_counter()
-    build_qwen2_vl(args.output, QWEN2_VL_2B, seed=args.seed, dtype="bfloat16")
+    getattr(synthetic, builder)(args.output, getattr(synthetic, shape), seed=args.seed, dtype="bfloat16")
     elapsed = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
     print(
