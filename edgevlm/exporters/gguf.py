@@ -206,6 +206,22 @@ def tokenizer_from_sentencepiece(
     )  # fmt: skip
 
 
+def sentencepiece_tokenizer_of(
+    tokenizer: Any, model_file: str | Path, vocab_size: int, chat_template: str | None
+) -> tuple[GGUFTokenizer, dict[str, int]]:
+    """The GGUF tokenizer of a transformers SentencePiece tokenizer (Llama's, Gemma's): the pieces of `model_file`,
+    the tokens added to it (special ones CONTROL), its BOS/EOS/UNK/PAD ids and BOS added at the start, as
+    transformers does. Also returns those ids by role."""
+    roles = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}  # fmt: skip
+    special_ids = {role: int(i) for role, i in roles.items() if i is not None}
+    added = {int(i): (token.content, bool(token.special)) for i, token in tokenizer.added_tokens_decoder.items()}
+    gguf_tokenizer = tokenizer_from_sentencepiece(
+        model_file, added_tokens=added, vocab_size=vocab_size, special_ids=special_ids, add_bos=True,
+        chat_template=chat_template,
+    )  # fmt: skip
+    return gguf_tokenizer, special_ids
+
+
 UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")
 
 
