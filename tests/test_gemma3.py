@@ -52,6 +52,41 @@ def test_preprocessing_equals_transformers_processor(size, tiny_gemma3_loaded):
     assert np.array_equal(prepared.pixel_patches, patches)  # bit for bit
 
 
+@pytest.mark.parametrize(("size", "n_crops"), [((100, 350), 4), ((300, 90), 3), ((100, 110), 0), ((40, 1000), 4)])
+def test_tiles_are_the_processors_pan_and_scan_crops(f32_vlm, tiny_gemma3_loaded, size, n_crops):
+    from transformers import Gemma3ImageProcessorPil
+
+    processor = Gemma3ImageProcessorPil.from_pretrained(tiny_gemma3_loaded.model_dir)
+    image = random_image(*size, seed=size[1])
+    out = processor(images=[image], do_pan_and_scan=True, return_tensors="np")
+    assert out["num_crops"].tolist() == [n_crops]
+    plan = f32_vlm.plan("Hi", [image], tiles=8)  # at most the processor's pan_and_scan_max_num_crops (4) are made
+    assert len(plan.spans) == 1 + n_crops and all(span.n_tokens == N_TOKENS for span in plan.spans)
+    for span, expected in zip(plan.spans, out["pixel_values"], strict=True):
+        prepared = preprocess(image.crop(span.box), tiny_gemma3_loaded.preprocessing)
+        patches = expected.reshape(3, 16, 4, 16, 4).transpose(1, 3, 0, 2, 4).reshape(256, 3 * 4 * 4)
+        assert np.array_equal(prepared.pixel_patches, patches), span  # bit for bit
+    steps = list(f32_vlm.generate("Hi", [image], tiles=8, max_new_tokens=2))
+    assert steps[-1].timings.n_image_tokens == (1 + n_crops) * N_TOKENS
+
+
+def test_gemma_3_4b_preprocessing_is_256_tokens_of_896_px():
+    from transformers import SiglipVisionConfig
+
+    from edgevlm.exporters.gemma3 import preprocessing_from_config
+
+    # gemma-3-4b-it's preprocessor_config.json and vision config (SigLIP-So400m at 896 px, patch 14)
+    config = {"do_convert_rgb": None, "do_normalize": True, "do_pan_and_scan": None, "do_rescale": True,
+              "do_resize": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 2,
+              "pan_and_scan_max_num_crops": None, "pan_and_scan_min_crop_size": None,
+              "pan_and_scan_min_ratio_to_activate": None, "rescale_factor": 0.00392156862745098,
+              "size": {"height": 896, "width": 896}}  # fmt: skip
+    spec = preprocessing_from_config({k: v for k, v in config.items() if v is not None}, SiglipVisionConfig(image_size=896, patch_size=14), 256)  # fmt: skip
+    assert (spec.merge_size, spec.token_range(), spec.factor, spec.patch_dim) == (4, (256, 256), 56, 588)
+    assert (spec.pan_and_scan_min_crop_size, spec.pan_and_scan_max_crops, spec.pan_and_scan_min_ratio) == (256, 4, 1.2)
+    assert preprocess(random_image(300, 1200), spec).grid == (1, 64, 64)
+
+
 # ------------------------------------------------------------------------------------------------- vision graph
 
 
@@ -169,6 +204,7 @@ def test_manifest_describes_the_family_as_data(tiny_gemma3_bundles):
     preprocessing = manifest["preprocessing"]
     assert (preprocessing["kind"], preprocessing["resize"], preprocessing["resample"]) == ("fixed-resize", "square", "bilinear")  # fmt: skip
     assert (preprocessing["crop_size"], preprocessing["patch_size"], preprocessing["merge_size"]) == (64, 4, 4)
+    assert (preprocessing["tiling"], preprocessing["pan_and_scan_min_crop_size"]) == ("pan-and-scan", 16)
     assert manifest["positions"] == {"kind": "linear", "merge_size": 4}
     assert manifest["llm"]["image_attention"] == "bidirectional"
     assert manifest["tokens"] == {"image_pad": "<start_of_image>", "image_prefix": "\n\n<start_of_image>", "image_suffix": "<end_of_image>\n\n"}  # fmt: skip

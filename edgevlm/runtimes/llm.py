@@ -130,6 +130,8 @@ class LlamaLM:
             ctx_params.flash_attn_type = 1 if settings.flash_attn else 0
         ctx_params.type_k = ctx_params.type_v = _ggml_type(settings.kv_cache_type)
         ctx_params.no_perf = False
+        # swa_full stays llama.cpp's default (true): a sliding-window model's cache then keeps every cell, so removing
+        # the cache's tail for KV reuse leaves what the next tokens attend to (a pruned one would not have it)
         with deliver_interrupts():
             self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:

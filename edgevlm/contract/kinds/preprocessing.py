@@ -41,6 +41,7 @@ OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.4082107
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 
 FIXED_RESIZES = ("shortest-edge", "square")
+FIXED_TILINGS = ("grid", "pan-and-scan")
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # smart_resize refuses thinner images than this (same limit and check as transformers).
@@ -150,9 +151,20 @@ class FixedResize(Section):
     # "shortest-edge" + center crop (CLIP), or "square": the whole image squashed (Gemma 3)
     resize: str = field(default="shortest-edge", metadata=OMIT_DEFAULT)
     resample: str = field(default="bicubic", metadata=OMIT_DEFAULT)  # PIL filter: "bicubic" (CLIP), "bilinear"
+    # how `tiles` cuts an image: `budget.tile_grid`'s grid, or Gemma 3's "pan-and-scan" crops with these parameters
+    # (`budget.pan_and_scan_boxes`; transformers' defaults)
+    tiling: str = field(default="grid", metadata=OMIT_DEFAULT)
+    pan_and_scan_min_crop_size: int = field(default=256, metadata=OMIT_DEFAULT)
+    pan_and_scan_max_crops: int = field(default=4, metadata=OMIT_DEFAULT)
+    pan_and_scan_min_ratio: float = field(default=1.2, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, "preprocessing", ("crop_size", "shortest_edge", "patch_size", "merge_size"))
+        check_positive_ints(self, "preprocessing", ("crop_size", "shortest_edge", "patch_size", "merge_size",
+                                                    "pan_and_scan_min_crop_size", "pan_and_scan_max_crops"))  # fmt: skip
+        if self.tiling not in FIXED_TILINGS:
+            raise ValueError(f"preprocessing tiling={self.tiling!r}: expected one of {', '.join(FIXED_TILINGS)}")
+        if not _is_real(self.pan_and_scan_min_ratio) or self.pan_and_scan_min_ratio < 1:
+            raise ValueError(f"preprocessing pan_and_scan_min_ratio={self.pan_and_scan_min_ratio!r}: expected a number >= 1")  # fmt: skip
         if self.crop_size % (self.patch_size * self.merge_size):
             raise ValueError(f"preprocessing crop_size={self.crop_size} is not a multiple of patch_size * merge_size = "
                              f"{self.patch_size} * {self.merge_size}")  # fmt: skip

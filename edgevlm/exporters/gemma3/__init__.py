@@ -31,6 +31,9 @@ logger = logging.getLogger(__name__)
 SENTENCEPIECE_MODEL = "tokenizer.model"
 PLACEHOLDER, BOI, EOI = "<start_of_image>", "<start_of_image>", "<end_of_image>"
 BILINEAR = 2  # PIL's (and transformers' PILImageResampling) number for BILINEAR
+PAN_AND_SCAN_KEYS = {"pan_and_scan_min_crop_size": "pan_and_scan_min_crop_size",
+                     "pan_and_scan_max_crops": "pan_and_scan_max_num_crops",
+                     "pan_and_scan_min_ratio": "pan_and_scan_min_ratio_to_activate"}  # fmt: skip
 
 
 def preprocessing_from_config(config: dict, vision_config: Any, mm_tokens_per_image: int) -> FixedResize:
@@ -43,7 +46,7 @@ def preprocessing_from_config(config: dict, vision_config: Any, mm_tokens_per_im
     if config.get("resample", BILINEAR) != BILINEAR:
         raise UnsupportedModelError(f"preprocessor config resample={config['resample']!r}: Gemma 3's processor resizes with BILINEAR ({BILINEAR})")  # fmt: skip
     if config.get("do_pan_and_scan"):
-        logger.warning("the processor has do_pan_and_scan on: edgevlm encodes each image as one view (ask for tiles to add crops)")  # fmt: skip
+        logger.warning("the processor has do_pan_and_scan on: edgevlm adds its crops only when a request asks for tiles")  # fmt: skip
     size = config.get("size", {"height": vision_config.image_size, "width": vision_config.image_size})
     if size != {"height": vision_config.image_size, "width": vision_config.image_size}:
         raise UnsupportedModelError(f"the processor resizes to {size}, the vision tower takes {vision_config.image_size} px squares")  # fmt: skip
@@ -52,7 +55,10 @@ def preprocessing_from_config(config: dict, vision_config: Any, mm_tokens_per_im
     values = {key: tuple(config[key]) for key in ("image_mean", "image_std") if config.get(key) is not None}
     if config.get("rescale_factor") is not None:
         values["rescale_factor"] = config["rescale_factor"]
-    return FixedResize(crop_size=side, shortest_edge=side, patch_size=vision_config.patch_size, merge_size=kernel,
+    for ours, theirs in PAN_AND_SCAN_KEYS.items():
+        if config.get(theirs) is not None:
+            values[ours] = config[theirs]
+    return FixedResize(tiling="pan-and-scan", crop_size=side, shortest_edge=side, patch_size=vision_config.patch_size, merge_size=kernel,
                        resize="square", resample="bilinear", **values)  # fmt: skip
 
 
