@@ -171,6 +171,21 @@ def test_image_tokens_must_attend_to_each_other(f32_vlm, tiny_gemma3_loaded):
     assert good <= LOGIT_ATOL["F32"] < dropped / 5  # measured 0.0010 and 0.39
 
 
+def test_image_embeddings_are_not_scaled_like_token_embeddings(f32_vlm, tiny_gemma3_loaded, monkeypatch):
+    """transformers scales token embeddings by sqrt(hidden) and scatters the image features in unscaled; llama.cpp's
+    gemma3 scales token batches only. Parity holds with the features fed as they are, and an image scaled as tokens
+    are (what a runtime that scaled `batch.embd` would decode) is far off: the parity tests would catch it."""
+    case = PARITY_CASES[0]
+    reference = FAMILY.reference_logits(tiny_gemma3_loaded, case.prompt, case.images())
+    encode = f32_vlm.vision.encode
+    monkeypatch.setattr(f32_vlm.vision, "encode", lambda *args: encode(*args) * np.sqrt(256))
+    scaled = f32_vlm.prompt_logits(case.prompt, case.images())
+    print(
+        f"max abs logit diff vs transformers with the image scaled by sqrt(hidden): {np.abs(scaled - reference).max():.3f}"
+    )
+    assert np.abs(scaled - reference).max() > 10 * LOGIT_ATOL["F32"]
+
+
 def test_follow_up_reuses_the_cache_and_matches_a_fresh_decode(tiny_gemma3_bundles, f32_vlm):
     """KV reuse (the image a unit of the cache) and the embedding cache give what a cold start gives."""
     image = PARITY_CASES[0].images()[0]
