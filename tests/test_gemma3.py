@@ -22,10 +22,9 @@ from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
 
 pytest.importorskip("transformers")
 
-# Per-position top-1 agreement with transformers over the prompts of PARITY_CASES, fp32 vision. A random model's
-# logits are nearly flat (std 0.32 here), so quantization flips top-1 at some positions; measured: Q8_0 0.95-1.0,
-# Q4_K_M 0.56-0.62 (the tiny Gemma 3's Q4_K_M sits below Qwen2-VL's 0.72-0.80, so its floor is 0.5, not 0.6).
-TOP1_FLOOR = {"Q8_0": 0.9, "Q4_K_M": 0.5}
+# Per-position top-1 agreement with transformers over the prompts of PARITY_CASES, fp32 vision; quantization flips a
+# random model's top-1 where its margins are small. Measured: Q8_0 1.0, Q4_K_M 0.89-1.0; the other families' floors.
+TOP1_FLOOR = {"Q8_0": 0.9, "Q4_K_M": 0.6}
 N_TOKENS = 16  # the tiny model: 64 px, 4 px patches, 16x16 patches pooled 4x4
 
 
@@ -148,7 +147,7 @@ def test_prompt_tokens_equal_the_processors(f32_vlm, tiny_gemma3_loaded):
 @pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: c.name)
 def test_f32_bundle_matches_transformers(f32_vlm, tiny_gemma3_loaded, case):
     result = compare_case(f32_vlm, FAMILY, tiny_gemma3_loaded, case, n_greedy=24)
-    # measured 0.0010 (one image), 0.0012 (two), 0.0014 (text only)
+    # measured 0.0024 (one image), 0.0028 (two), 0.0024 (text only)
     print(case.name, result)
     assert result["max_abs_logit_diff"] <= LOGIT_ATOL["F32"], result
     assert result["greedy_equal"], result
@@ -168,7 +167,7 @@ def test_image_tokens_must_attend_to_each_other(f32_vlm, tiny_gemma3_loaded):
         f32_vlm.prefill.bidirectional_images = True
     good, dropped = float(np.abs(bidirectional - reference).max()), float(np.abs(causal - reference).max())
     print(f"max abs logit diff vs transformers: bidirectional image {good:.4f}, causal image {dropped:.4f}")
-    assert good <= LOGIT_ATOL["F32"] < dropped / 5  # measured 0.0010 and 0.39
+    assert good <= LOGIT_ATOL["F32"] < dropped / 5  # measured 0.0024 and 3.48
 
 
 def test_image_embeddings_are_not_scaled_like_token_embeddings(f32_vlm, tiny_gemma3_loaded, monkeypatch):

@@ -175,7 +175,10 @@ def tokenizer_from_sentencepiece(
 
     Pieces keep their scores and SentencePiece types (normal, unknown, control, unused, byte: the same numbers as
     gguf.TokenType). `added_tokens` maps token ids to (text, special); those beyond the SentencePiece model
-    (LLaVA's `<image>`) are added, special ones as CONTROL, others USER_DEFINED. Rows with no token up to `vocab_size` are UNUSED "[PAD<i>]".
+    (LLaVA's `<image>`) are added, special ones as CONTROL, others USER_DEFINED; pieces of the model that transformers
+    lists as added tokens (user-defined pieces, which SentencePiece's API reports as normal: Gemma's turn and image
+    tokens) get those types too, as llama.cpp's converter gives them. Rows with no token up to `vocab_size` are UNUSED
+    "[PAD<i>]".
     """
     import gguf
 
@@ -191,7 +194,10 @@ def tokenizer_from_sentencepiece(
         scores.append(float(processor.get_score(i)))
         kinds = ((processor.is_unknown, gguf.TokenType.UNKNOWN), (processor.is_control, gguf.TokenType.CONTROL),
                  (processor.is_unused, gguf.TokenType.UNUSED), (processor.is_byte, gguf.TokenType.BYTE))  # fmt: skip
-        types.append(next((kind for test, kind in kinds if test(i)), gguf.TokenType.NORMAL))
+        kind = next((kind for test, kind in kinds if test(i)), gguf.TokenType.NORMAL)
+        if kind == gguf.TokenType.NORMAL and i in added_tokens:  # a user-defined piece (Gemma's <start_of_turn>)
+            kind = gguf.TokenType.CONTROL if added_tokens[i][1] else gguf.TokenType.USER_DEFINED
+        types.append(kind)
     if max([*added_tokens, n_pieces - 1]) >= vocab_size:
         raise ValueError(f"tokenizer has id {max([*added_tokens, n_pieces - 1])} but the model's vocab_size is {vocab_size}")  # fmt: skip
     for i in range(n_pieces, vocab_size):
