@@ -261,26 +261,54 @@ class _Region:
         return self.box[3] - self.box[1], self.box[2] - self.box[0]
 
 
-def _regions(request: ImageRequest, image_index: int, factor: int) -> list[_Region]:
+def pan_and_scan_boxes(box: Box, max_crops: int, min_crop_size: int, min_ratio: float) -> list[Box]:
+    """Gemma 3's pan-and-scan crops of a region (transformers' `Gemma3ImageProcessor.pan_and_scan`): a region at
+    least `min_ratio` times wider than high (or higher than wide) is cut along its long side into
+    clamp(round(ratio), 2, max_crops) crops of ceil(side / n) pixels (the last one cut by the edge), none smaller than
+    `min_crop_size`; otherwise no crops."""
+    left, top, right, bottom = box
+    width, height = right - left, bottom - top
+    long, short = max(width, height), min(width, height)
+    if long / short < min_ratio:
+        return []
+    n = min(max_crops, max(2, min(math.floor(long / min_crop_size), math.floor(long / short + 0.5))))
+    cols, rows = (n, 1) if width >= height else (1, n)
+    crop_w, crop_h = math.ceil(width / cols), math.ceil(height / rows)
+    if min(crop_w, crop_h) < min_crop_size:
+        return []
+    return [(left + c * crop_w, top + r * crop_h, min(right, left + (c + 1) * crop_w), min(bottom, top + (r + 1) * crop_h))
+            for r in range(rows) for c in range(cols)]  # fmt: skip
+
+
+def _tile_boxes(box: Box, max_tiles: int, spec: Preprocessing) -> list[Box]:
+    """The tiles of a region: the spec's own crops where its `tiling` is "pan-and-scan", else `tile_grid`'s."""
+    if getattr(spec, "tiling", "grid") == "pan-and-scan":
+        return pan_and_scan_boxes(box, min(max_tiles, spec.pan_and_scan_max_crops), spec.pan_and_scan_min_crop_size,
+                                  spec.pan_and_scan_min_ratio)  # fmt: skip
+    left, top, right, bottom = box
+    rows, cols = tile_grid(right - left, bottom - top, max_tiles, spec.factor)
+    if rows * cols == 1:
+        return []
+    xs = [left + round(i * (right - left) / cols) for i in range(cols + 1)]
+    ys = [top + round(i * (bottom - top) / rows) for i in range(rows + 1)]
+    return [(xs[c], ys[r], xs[c + 1], ys[r + 1]) for r in range(rows) for c in range(cols)]
+
+
+def _regions(request: ImageRequest, image_index: int, spec: Preprocessing) -> list[_Region]:
     box = request.crop.pixel_box(request.width, request.height) if request.crop else (0, 0, request.width, request.height)  # fmt: skip
     view = "crop" if request.crop else "full"
     left, top, right, bottom = box
     area = float((right - left) * (bottom - top))
-    if request.tiles == 0:
+    boxes = _tile_boxes(box, request.tiles, spec) if request.tiles else []
+    if not boxes:  # no tiling, or one tile: the region itself (a global view would repeat it)
         return [_Region(image_index, view, box, area)]
-    rows, cols = tile_grid(right - left, bottom - top, request.tiles, factor)
-    if rows * cols == 1:  # one tile is the region itself: a global view would repeat it
-        return [_Region(image_index, view, box, area)]
-    xs = [left + round(i * (right - left) / cols) for i in range(cols + 1)]
-    ys = [top + round(i * (bottom - top) / rows) for i in range(rows + 1)]
-    boxes = [(xs[c], ys[r], xs[c + 1], ys[r + 1]) for r in range(rows) for c in range(cols)]
     tiles = [_Region(image_index, "tile", b, float((b[2] - b[0]) * (b[3] - b[1]))) for b in boxes]
-    return [_Region(image_index, "global", box, area / (rows * cols)), *tiles]
+    return [_Region(image_index, "global", box, area / len(boxes)), *tiles]
 
 
 def count_spans(requests: Sequence[ImageRequest], spec: Preprocessing) -> int:
     """How many image spans the prompt needs for `requests` (tiling adds spans); independent of the limits."""
-    return sum(len(_regions(request, i, spec.factor)) for i, request in enumerate(requests))
+    return sum(len(_regions(request, i, spec)) for i, request in enumerate(requests))
 
 
 # --------------------------------------------------------------------------------------------------- one span
@@ -487,7 +515,7 @@ def plan_images(
     limits = within_model_range(limits, spec)
     low = max(limits.min_image_tokens or 0, model_min)
     high = limits.max_image_tokens if limits.max_image_tokens is not None else _UNBOUNDED
-    regions = [region for i, request in enumerate(requests) for region in _regions(request, i, factor)]
+    regions = [region for i, request in enumerate(requests) for region in _regions(request, i, spec)]
     wanted = [fit_resize(*region.size, spec, low, high) for region in regions]
 
     room = None if n_ctx is None else n_ctx - n_prompt_tokens - max_new_tokens

@@ -147,3 +147,31 @@ def tiny_llava_bundles(tiny_llava_dir, tmp_path_factory) -> dict[str, Path]:
         "F16": export(str(tiny_llava_dir), root / "f16", quantization="F16"),
         "Q4_K_M": export(str(tiny_llava_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_dir(tmp_path_factory) -> Path:
+    """A tiny random Gemma 3 model directory with a SentencePiece tokenizer trained offline (a few seconds)."""
+    from edgevlm.exporters.gemma3 import FAMILY
+
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-gemma3"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_loaded(tiny_gemma3_dir):
+    from edgevlm.exporters.gemma3 import FAMILY
+
+    return FAMILY.load(tiny_gemma3_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_bundles(tiny_gemma3_dir, tmp_path_factory) -> dict[str, Path]:
+    """Bundles of the tiny Gemma 3: F32 + fp32 vision, Q8_0 and Q4_K_M LLMs with fp32 and int8 vision."""
+    from edgevlm.exporters import export
+
+    root = tmp_path_factory.mktemp("gemma3-bundles")
+    return {
+        "F32": export(str(tiny_gemma3_dir), root / "f32", quantization="F32"),
+        "Q8_0": export(str(tiny_gemma3_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
+        "Q4_K_M": export(str(tiny_gemma3_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
+    }

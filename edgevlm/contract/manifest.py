@@ -24,11 +24,13 @@ from .kinds import strategy_class
 from .kinds.patch_positions import PatchPositions
 from .kinds.positions import Positions
 from .kinds.preprocessing import Preprocessing
+from .kinds.registry import OMIT_DEFAULT, omitted
 
 MANIFEST_NAME = "edgevlm.json"
 FORMAT_VERSION = 2
 VISION_DTYPES = ("fp32", "fp16", "int8")
 TEXT_NORMALIZATIONS = (None, "NFC", "NFD", "NFKC", "NFKD")  # unicodedata.normalize's forms
+IMAGE_ATTENTION = ("causal", "bidirectional")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
@@ -77,13 +79,20 @@ class LLMSpec:
     n_ctx_train: int
     embedding_length: int
     text_normalization: str | None = None  # Unicode form the tokenizer expects ("NFC" for Qwen2); llama.cpp applies none
+    # How an image's embeddings attend to each other: "causal" as text, or "bidirectional" (Gemma 3): the runtime
+    # then decodes each image in one batch with llama.cpp's causal attention off.
+    image_attention: str = field(default="causal", metadata=OMIT_DEFAULT)
 
 
 @dataclass(frozen=True)
 class TokenSpec:
-    """The image placeholder's text in the chat template; the runtime puts one image's embeddings at each."""
+    """The image placeholder's text in the chat template; the runtime puts one image's embeddings at each, with
+    `image_prefix` before them and `image_suffix` after them in the placeholder's place (Gemma 3's processor writes
+    "\n\n<start_of_image>", the image, "<end_of_image>\n\n" for each `<start_of_image>` of its template)."""
 
     image_pad: str
+    image_prefix: str = field(default="", metadata=OMIT_DEFAULT)
+    image_suffix: str = field(default="", metadata=OMIT_DEFAULT)
 
 
 def _default_budget() -> BudgetLimits:
@@ -261,7 +270,7 @@ def _to_json(value: Any) -> Any:
     if dataclasses.is_dataclass(value) and hasattr(value, "kind"):  # a strategy: its section, or its bare kind
         return value.to_dict() if hasattr(value, "to_dict") else value.kind
     if dataclasses.is_dataclass(value):
-        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {f.name: _to_json(getattr(value, f.name)) for f in dataclasses.fields(value) if not omitted(value, f)}
     if isinstance(value, tuple | list):
         return [_to_json(item) for item in value]
     if isinstance(value, dict):
@@ -298,6 +307,8 @@ def _check_manifest(manifest: Manifest) -> None:
     if llm.text_normalization not in TEXT_NORMALIZATIONS:
         raise _Malformed(f"llm.text_normalization: {llm.text_normalization!r} is not a Unicode normalization form "
                          f"(one of {', '.join(map(str, TEXT_NORMALIZATIONS))})")  # fmt: skip
+    if llm.image_attention not in IMAGE_ATTENTION:
+        raise _Malformed(f"llm.image_attention: {llm.image_attention!r} is not one of {', '.join(IMAGE_ATTENTION)}")
     if not manifest.tokens.image_pad:
         raise _Malformed("tokens.image_pad: the image placeholder's text is empty")
     for key, value in [("vision.embedding_dim", vision.embedding_dim), ("llm.n_ctx_train", llm.n_ctx_train),

@@ -115,6 +115,7 @@ def export(
                 n_ctx_train=llm_info["n_ctx_train"],
                 embedding_length=llm_info["embedding_length"],
                 text_normalization=llm_info.get("text_normalization"),
+                image_attention=llm_info.get("image_attention", "causal"),
             ),
             tokens=family.tokens(loaded),
             positions=family.positions(loaded),

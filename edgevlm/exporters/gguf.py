@@ -175,7 +175,10 @@ def tokenizer_from_sentencepiece(
 
     Pieces keep their scores and SentencePiece types (normal, unknown, control, unused, byte: the same numbers as
     gguf.TokenType). `added_tokens` maps token ids to (text, special); those beyond the SentencePiece model
-    (LLaVA's `<image>`) are added, special ones as CONTROL, others USER_DEFINED. Rows with no token up to `vocab_size` are UNUSED "[PAD<i>]".
+    (LLaVA's `<image>`) are added, special ones as CONTROL, others USER_DEFINED; pieces of the model that transformers
+    lists as added tokens (user-defined pieces, which SentencePiece's API reports as normal: Gemma's turn and image
+    tokens) get those types too, as llama.cpp's converter gives them. Rows with no token up to `vocab_size` are UNUSED
+    "[PAD<i>]".
     """
     import gguf
 
@@ -191,7 +194,10 @@ def tokenizer_from_sentencepiece(
         scores.append(float(processor.get_score(i)))
         kinds = ((processor.is_unknown, gguf.TokenType.UNKNOWN), (processor.is_control, gguf.TokenType.CONTROL),
                  (processor.is_unused, gguf.TokenType.UNUSED), (processor.is_byte, gguf.TokenType.BYTE))  # fmt: skip
-        types.append(next((kind for test, kind in kinds if test(i)), gguf.TokenType.NORMAL))
+        kind = next((kind for test, kind in kinds if test(i)), gguf.TokenType.NORMAL)
+        if kind == gguf.TokenType.NORMAL and i in added_tokens:  # a user-defined piece (Gemma's <start_of_turn>)
+            kind = gguf.TokenType.CONTROL if added_tokens[i][1] else gguf.TokenType.USER_DEFINED
+        types.append(kind)
     if max([*added_tokens, n_pieces - 1]) >= vocab_size:
         raise ValueError(f"tokenizer has id {max([*added_tokens, n_pieces - 1])} but the model's vocab_size is {vocab_size}")  # fmt: skip
     for i in range(n_pieces, vocab_size):
@@ -204,6 +210,22 @@ def tokenizer_from_sentencepiece(
         model="llama", pre=None, tokens=tokens, token_types=[int(t) for t in types], merges=[], scores=scores,
         special_ids=dict(special_ids), add_bos=add_bos, chat_template=chat_template, add_space_prefix=dummy_prefix,
     )  # fmt: skip
+
+
+def sentencepiece_tokenizer_of(
+    tokenizer: Any, model_file: str | Path, vocab_size: int, chat_template: str | None
+) -> tuple[GGUFTokenizer, dict[str, int]]:
+    """The GGUF tokenizer of a transformers SentencePiece tokenizer (Llama's, Gemma's): the pieces of `model_file`,
+    the tokens added to it (special ones CONTROL), its BOS/EOS/UNK/PAD ids and BOS added at the start, as
+    transformers does. Also returns those ids by role."""
+    roles = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}  # fmt: skip
+    special_ids = {role: int(i) for role, i in roles.items() if i is not None}
+    added = {int(i): (token.content, bool(token.special)) for i, token in tokenizer.added_tokens_decoder.items()}
+    gguf_tokenizer = tokenizer_from_sentencepiece(
+        model_file, added_tokens=added, vocab_size=vocab_size, special_ids=special_ids, add_bos=True,
+        chat_template=chat_template,
+    )  # fmt: skip
+    return gguf_tokenizer, special_ids
 
 
 UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD")

@@ -254,6 +254,7 @@ def resolve_settings(
         kv_cache_type=llm.kv_cache_type, mmap=llm.mmap, mlock=llm.mlock,
         adapt_threads=llm.adapt_threads and threads is None,  # a thread count asked for is used as asked
     )  # fmt: skip
+    llama = _whole_image_batches(llama, bundle, token_range, notes)
 
     ceiling, ceiling_text = _ceiling(profile, host)
     memory = None
@@ -273,6 +274,20 @@ def resolve_settings(
         allow_spinning=profile.vision.allow_spinning, llama=llama, limits=limits,
         vision_gflops=profile.vision.gflops, ceiling_bytes=ceiling, memory=memory, notes=tuple(notes.items),
     )  # fmt: skip
+
+
+def _whole_image_batches(llama: LlamaSettings, bundle: Bundle | None, token_range: tuple[int, int] | None,
+                         notes: _Notes) -> LlamaSettings:  # fmt: skip
+    """A bundle whose image tokens attend to each other (`llm.image_attention`) decodes each image in one batch:
+    n_batch and n_ubatch are raised to its largest image when the profile's are smaller."""
+    if bundle is None or token_range is None or bundle.manifest.llm.image_attention != "bidirectional":
+        return llama
+    needed = token_range[1]
+    if llama.n_batch >= needed and llama.n_ubatch >= needed:
+        return llama
+    notes.adjust(f"this model decodes each image's {needed} tokens in one batch: n_batch {llama.n_batch} -> "
+                 f"{max(llama.n_batch, needed)}, n_ubatch {llama.n_ubatch} -> {max(llama.n_ubatch, needed)}")  # fmt: skip
+    return replace(llama, n_batch=max(llama.n_batch, needed), n_ubatch=max(llama.n_ubatch, needed))
 
 
 def _fit_memory(profile: Profile, bundle: Bundle, vision_dtype: str, llama: LlamaSettings, limits: BudgetLimits,

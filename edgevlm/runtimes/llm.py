@@ -134,6 +134,8 @@ class LlamaLM:
             ctx_params.flash_attn_type = 1 if settings.flash_attn else 0
         ctx_params.type_k = ctx_params.type_v = _ggml_type(settings.kv_cache_type)
         ctx_params.no_perf = False
+        # swa_full stays llama.cpp's default (true): a sliding-window model's cache then keeps every cell, so removing
+        # the cache's tail for KV reuse leaves what the next tokens attend to (a pruned one would not have it)
         with deliver_interrupts():
             self._ctx = llama_cpp.llama_init_from_model(self._model, ctx_params)
         if not self._ctx:
@@ -143,6 +145,7 @@ class LlamaLM:
         # llama.cpp rounds n_ctx up (to 256 at least) and clamps n_batch to it: use what it really made
         self.n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         self.n_batch = llama_cpp.llama_n_batch(self._ctx)
+        self.n_ubatch = llama_cpp.llama_n_ubatch(self._ctx)
         self.n_threads, self.n_threads_batch = ctx_params.n_threads, ctx_params.n_threads_batch
         self.loaded_threads = (self.n_threads, self.n_threads_batch)  # what `use_threads` may lower from
         self._memory = llama_cpp.llama_get_memory(self._ctx)
@@ -247,8 +250,14 @@ class LlamaLM:
             rows.append(self._decode(len(chunk), token_buf, None, pos_buf, _outputs(logits, start + len(chunk) == n_total)))  # fmt: skip
         return np.concatenate(rows) if logits == "all" else None
 
-    def decode_embeddings(self, embeddings: np.ndarray, positions: np.ndarray, *, logits: str = "none") -> np.ndarray | None:  # fmt: skip
-        """Decode input embeddings (n, n_embd_inp) at positions of shape (n_pos_per_token, n), section-major."""
+    def decode_embeddings(self, embeddings: np.ndarray, positions: np.ndarray, *, logits: str = "none",
+                          bidirectional: bool = False) -> np.ndarray | None:  # fmt: skip
+        """Decode input embeddings (n, n_embd_inp) at positions of shape (n_pos_per_token, n), section-major.
+
+        `bidirectional`: the embeddings attend to each other (and to the cache before them), not causally: one batch
+        with llama.cpp's causal attention off, as its own multimodal path decodes such images (mtmd-helper's
+        `scope_non_causal`); they must fit in one micro-batch.
+        """
         embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
         positions = np.atleast_2d(np.asarray(positions, dtype=np.int32))
         n_total, dim = embeddings.shape
@@ -257,6 +266,8 @@ class LlamaLM:
         if positions.shape[1] != n_total:
             raise ValueError(f"{positions.shape[1]} positions for {n_total} embeddings")
         self._check_room(n_total)
+        if bidirectional:
+            return self._decode_bidirectional(embeddings, positions, logits)
         rows = []
         for start in range(0, n_total, self.n_batch):
             chunk = embeddings[start : start + self.n_batch]
@@ -264,6 +275,20 @@ class LlamaLM:
             pos_buf = np.ascontiguousarray(positions[:, start : start + len(chunk)].reshape(-1))
             rows.append(self._decode(len(chunk), None, chunk, pos_buf, _outputs(logits, start + len(chunk) == n_total)))  # fmt: skip
         return np.concatenate(rows) if logits == "all" else None
+
+    def _decode_bidirectional(self, embeddings: np.ndarray, positions: np.ndarray, logits: str) -> np.ndarray | None:
+        n = len(embeddings)
+        if n > min(self.n_batch, self.n_ubatch):
+            # llama.cpp aborts the process on a non-causal batch larger than n_ubatch: refuse it here
+            raise BundleError(f"an image of {n} tokens must be decoded in one batch (its tokens attend to each other), "
+                              f"but this context has n_batch {self.n_batch} and n_ubatch {self.n_ubatch}; raise both "
+                              f"to at least {n} in the hardware profile.")  # fmt: skip
+        pos_buf = np.ascontiguousarray(positions.reshape(-1))
+        llama_cpp.llama_set_causal_attn(self._ctx, False)
+        try:
+            return self._decode(n, None, embeddings, pos_buf, _outputs(logits, True))
+        finally:
+            llama_cpp.llama_set_causal_attn(self._ctx, True)
 
     def _decode(self, n: int, token, embd: np.ndarray | None, pos: np.ndarray, outputs: str) -> np.ndarray | None:
         n_seq_id = (ctypes.c_int32 * n)(*([1] * n))

@@ -103,12 +103,15 @@ class EdgeVLM:
                               f"{manifest.vision.embedding_dim}: the files do not belong together. Re-export the bundle.")  # fmt: skip
         self.planner = planner.with_context(self.llm.n_ctx)
         token_embeddings = open_token_embeddings(self.llm.path, self.llm.n_embd_inp)
-        self.prefill = Prefill(self.llm, self.vision, manifest.positions, token_embeddings, EMBEDDING_CACHE_BYTES)
+        self.prefill = Prefill(self.llm, self.vision, manifest.positions, token_embeddings, EMBEDDING_CACHE_BYTES,
+                               manifest.llm.image_attention == "bidirectional")  # fmt: skip
         self.chat_template = self.llm.chat_template
         if not self.chat_template:
             raise BundleError(f"{bundle.file(manifest.llm.file)} carries no chat template; re-export the bundle.")
         specials = SpecialTokens(self.llm.special_tokens(), also=(manifest.tokens.image_pad,))
-        self.prompts = PromptRenderer(self.chat_template, specials, manifest.tokens.image_pad, manifest.llm.text_normalization)  # fmt: skip
+        tokens = manifest.tokens
+        self.prompts = PromptRenderer(self.chat_template, specials, tokens.image_pad, manifest.llm.text_normalization,
+                                      (tokens.image_prefix, tokens.image_suffix))  # fmt: skip
         self.turns = Turns()  # one generation at a time; the others wait, first come, first served
         # held while llama.cpp or onnxruntime runs for this model, so close() never frees what they use
         self._native = threading.RLock()

@@ -26,10 +26,14 @@ class Prefill:
     serialises requests (`EdgeVLM` holds its turn and native lock)."""
 
     def __init__(self, llm: LlamaLM, vision: VisionEncoder, positions: Positions,
-                 token_embeddings: TokenEmbeddings | None, embedding_cache_bytes: int):  # fmt: skip
-        """`token_embeddings` None: text and images go in separate batches."""
+                 token_embeddings: TokenEmbeddings | None, embedding_cache_bytes: int,
+                 bidirectional_images: bool = False):  # fmt: skip
+        """`token_embeddings` None: text and images go in separate batches. `bidirectional_images`: an image's
+        embeddings attend to each other (the manifest's `llm.image_attention`), so each image is its own batch,
+        decoded with causal attention off; text is never decoded as embeddings then."""
         self.llm, self.vision, self.positions = llm, vision, positions
-        self.token_embeddings = token_embeddings
+        self.bidirectional_images = bidirectional_images
+        self.token_embeddings = None if bidirectional_images else token_embeddings
         self.kv = KVRecord()  # what the KV cache holds, for reuse by the next request
         self.embedding_cache = EmbeddingCache(embedding_cache_bytes)
 
@@ -87,7 +91,7 @@ class Prefill:
             else:
                 embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
                 positions, position = self.positions.image_positions(position, span.image.grid)
-                rows.append(self.llm.decode_embeddings(embeds, positions, logits="all"))
+                rows.append(self.llm.decode_embeddings(embeds, positions, logits="all", bidirectional=self.bidirectional_images))  # fmt: skip
         return np.concatenate(rows)
 
     def append_generated(self, token: int, position: int) -> None:
@@ -150,7 +154,7 @@ class Prefill:
 
     def _decode_image(self, span: Span, embeds: np.ndarray, position: int, logits: str, timings: Timings) -> int:
         positions, next_position = self._record_image(span, len(embeds), position)
-        self.llm.decode_embeddings(embeds, positions, logits=logits)
+        self.llm.decode_embeddings(embeds, positions, logits=logits, bidirectional=self.bidirectional_images)
         timings.n_prefill_tokens += len(embeds)
         return next_position
 

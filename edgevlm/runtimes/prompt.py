@@ -102,10 +102,13 @@ class SpecialTokens:
 class PromptRenderer:
     """Renders conversations with the model's chat template and tokenizes them (see the module docstring)."""
 
-    def __init__(self, template: str, specials: SpecialTokens, image_pad: str, normalization: str | None):
+    def __init__(self, template: str, specials: SpecialTokens, image_pad: str, normalization: str | None,
+                 image_text: tuple[str, str] = ("", "")):  # fmt: skip
+        """`image_text`: the text written before and after each image's embeddings in its placeholder's place."""
         self._template = compile_chat_template(template)
         self.specials = specials
         self.image_pad = image_pad
+        self.image_prefix, self.image_suffix = image_text
         self.normalization = normalization  # Unicode form the tokenizer expects ("NFC" for Qwen2); llama.cpp applies none
 
     def segments(self, messages: Sequence[Mapping[str, Any]]) -> list[Segment]:
@@ -167,9 +170,11 @@ class PromptRenderer:
                 pieces[-1] += self._plain_tokens(self._normalize(segment.text), tokenizer)
                 first = False
                 continue
-            for j, text in enumerate(self._normalize(segment).split(self.image_pad)):
+            parts = self._normalize(segment).split(self.image_pad)
+            for j, text in enumerate(parts):
                 if j:
                     pieces.append([])
+                text = (self.image_suffix if j else "") + text + (self.image_prefix if j < len(parts) - 1 else "")
                 if text or first:
                     pieces[-1] += tokenizer.tokenize(text, add_special=first)
                     first = False

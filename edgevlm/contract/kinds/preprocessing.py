@@ -12,9 +12,10 @@ Each kind reproduces a transformers image processor exactly (max abs difference 
 5. patchify: rows ordered (merge-block row, merge-block col, row in block, col in block), each row laid out
    (channel, temporal copy, patch row, patch col), the single frame repeated `temporal_patch_size` times.
 
-`fixed-resize` (`FixedResize`; transformers' `CLIPImageProcessorPil` / `LlavaImageProcessorPil`), one fixed size:
-RGB; optionally pad to a square with the mean colour (the original LLaVA's `pad`); resize the shortest edge with
-PIL BICUBIC; center crop; rescale and normalize as above; patchify row-major, each row (channel, patch row, col).
+`fixed-resize` (`FixedResize`; transformers' `CLIPImageProcessorPil` / `LlavaImageProcessorPil`, or with `resize`
+"square" `Gemma3ImageProcessorPil`), one fixed size: RGB; optionally pad to a square with the mean colour (the
+original LLaVA's `pad`); resize the shortest edge and center crop, or resize straight to the square ("square"), with
+PIL BICUBIC or BILINEAR; rescale and normalize as above; patchify row-major, each row (channel, patch row, col).
 
 Large photos are resized by PIL before any float work, so memory scales with the resized image, not the photo.
 """
@@ -24,20 +25,24 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from PIL import Image
 
 from ...errors import ImageError
 from ...images import to_rgb
-from .registry import Section, check_positive_ints, register
+from .registry import OMIT_DEFAULT, Section, check_positive_ints, register
 
 logger = logging.getLogger(__name__)
 
 OPENAI_CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+
+FIXED_RESIZES = ("shortest-edge", "square")
+FIXED_TILINGS = ("grid", "pan-and-scan")
+RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # smart_resize refuses thinner images than this (same limit and check as transformers).
 MAX_ASPECT_RATIO = 200
@@ -127,25 +132,46 @@ class DynamicPatches(Section):
 @register("preprocessing", "fixed-resize")
 @dataclass(frozen=True)
 class FixedResize(Section):
-    """CLIP image preprocessing to one fixed square size (LLaVA-1.5).
+    """Image preprocessing to one fixed square size (LLaVA-1.5's CLIP, Gemma 3's SigLIP).
 
-    Every image becomes `crop_size` x `crop_size` pixels, (crop_size / patch_size)² tokens (576 for LLaVA-1.5's
-    336 / 14), whatever its size: token limits cannot change it (see `edgevlm.budget`).
+    Every image becomes `crop_size` x `crop_size` pixels, (crop_size / patch_size / merge_size)² tokens (576 for
+    LLaVA-1.5's 336 / 14; 256 for Gemma 3's 896 / 14 pooled 4x4), whatever its size: token limits cannot change it
+    (see `edgevlm.budget`).
     """
 
     crop_size: int = 336
-    shortest_edge: int = 336  # the resize target of the shorter side, before the center crop
+    shortest_edge: int = 336  # the resize target of the shorter side, before the center crop ("shortest-edge")
     patch_size: int = 14
     pad_to_square: bool = False  # pad to a square with the mean colour first (the original LLaVA's "pad")
     image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     rescale_factor: float = 1 / 255
-    merge_size: ClassVar[int] = 1  # one token per patch
+    # patches per token side: the vision graph pools merge_size x merge_size patches into one (Gemma 3: 4)
+    merge_size: int = field(default=1, metadata=OMIT_DEFAULT)
+    # "shortest-edge" + center crop (CLIP), or "square": the whole image squashed (Gemma 3)
+    resize: str = field(default="shortest-edge", metadata=OMIT_DEFAULT)
+    resample: str = field(default="bicubic", metadata=OMIT_DEFAULT)  # PIL filter: "bicubic" (CLIP), "bilinear"
+    # how `tiles` cuts an image: `budget.tile_grid`'s grid, or Gemma 3's "pan-and-scan" crops with these parameters
+    # (`budget.pan_and_scan_boxes`; transformers' defaults)
+    tiling: str = field(default="grid", metadata=OMIT_DEFAULT)
+    pan_and_scan_min_crop_size: int = field(default=256, metadata=OMIT_DEFAULT)
+    pan_and_scan_max_crops: int = field(default=4, metadata=OMIT_DEFAULT)
+    pan_and_scan_min_ratio: float = field(default=1.2, metadata=OMIT_DEFAULT)
 
     def __post_init__(self) -> None:
-        check_positive_ints(self, "preprocessing", ("crop_size", "shortest_edge", "patch_size"))
-        if self.crop_size % self.patch_size:
-            raise ValueError(f"preprocessing crop_size={self.crop_size} is not a multiple of patch_size={self.patch_size}")  # fmt: skip
+        check_positive_ints(self, "preprocessing", ("crop_size", "shortest_edge", "patch_size", "merge_size",
+                                                    "pan_and_scan_min_crop_size", "pan_and_scan_max_crops"))  # fmt: skip
+        if self.tiling not in FIXED_TILINGS:
+            raise ValueError(f"preprocessing tiling={self.tiling!r}: expected one of {', '.join(FIXED_TILINGS)}")
+        if not _is_real(self.pan_and_scan_min_ratio) or self.pan_and_scan_min_ratio < 1:
+            raise ValueError(f"preprocessing pan_and_scan_min_ratio={self.pan_and_scan_min_ratio!r}: expected a number >= 1")  # fmt: skip
+        if self.crop_size % (self.patch_size * self.merge_size):
+            raise ValueError(f"preprocessing crop_size={self.crop_size} is not a multiple of patch_size * merge_size = "
+                             f"{self.patch_size} * {self.merge_size}")  # fmt: skip
+        if self.resize not in FIXED_RESIZES:
+            raise ValueError(f"preprocessing resize={self.resize!r}: expected one of {', '.join(FIXED_RESIZES)}")
+        if self.resample not in RESAMPLING:
+            raise ValueError(f"preprocessing resample={self.resample!r}: expected one of {', '.join(RESAMPLING)}")
         if self.shortest_edge < self.crop_size:
             raise ValueError(
                 f"preprocessing shortest_edge={self.shortest_edge} is below crop_size={self.crop_size}; "
@@ -158,7 +184,7 @@ class FixedResize(Section):
     @property
     def factor(self) -> int:
         """Pixels per token side."""
-        return self.patch_size
+        return self.patch_size * self.merge_size
 
     @property
     def patch_dim(self) -> int:
@@ -167,11 +193,12 @@ class FixedResize(Section):
 
     def token_range(self) -> tuple[int, int]:
         """(n, n): every image costs the same n tokens."""
-        n_tokens = (self.crop_size // self.patch_size) ** 2
+        n_tokens = (self.crop_size // self.factor) ** 2
         return n_tokens, n_tokens
 
     def describe_range(self) -> str:
-        return f"crop_size={self.crop_size}, patch_size={self.patch_size}"
+        pooled = f", merge_size={self.merge_size}" if self.merge_size > 1 else ""
+        return f"crop_size={self.crop_size}, patch_size={self.patch_size}{pooled}"
 
     def native_size(self, height: int, width: int) -> tuple[int, int]:
         if height <= 0 or width <= 0:
@@ -354,11 +381,13 @@ def _prepare_fixed(image: Image.Image, spec: FixedResize, resized_size: tuple[in
     rgb = to_rgb(image)
     if spec.pad_to_square and rgb.width != rgb.height:
         rgb = _pad_to_square(rgb, tuple(int(m * 255) for m in spec.image_mean))
-    # transformers' shortest-edge resize: the long side is int(shortest_edge * long / short), rounded down
-    short, long = sorted(rgb.size)
-    new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
-    new_size = (new_short, new_long) if rgb.width <= rgb.height else (new_long, new_short)  # (width, height)
-    resized = rgb.resize(new_size, Image.Resampling.BICUBIC)
+    if spec.resize == "square":
+        new_size = (side, side)
+    else:  # transformers' shortest-edge resize: the long side is int(shortest_edge * long / short), rounded down
+        short, long = sorted(rgb.size)
+        new_short, new_long = spec.shortest_edge, int(spec.shortest_edge * long / short)
+        new_size = (new_short, new_long) if rgb.width <= rgb.height else (new_long, new_short)  # (width, height)
+    resized = rgb.resize(new_size, RESAMPLING[spec.resample])
     left, top = (resized.width - side) // 2, (resized.height - side) // 2
     pixels = np.asarray(resized, dtype=np.uint8)[top : top + side, left : left + side]  # (side, side, 3)
     logger.debug("fixed-resize preprocess: %dx%d -> %dx%d -> crop %d (w x h)", *image.size, *new_size, side)
@@ -367,7 +396,7 @@ def _prepare_fixed(image: Image.Image, spec: FixedResize, resized_size: tuple[in
     normalized = lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # (3, side, side) float32
     patch, grid = spec.patch_size, side // spec.patch_size
     patches = normalized.reshape(3, grid, patch, grid, patch).transpose(1, 3, 0, 2, 4)  # (row, col, C, P, P)
-    return PreparedImage(np.ascontiguousarray(patches.reshape(grid * grid, spec.patch_dim)), grid=(1, grid, grid), merge_size=1)  # fmt: skip
+    return PreparedImage(np.ascontiguousarray(patches.reshape(grid * grid, spec.patch_dim)), grid=(1, grid, grid), merge_size=spec.merge_size)  # fmt: skip
 
 
 def _pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:

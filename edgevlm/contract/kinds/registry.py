@@ -69,10 +69,22 @@ class Section:
         return _spec_from_dict(cls, cls.section, data)
 
 
+# Field metadata of a parameter added after bundles were written with its default: at that default it is left out
+# of the JSON, so those families' manifests (and the edgevlm versions that read them) stay as they were.
+OMIT_DEFAULT = {"omit_default": True}
+
+
+def omitted(spec: Any, field: dataclasses.Field) -> bool:
+    """Whether `field` of dataclass instance `spec` stays out of its JSON (marked `OMIT_DEFAULT`, at its default)."""
+    return bool(field.metadata.get("omit_default")) and getattr(spec, field.name) == field.default
+
+
 def _spec_to_dict(spec: Any) -> dict[str, Any]:
     """A strategy's manifest section: `kind` and every parameter, tuples as lists."""
     out: dict[str, Any] = {"kind": spec.kind}
     for field in dataclasses.fields(spec):
+        if omitted(spec, field):
+            continue
         value = getattr(spec, field.name)
         out[field.name] = list(value) if isinstance(value, tuple) else value
     return out

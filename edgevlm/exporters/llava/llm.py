@@ -21,7 +21,7 @@ from edgevlm.exporters.gguf import (
     decoder_summary,
     decoder_tensor_name,
     rope_settings,
-    tokenizer_from_sentencepiece,
+    sentencepiece_tokenizer_of,
     write_gguf,
 )
 
@@ -119,13 +119,7 @@ def write_llava_llm_gguf(
     if chat_template is None:
         logger.warning("no chat template found; the GGUF will carry none (fine for a base model)")
     _warn_if_transformers_drops_the_space(tokenizer)
-    roles = {"bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id, "unk": tokenizer.unk_token_id, "pad": tokenizer.pad_token_id}  # fmt: skip
-    special_ids = {role: int(i) for role, i in roles.items() if i is not None}
-    added = {int(i): (token.content, bool(token.special)) for i, token in tokenizer.added_tokens_decoder.items()}
-    gguf_tokenizer = tokenizer_from_sentencepiece(
-        sentencepiece_model, added_tokens=added,
-        vocab_size=vocab_size, special_ids=special_ids, add_bos=True, chat_template=chat_template,
-    )  # fmt: skip
+    gguf_tokenizer, special_ids = sentencepiece_tokenizer_of(tokenizer, sentencepiece_model, vocab_size, chat_template)
     write_gguf(
         out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(hf_model, text_config), tokenizer=gguf_tokenizer,
         dtype=dtype, name=Path(str(getattr(hf_model, "name_or_path", "") or "llava")).name or "llava", progress=progress,

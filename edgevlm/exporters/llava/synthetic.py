@@ -9,7 +9,6 @@ chat lines, with `<image>` and `<pad>` added after its pieces as in llava-hf's t
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
@@ -43,53 +42,13 @@ TINY_TEXT = {
 }  # fmt: skip
 
 
-# The tokenizer's training text is made here from fixed words, not read from files: a corpus that followed edgevlm's
-# own source changed the fixture (and a random model's greedy near-ties) with every code edit.
-_WORDS = """the a an of to in on at by for with from and or not is are was be has have it this that these image images
-picture photo robot kiosk laptop device model vision language token tokens patch patches pixel pixels tower layer
-layers attention head heads embed embedding embeddings weight weights bundle bundles export exporter runtime graph
-session prompt answer question chat user assistant system message content text describe write count counts apple
-apples haiku shape shapes circle square triangle star red green blue yellow purple left right top bottom large small
-color colors number numbers first second third quick brown fox jumps over lazy dog please detail describe show shows
-what where which how many why when who one two three four five six seven eight nine ten hundred thousand
-def return class import from self none true false if else elif for while try except raise with as lambda yield
-print len range list dict tuple set str int float bytes path file files read write open close load save run serve
-quantize quantization cache context position positions rope section sections rotary merge merged size sizes
-""".split()  # noqa: SIM905 -- a word list reads better as text
-
-
-def _training_lines() -> list[str]:
-    """Seeded sentences of `_WORDS` with digits and punctuation, and chat lines: the same text on every install."""
-    import numpy as np
-
-    from ..verify import PARITY_CASES
-
-    rng = np.random.default_rng(0)
-    lines = []
-    for _ in range(4000):
-        words = [str(w) for w in rng.choice(_WORDS, size=int(rng.integers(4, 16)))]
-        if rng.random() < 0.3:
-            words.append(str(int(rng.integers(0, 100_000))))
-        lines.append(" ".join(words) + str(rng.choice([".", "?", "!", ",", ":"])))
-    chat = [f"USER: {case.prompt} ASSISTANT: It shows {case.name}." for case in PARITY_CASES]
-    return lines + chat * 20
-
-
 def train_sentencepiece(n_pieces: int = N_PIECES) -> bytes:
     """A SentencePiece BPE model with Llama's settings (byte fallback, digits split, <unk>=0 <s>=1 </s>=2)."""
-    try:
-        import sentencepiece
-    except ImportError as e:
-        raise ImportError("building the LLaVA tokenizer needs sentencepiece: pip install 'edgevlm[dev]'") from e
-    model = io.BytesIO()
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter(_training_lines()), model_writer=model, model_type="bpe", vocab_size=n_pieces,
-        byte_fallback=True, split_digits=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        add_dummy_prefix=True, num_threads=1, shuffle_input_sentence=False, max_sentence_length=100_000,
-        minloglevel=2,
-    )  # fmt: skip
-    return model.getvalue()
+    from ..sentencepiece_fixture import train_sentencepiece as train
+    from ..verify import PARITY_CASES
+
+    chat = [f"USER: {case.prompt} ASSISTANT: It shows {case.name}." for case in PARITY_CASES]
+    return train(n_pieces, chat, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, add_dummy_prefix=True)
 
 
 def write_llava_tokenizer(out_dir: Path) -> None:

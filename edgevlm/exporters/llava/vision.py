@@ -15,11 +15,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from edgevlm.contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
 from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.fixed_vit import embed_patches, pixel_values_from_patches, run_encoder_layers, sample_patches
 from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 
 logger = logging.getLogger(__name__)
@@ -62,36 +62,12 @@ class LlavaVisionForExport(nn.Module):
 
     def forward(self, pixel_patches: torch.Tensor) -> torch.Tensor:
         embeddings = self.tower.embeddings
-        proj = embeddings.patch_embedding  # a Conv2d whose kernel is one whole patch: a MatMul on the flat patch
-        hidden = (pixel_patches @ proj.weight.reshape(proj.out_channels, -1).T)[None]  # (1, n, d)
-        if proj.bias is not None:
-            hidden = hidden + proj.bias
+        hidden = embed_patches(pixel_patches, embeddings.patch_embedding)  # (1, n, d)
         cls = embeddings.class_embedding.reshape(1, 1, -1)
         hidden = torch.cat([cls, hidden], dim=1) + embeddings.position_embedding.weight[None]  # (1, n + 1, d)
         hidden = self.tower.pre_layrnorm(hidden)
-        for layer in self.tower.encoder.layers[: self.n_layers]:
-            attn = layer.self_attn
-            normed = layer.layer_norm1(hidden)
-            query, key, value = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)  # each (1, N, d)
-            out = self._fused_attention(attn, query, key, value) if self.fused_attention else self._attention(attn, query, key, value)  # fmt: skip
-            hidden = hidden + attn.out_proj(out)
-            hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+        hidden = run_encoder_layers(hidden, self.tower.encoder.layers[: self.n_layers], fused_attention=self.fused_attention)  # fmt: skip
         return self.projector(hidden[:, 1:])[0]  # the CLS position dropped
-
-    @staticmethod
-    def _attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        n = query.shape[1]
-        heads = [x.reshape(1, n, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (query, key, value)]
-        out = F.scaled_dot_product_attention(*heads, scale=attn.scale)
-        return out.transpose(1, 2).reshape(1, n, attn.num_heads * attn.head_dim)
-
-    @staticmethod
-    def _fused_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        return torch.onnx.ops.symbolic(
-            "com.microsoft::MultiHeadAttention", [query, key, value],
-            attrs={"num_heads": attn.num_heads, "scale": float(attn.scale)}, dtype=query.dtype, shape=query.shape,
-            version=1,
-        )  # fmt: skip
 
 
 class _HFVisionReference:
@@ -99,25 +75,15 @@ class _HFVisionReference:
 
     def __init__(self, hf_model: nn.Module):
         self.hf_model = hf_model
-        config = hf_model.config.vision_config
-        self.patch, self.grid = config.patch_size, config.image_size // config.patch_size
 
     def __call__(self, pixel_patches: torch.Tensor) -> torch.Tensor:
-        grid, patch = self.grid, self.patch
-        pixel_values = pixel_patches.reshape(grid, grid, 3, patch, patch).permute(2, 0, 3, 1, 4).reshape(1, 3, grid * patch, grid * patch)  # fmt: skip
         config = self.hf_model.config
+        pixel_values = pixel_values_from_patches(pixel_patches, config.vision_config.image_size, config.vision_config.patch_size)  # fmt: skip
         features = self.hf_model.model.get_image_features(
             pixel_values, vision_feature_layer=config.vision_feature_layer,
             vision_feature_select_strategy=config.vision_feature_select_strategy,
         )  # fmt: skip
         return features.pooler_output[0]
-
-
-def vision_sample_inputs(config, seed: int) -> tuple[torch.Tensor]:
-    """Random normalized pixel patches of one image, as the graph's input."""
-    n_patches = (config.image_size // config.patch_size) ** 2
-    generator = torch.Generator().manual_seed(seed)
-    return (torch.randn(n_patches, 3 * config.patch_size**2, generator=generator),)
 
 
 def export_llava_vision(
@@ -137,7 +103,7 @@ def export_llava_vision(
         dtype = next(module.parameters()).dtype
         if dtype != torch.float32:
             raise ValueError(f"{type(module).__name__} has {dtype} weights; export needs float32")
-    input_sets = [vision_sample_inputs(tower.config, seed) for seed in range(N_VALIDATION_SETS)]
+    input_sets = [sample_patches(tower.config.image_size, tower.config.patch_size, seed) for seed in range(N_VALIDATION_SETS)]  # fmt: skip
     return export_vision_variants(
         lambda fused: LlavaVisionForExport(tower, projector, n_layers, fused_attention=fused).eval(),
         VISION_EXPORT_SPEC, _HFVisionReference(hf_model), input_sets, out_dir, dtypes,

@@ -1,0 +1,62 @@
+"""What the fixed-size vision towers (LLaVA's CLIP, Gemma 3's SigLIP) share in their ONNX export forwards.
+
+Both take one image's `pixel_patches` (n_patches, 3*P*P), row-major as `FixedResize` lays them out, embed them with a
+MatMul (the patch Conv2d's kernel is one whole patch; int8 quantization covers a MatMul) and run pre-norm encoder
+layers of the same shape (layer_norm1, q/k/v/out projections, layer_norm2, MLP) over a batch axis of 1, so every
+Linear exports as MatMul, not Gemm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def embed_patches(pixel_patches: torch.Tensor, patch_embedding: nn.Conv2d) -> torch.Tensor:
+    """(n_patches, 3*P*P) -> (1, n_patches, d): the patch Conv2d as a MatMul on the flat patches."""
+    hidden = (pixel_patches @ patch_embedding.weight.reshape(patch_embedding.out_channels, -1).T)[None]
+    return hidden + patch_embedding.bias if patch_embedding.bias is not None else hidden
+
+
+def run_encoder_layers(hidden: torch.Tensor, layers: Iterable[nn.Module], *, fused_attention: bool) -> torch.Tensor:
+    """CLIP/SigLIP encoder layers on (1, N, d); `fused_attention`: onnxruntime's `com.microsoft.MultiHeadAttention`
+    (one kernel, onnxruntime only) instead of standard ONNX ops."""
+    for layer in layers:
+        attn = layer.self_attn
+        normed = layer.layer_norm1(hidden)
+        query, key, value = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)  # each (1, N, d)
+        out = _fused_attention(attn, query, key, value) if fused_attention else _attention(attn, query, key, value)
+        hidden = hidden + attn.out_proj(out)
+        hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
+    return hidden
+
+
+def _attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    n = query.shape[1]
+    heads = [x.reshape(1, n, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (query, key, value)]
+    out = F.scaled_dot_product_attention(*heads, scale=attn.scale)
+    return out.transpose(1, 2).reshape(1, n, attn.num_heads * attn.head_dim)
+
+
+def _fused_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    return torch.onnx.ops.symbolic(
+        "com.microsoft::MultiHeadAttention", [query, key, value],
+        attrs={"num_heads": attn.num_heads, "scale": float(attn.scale)}, dtype=query.dtype, shape=query.shape,
+        version=1,
+    )  # fmt: skip
+
+
+def pixel_values_from_patches(pixel_patches: torch.Tensor, image_size: int, patch_size: int) -> torch.Tensor:
+    """The graph's input back as transformers' `pixel_values` (1, 3, H, W) of one square image."""
+    grid = image_size // patch_size
+    return pixel_patches.reshape(grid, grid, 3, patch_size, patch_size).permute(2, 0, 3, 1, 4).reshape(1, 3, image_size, image_size)  # fmt: skip
+
+
+def sample_patches(image_size: int, patch_size: int, seed: int) -> tuple[torch.Tensor]:
+    """Random normalized pixel patches of one image, as the graph's input."""
+    n_patches = (image_size // patch_size) ** 2
+    generator = torch.Generator().manual_seed(seed)
+    return (torch.randn(n_patches, 3 * patch_size**2, generator=generator),)
