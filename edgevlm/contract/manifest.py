@@ -63,7 +63,7 @@ class VisionSpec:
     depth: int | None = None
     num_heads: int | None = None
     mlp_ratio: float | None = None
-    deepstack_layers: int = 0
+    deepstack_layers: int = field(default=0, metadata=OMIT_DEFAULT)  # left out at 0: older readers take such bundles
 
     @property
     def row_sets(self) -> int:
