@@ -274,10 +274,11 @@ def pan_and_scan_boxes(box: Box, max_crops: int, min_crop_size: int, min_ratio: 
     n = min(max_crops, max(2, min(math.floor(long / min_crop_size), math.floor(long / short + 0.5))))
     cols, rows = (n, 1) if width >= height else (1, n)
     crop_w, crop_h = math.ceil(width / cols), math.ceil(height / rows)
-    if min(crop_w, crop_h) < min_crop_size:
+    if n < 2 or min(crop_w, crop_h) < min_crop_size:  # one crop would repeat the region's own view
         return []
-    return [(left + c * crop_w, top + r * crop_h, min(right, left + (c + 1) * crop_w), min(bottom, top + (r + 1) * crop_h))
-            for r in range(rows) for c in range(cols)]  # fmt: skip
+    boxes = [(left + c * crop_w, top + r * crop_h, min(right, left + (c + 1) * crop_w), min(bottom, top + (r + 1) * crop_h))
+             for r in range(rows) for c in range(cols)]  # fmt: skip
+    return [b for b in boxes if b[2] > b[0] and b[3] > b[1]]  # ceil can leave nothing for the last crop
 
 
 def _tile_boxes(box: Box, max_tiles: int, spec: Preprocessing) -> list[Box]:

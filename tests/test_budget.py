@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from edgevlm.budget import (
     tile_grid,
 )  # fmt: skip
 from edgevlm.bundle import MANIFEST_NAME, Bundle
-from edgevlm.contract.kinds.preprocessing import MAX_ASPECT_RATIO, DynamicPatches, preprocess, smart_resize
+from edgevlm.contract.kinds.preprocessing import MAX_ASPECT_RATIO, DynamicPatches, FixedResize, preprocess, smart_resize
 from edgevlm.errors import BudgetError, ContextOverflowError, ImageError
 from edgevlm.images import image_size, load_image
 
@@ -446,3 +447,33 @@ def test_run_command_budget_flags(tiny_bundles, tmp_path):
     assert result.returncode == 2 and "left,top,right,bottom" in result.stderr
     result = _edgevlm("plan", str(tiny_bundles["Q4_K_M"]), "--image", str(photo), "--tiles", "0")
     assert result.returncode == 2 and "K >= 1" in result.stderr
+
+
+# ------------------------------------------------------------------------------------------- pan-and-scan (Gemma 3)
+
+GEMMA_3 = {"crop_size": 896, "shortest_edge": 896, "patch_size": 14, "merge_size": 4, "resize": "square",
+           "resample": "bilinear", "tiling": "pan-and-scan"}  # fmt: skip
+
+
+@pytest.mark.parametrize(("spec_keys", "tiles"), [({}, 1), ({"pan_and_scan_max_crops": 1}, 4)])
+def test_one_pan_and_scan_crop_is_no_tiling(spec_keys, tiles):
+    """A single crop would be the region itself: encoded once, as the grid tiling does, not twice (512 tokens)."""
+    plan = plan_images([ImageRequest(1600, 800, tiles=tiles)], FixedResize(**GEMMA_3, **spec_keys), BudgetLimits())
+    assert [(span.view, span.box) for span in plan.spans] == [("full", (0, 0, 1600, 800))]
+
+
+def test_pan_and_scan_plans_no_empty_crop():
+    """ceil(9 / 4) = 3-pixel crops leave nothing for a fourth: it is dropped, not planned as a 0-pixel image."""
+    plan = plan_images([ImageRequest(9, 2, tiles=4)], FixedResize(**GEMMA_3, pan_and_scan_min_crop_size=1), BudgetLimits())  # fmt: skip
+    assert [span.box for span in plan.spans if span.view == "tile"] == [(0, 0, 3, 2), (3, 0, 6, 2), (6, 0, 9, 2)]
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("resample", [], "resample=[]: expected one of bicubic, bilinear"),
+    ("tiling", {"a": 1}, "tiling={'a': 1}: expected one of grid, pan-and-scan"),
+    ("resize", None, "resize=None: expected one of shortest-edge, square"),
+    ("pan_and_scan_max_crops", 10**6, "pan_and_scan_max_crops=1000000: expected at most 64"),
+])  # fmt: skip
+def test_fixed_resize_settings_of_the_wrong_kind_name_the_key(key, value, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        FixedResize(**GEMMA_3 | {key: value})

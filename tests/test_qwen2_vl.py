@@ -141,12 +141,16 @@ def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2v
     case = PARITY_CASES[1]  # text, image, image, text
     vlm.clear_caches()
     steps_merged = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
+    with monkeypatch.context() as patch:  # text whose rows would exceed the bound goes in token batches
+        patch.setattr("edgevlm.runtimes.prefill.ONE_BATCH_TEXT_BYTES", table.row_width * 4 * 3)
+        vlm.clear_caches()
+        steps_long = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
     monkeypatch.setattr(vlm.prefill, "token_embeddings", None)
     vlm.clear_caches()
     steps_split = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
-    merged, split = steps_merged[-1].timings, steps_split[-1].timings
-    assert merged.n_text_with_images == merged.n_prompt_tokens and split.n_text_with_images == 0
-    assert [s.token for s in steps_merged] == [s.token for s in steps_split]
+    merged, long, split = (steps[-1].timings for steps in (steps_merged, steps_long, steps_split))
+    assert merged.n_text_with_images == merged.n_prompt_tokens and long.n_text_with_images == split.n_text_with_images == 0  # fmt: skip
+    assert [s.token for s in steps_merged] == [s.token for s in steps_long] == [s.token for s in steps_split]
 
 
 def test_verify_judges_what_is_exact_in_an_int8_vision_bundle(tiny_qwen2vl_dir, tmp_path):

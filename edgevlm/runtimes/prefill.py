@@ -21,6 +21,11 @@ from .token_embeddings import TokenEmbeddings
 from .vision import VisionEncoder
 
 
+# The most float32 text rows one embeddings batch takes; longer text goes in token batches. A row is the model's input
+# width: 64 KiB a token for Qwen3-VL-8B's DeepStack rows, so a long prompt's rows would cost more memory (held about
+# three times while the batch is built) than streaming the weights once saves.
+ONE_BATCH_TEXT_BYTES = 32 * 2**20
+
 class Prefill:
     """Decodes prompts into one llama.cpp context, reusing what it already holds. Not thread-safe: the caller
     serialises requests (`EdgeVLM` holds its turn and native lock)."""
@@ -30,7 +35,9 @@ class Prefill:
                  bidirectional_images: bool = False):  # fmt: skip
         """`token_embeddings` None: text and images go in separate batches. `bidirectional_images`: an image's
         embeddings attend to each other (the manifest's `llm.image_attention`), so each image is its own batch,
-        decoded with causal attention off; text is never decoded as embeddings then."""
+        decoded with causal attention off; text is never decoded as embeddings then. (The one family with such
+        images, Gemma 3, needs that too: llama.cpp scales the embeddings of token batches only, by sqrt(n_embd). A
+        family that scales but attends causally would need its own flag.)"""
         self.llm, self.vision, self.positions = llm, vision, positions
         self.bidirectional_images = bidirectional_images
         self.token_embeddings = None if bidirectional_images else token_embeddings
@@ -60,7 +67,7 @@ class Prefill:
             t_prefill = time.perf_counter()
             if cancel is not None and cancel.is_set():
                 return None
-            if embeddings and self.token_embeddings is not None:
+            if embeddings and self.token_embeddings is not None and self._text_rows_fit(pending):
                 position = self._prefill_as_one_batch(pending, embeddings, position, timings)
             else:
                 for i, (span, skip) in enumerate(pending):
@@ -116,6 +123,11 @@ class Prefill:
     def close(self) -> None:
         """Unmap the GGUF's token embedding rows (the model and vision session are closed by their owner)."""
         self.token_embeddings = None
+
+    def _text_rows_fit(self, pending: list[tuple[Span, int]]) -> bool:
+        """Whether the pending text's embedding rows stay within `ONE_BATCH_TEXT_BYTES`."""
+        n_text = sum(len(span.tokens) - skip for span, skip in pending if span.tokens is not None)
+        return n_text * self.token_embeddings.row_width * 4 <= ONE_BATCH_TEXT_BYTES
 
     def _prefill_as_one_batch(self, pending: list[tuple[Span, int]], embeddings: dict[str, np.ndarray], position: int,
                               timings: Timings) -> int:  # fmt: skip

@@ -82,8 +82,10 @@ class MRope3DInterleaved(MRope3D):
     """Qwen3-VL's interleaved M-RoPE: the same (time, row, column) positions as `mrope-3d`, and the fourth slot
     carries the time position too. transformers rotates every pair outside the interleaved row and column sections
     by time; llama.cpp's interleaved kernel (rope type IMROPE) takes the angle of those past 3 x their section (2 of
-    Qwen3-VL's 64 pairs, `sections` [24, 20, 20, 0]) from the fourth slot, which it fills with the text position
-    for token batches."""
+    Qwen3-VL's 64 pairs, `sections` [24, 20, 20, 0]) from the fourth slot. Token batches (text-only prompts, generated
+    tokens) get 0 there from llama.cpp, as images do in its own multimodal path: on those two lowest-frequency pairs
+    (~4e-7 rad per position at rope_theta 5e6) llama.cpp's text differs from transformers, ours (fed as embeddings)
+    does not; the logits differ by ~1e-4 on the tiny model."""
 
     def text_embedding_positions(self, start: int, n_tokens: int) -> np.ndarray:
         return np.tile(text_positions(start, n_tokens), (self.slots, 1))

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,6 +42,7 @@ OPENAI_CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.2757771
 
 FIXED_RESIZES = ("shortest-edge", "square")
 FIXED_TILINGS = ("grid", "pan-and-scan")
+MAX_PAN_AND_SCAN_CROPS = 64  # transformers' default is 4; a bundle asking for more is not a model's processor
 RESAMPLING = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 # smart_resize refuses thinner images than this (same limit and check as transformers).
@@ -161,17 +162,17 @@ class FixedResize(Section):
     def __post_init__(self) -> None:
         check_positive_ints(self, "preprocessing", ("crop_size", "shortest_edge", "patch_size", "merge_size",
                                                     "pan_and_scan_min_crop_size", "pan_and_scan_max_crops"))  # fmt: skip
-        if self.tiling not in FIXED_TILINGS:
-            raise ValueError(f"preprocessing tiling={self.tiling!r}: expected one of {', '.join(FIXED_TILINGS)}")
+        _check_choice("tiling", self.tiling, FIXED_TILINGS)
+        if self.pan_and_scan_max_crops > MAX_PAN_AND_SCAN_CROPS:
+            raise ValueError(f"preprocessing pan_and_scan_max_crops={self.pan_and_scan_max_crops}: expected at most "
+                             f"{MAX_PAN_AND_SCAN_CROPS}")  # fmt: skip
         if not _is_real(self.pan_and_scan_min_ratio) or self.pan_and_scan_min_ratio < 1:
             raise ValueError(f"preprocessing pan_and_scan_min_ratio={self.pan_and_scan_min_ratio!r}: expected a number >= 1")  # fmt: skip
         if self.crop_size % (self.patch_size * self.merge_size):
             raise ValueError(f"preprocessing crop_size={self.crop_size} is not a multiple of patch_size * merge_size = "
                              f"{self.patch_size} * {self.merge_size}")  # fmt: skip
-        if self.resize not in FIXED_RESIZES:
-            raise ValueError(f"preprocessing resize={self.resize!r}: expected one of {', '.join(FIXED_RESIZES)}")
-        if self.resample not in RESAMPLING:
-            raise ValueError(f"preprocessing resample={self.resample!r}: expected one of {', '.join(RESAMPLING)}")
+        _check_choice("resize", self.resize, FIXED_RESIZES)
+        _check_choice("resample", self.resample, RESAMPLING)
         if self.shortest_edge < self.crop_size:
             raise ValueError(
                 f"preprocessing shortest_edge={self.shortest_edge} is below crop_size={self.crop_size}; "
@@ -271,6 +272,11 @@ def _is_real(value: Any) -> bool:
         return is_number and math.isfinite(value)
     except OverflowError:  # an integer too large for a float
         return False
+
+
+def _check_choice(key: str, value: object, choices: Collection[str]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"preprocessing {key}={value!r}: expected one of {', '.join(choices)}")
 
 
 # --------------------------------------------------------------------------------------------------- resize
