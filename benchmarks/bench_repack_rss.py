@@ -3,13 +3,17 @@
     python benchmarks/bench_repack_rss.py BUNDLE/llm-Q4_K_M.gguf --json benchmarks/results/repack-rss-qwen2-vl-2b.json
 
 Where the CPU has no AMX, llama.cpp repacks Q4_K weights into its CPU_REPACK buffer for its SIMD kernels. With the
-file mapped (the `cpu` profile's `mmap = true`), the pages those weights were read from may stay resident next to
-the repacked copy (an AVX2 host measured 597 MB of repacked weights on top of the mapped file); reading the file
-instead would not keep them. This measures whether it does, before the runtime changes its rule. Each setting loads the GGUF in a fresh process (plain
-llama-cpp-python `Llama`, text only), decodes a short prompt and reports its peak and final RSS, its load time and
-its decode speed; settings alternate over `--rounds` rounds. Run it on a CPU without AMX: on AMX hosts llama.cpp's
-extra buffers include its AMX kernels, which crash in this build (README, Known limits), so only the no-repack row
-is measured there.
+file mapped, the pages those weights were read from stay resident next to the repacked copy; reading the file does
+not keep them, which is why the runtime reads the GGUF where it repacks (`LlamaSettings.mmap` unset). Each setting
+loads the GGUF in a fresh process (plain llama-cpp-python `Llama`, text only), decodes a short prompt and reports its
+peak and final RSS, its load time and its decode speed; settings alternate over `--rounds` rounds.
+
+On AMX hosts llama.cpp's extra buffers include its AMX kernels, which crash in this build (README, Known limits), so
+only the no-repack row is measured there, unless llama.cpp's CPU backend is one built for AVX2 only: build
+`ggml-cpu` from the llama.cpp in llama-cpp-python's sdist with `-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON
+-DGGML_F16C=ON -DGGML_BMI2=ON -DGGML_AVX512=OFF -DGGML_AMX_INT8=OFF ...`, copy the wheel's `llama_cpp/lib` to a
+folder with that `libggml-cpu.so*` in place of its own, and run with `LLAMA_CPP_LIB_PATH=FOLDER`
+(`benchmarks/results/repack-rss-qwen2-vl-2b-avx2-llama.json` was measured so).
 """
 
 from __future__ import annotations
