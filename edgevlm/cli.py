@@ -438,7 +438,7 @@ def _number(low: float, high: float | None = None, *, above: bool = False) -> Ca
 def _bounds(low: float, high: float | None, *, above: bool = False) -> str:
     if high is None:
         return f"{'greater than' if above else 'at least'} {low:g}"
-    return f"in {'(' if above else '['}{low:g}, {high:g}]"
+    return f"in {'(' if above else '['}{low:g}, {high:g}]" if isinstance(high, float) else f"in [{low}, {high}]"
 
 
 POSITIVE = _integer(1)
