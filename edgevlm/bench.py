@@ -261,10 +261,10 @@ def short_cases(result: dict) -> list[dict]:
     return [case for case in result["cases"] if case["n_image_tokens"] < case["requested_tokens"]]
 
 
-def _case_label(case: dict) -> str:
+def _case_label(case: dict, unit: str = "") -> str:
     """A row's name: the tokens measured, and the tokens asked when the model gave fewer."""
     asked = f" (asked {case['requested_tokens']})" if case["n_image_tokens"] < case["requested_tokens"] else ""
-    return f"{case['n_image_tokens']} tok{asked}"
+    return f"{case['n_image_tokens']}{unit}{asked}"
 
 
 def check_plotting() -> None:
@@ -294,7 +294,7 @@ def figure(result: dict):
     import matplotlib.pyplot as plt
 
     cases = result["cases"]
-    labels = [f"{_case_label(c)}\n{c['image_size'][0]}x{c['image_size'][1]}" for c in cases]
+    labels = [f"{_case_label(c, ' tok')}\n{c['image_size'][0]}x{c['image_size'][1]}" for c in cases]
     parts = {
         "preprocess": [c["stages"]["preprocess_ms"]["median"] / 1000 for c in cases],
         "vision encoder": [c["stages"]["vision_ms"]["median"] / 1000 for c in cases],
@@ -310,7 +310,7 @@ def figure(result: dict):
     left.set_ylabel("seconds")
     left.set_title("time to first token, by stage (median)")
     left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # below the bars, never on them
-    decode = {_case_label(c): c["stages"]["decode_tokens_per_s"]["median"] for c in cases}
+    decode = {_case_label(c, " tok"): c["stages"]["decode_tokens_per_s"]["median"] for c in cases}
     colors = ["C0"] * len(cases)
     if "baseline" in result:
         decode["text only"] = result["baseline"]["runtime_decode_tokens_per_s"]["median"]

@@ -261,9 +261,12 @@ def _load(args: argparse.Namespace):
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .demo import demo_bundle_path, run_demo
 
     quantization = next((q for flag, q in QUANT_FLAGS.items() if getattr(args, flag, False)), "Q4_K_M")
+    bundle = demo_bundle_path(quantization)
+    if not args.quiet and not (bundle / "edgevlm.json").is_file():
+        print(f"edgevlm demo: exporting the demo model once (~30 s) to {bundle}; later runs reuse it", file=sys.stderr, flush=True)  # fmt: skip
     result = run_demo(quantization, seed=args.seed, question_type=args.question_type, vision_dtype=args.vision_dtype,
                       profile=args.profile)  # fmt: skip
     t = result.timings
