@@ -227,7 +227,7 @@ def _add_budget_flags(p: argparse.ArgumentParser, *, per_request: bool = True) -
     p.add_argument("--min-image-tokens", type=POSITIVE, metavar="N", help="fewest visual tokens per image span (default: the model's)")  # fmt: skip
     p.add_argument("--image-budget", type=POSITIVE, metavar="N", help="most visual tokens for all images together")
     if per_request:
-        p.add_argument("--tiles", type=POSITIVE, metavar="K", help="encode a low-resolution global view plus up to K tiles")  # fmt: skip
+        p.add_argument("--tiles", type=TILES, metavar="K", help="encode a low-resolution global view plus up to K tiles")  # fmt: skip
         p.add_argument("--crop", metavar="L,T,R,B", help="encode only this region: pixels, or fractions if all in [0, 1]")  # fmt: skip
 
 
@@ -408,8 +408,8 @@ def _positive_ints(text: str) -> list[int]:
     return values
 
 
-def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
-    """argparse type: an integer in [low, high] (no upper bound when `high` is None)."""
+def _integer(low: int, high: int | None = None, hint: str = "") -> Callable[[str], int]:
+    """argparse type: an integer in [low, high] (no upper bound when `high` is None); `hint` follows a refusal."""
 
     def parse(text: str) -> int:
         try:
@@ -417,7 +417,7 @@ def _integer(low: int, high: int | None = None) -> Callable[[str], int]:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"must be {_bounds(low, high)}, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {_bounds(low, high)}, got {value}{hint}")
         return value
 
     return parse
@@ -445,6 +445,7 @@ def _bounds(low: float, high: float | None, *, above: bool = False) -> str:
 
 
 POSITIVE = _integer(1)
+TILES = _integer(1, hint=" (the most tiles per image, K >= 1; leave --tiles out for no tiling)")
 SEED = _integer(0, 2**32 - 2)  # llama.cpp's seed is 32 bits, and 0xFFFFFFFF means "random"
 
 
