@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import signal
 import sys
 import time
@@ -698,6 +699,8 @@ def _configure_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.DEBUG if verbosity >= 2 else max(level, logging.WARNING),
                         format="%(levelname)s %(name)s: %(message)s")  # fmt: skip
     logging.getLogger("edgevlm").setLevel(logging.DEBUG if verbosity >= 2 else level)
+    if verbosity >= 2 or quiet:  # transformers logs through its own handler, at the level this variable sets
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbosity >= 2 else "error")
     if level > logging.INFO:
         logging.getLogger("edgevlm.llama_cpp").setLevel(logging.ERROR)
     args.quiet = quiet

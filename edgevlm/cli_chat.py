@@ -6,6 +6,7 @@ every turn: the KV cache and the embedding cache make a follow-up decode only wh
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -44,6 +45,9 @@ class Conversation:
 def run_chat(vlm, *, system: str | None, sampling: dict[str, Any], image_policy) -> int:
     """Read lines from stdin until /quit or end of input; answers go to stdout, everything else to stderr."""
     interactive = sys.stdin.isatty()
+    if interactive:
+        with contextlib.suppress(ImportError):  # line editing and history for input(), where the platform has it
+            import readline  # noqa: F401
     conversation = Conversation(system)
     say(f"chatting with {vlm.bundle.path.name} ({vlm.profile.name} profile); " + ", ".join(c.split()[0] for c in CHAT_COMMANDS))  # fmt: skip
     for line in _lines("> " if interactive else ""):
@@ -97,12 +101,14 @@ def _answer(vlm, conversation: Conversation, question: str, sampling: dict[str, 
     """Stream the answer to `question`; the turn joins the conversation only when it was answered in full."""
     messages = conversation.with_question(question)
     pieces: list[str] = []
+    finish_reason = None
     chunks = iter(())
     try:
         chunks = vlm.chat(messages, stream=True, image_policy=image_policy, **sampling)  # checks the request first
         for chunk in chunks:
             print(chunk.text, end="", flush=True)
             pieces.append(chunk.text)
+            finish_reason = chunk.finish_reason
     except EdgeVLMError as e:
         say(f"{chr(10) if pieces else ''}edgevlm chat: error: {e} (the message was not added to the conversation)")
         conversation.attached = []
@@ -112,7 +118,7 @@ def _answer(vlm, conversation: Conversation, question: str, sampling: dict[str, 
         say("\n(interrupted: the message was not added to the conversation)")
         return
     print(flush=True)
-    if chunk.finish_reason == "length":
+    if finish_reason == "length":
         say(f"(the answer reached --max-tokens {sampling['max_tokens']})")
     conversation.messages = [*messages, {"role": "assistant", "content": "".join(pieces)}]
     conversation.attached = []
