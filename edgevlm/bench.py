@@ -238,7 +238,12 @@ def markdown(result: dict) -> str:
             digits = 0 if stage.endswith("_ms") else 1
             cells.append(f"{s['median']:.{digits}f} ({s['low']:.{digits}f}–{s['high']:.{digits}f})")
         width, height = case["image_size"]
-        lines.append(f"| {case['n_image_tokens']} | {width}x{height} | " + " | ".join(cells) + " |")
+        lines.append(f"| {_case_label(case)} | {width}x{height} | " + " | ".join(cells) + " |")
+    short = short_cases(result)
+    if short:
+        asked = ", ".join(str(c["requested_tokens"]) for c in short)
+        lines += ["", (f"warning: the model encoded fewer image tokens than asked for {asked} (its pixel or token "
+                       "limits capped the image); rows show the tokens measured")]  # fmt: skip
     text = result["text_prefill_tokens_per_s"]
     lines += ["", f"text prefill (the prompt alone): {text['median']:.1f} tok/s ({text['low']:.1f}–{text['high']:.1f})"]
     if "baseline" in result:
@@ -251,24 +256,52 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def short_cases(result: dict) -> list[dict]:
+    """The image sizes where the model encoded fewer tokens than asked (its pixel or token limits capped them)."""
+    return [case for case in result["cases"] if case["n_image_tokens"] < case["requested_tokens"]]
+
+
+def _case_label(case: dict, unit: str = "") -> str:
+    """A row's name: the tokens measured, and the tokens asked when the model gave fewer."""
+    asked = f" (asked {case['requested_tokens']})" if case["n_image_tokens"] < case["requested_tokens"] else ""
+    return f"{case['n_image_tokens']}{unit}{asked}"
+
+
+def check_plotting() -> None:
+    """Fail at once, with the install command, when matplotlib is missing (`--plot`; before a run of minutes)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError("--plot needs matplotlib: pip install 'edgevlm[bench]'") from e
+
+
 def plot(result: dict, out: str | Path) -> Path:
     """A PNG: time to first token per image size, stacked by stage, and decode speed next to the baseline."""
-    try:
-        import matplotlib
+    import matplotlib.pyplot as plt
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise RuntimeError("--plot needs matplotlib: pip install matplotlib") from e
+    fig = figure(result)
+    out = Path(out)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def figure(result: dict):
+    """The matplotlib figure `plot` saves (call `check_plotting` first)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     cases = result["cases"]
-    labels = [f"{c['n_image_tokens']} tok\n{c['image_size'][0]}x{c['image_size'][1]}" for c in cases]
+    labels = [f"{_case_label(c, ' tok')}\n{c['image_size'][0]}x{c['image_size'][1]}" for c in cases]
     parts = {
         "preprocess": [c["stages"]["preprocess_ms"]["median"] / 1000 for c in cases],
         "vision encoder": [c["stages"]["vision_ms"]["median"] / 1000 for c in cases],
         "prefill (image + its text)": [c["stages"]["image_prefill_ms"]["median"] / 1000 for c in cases],
     }
     ttft = [c["stages"]["time_to_first_token_ms"]["median"] / 1000 for c in cases]
-    parts["rest (sampling, text batches)"] = [max(0.0, t - sum(p[i] for p in parts.values())) for i, t in enumerate(ttft)]
+    parts["rest (sampling, text batches)"] = [max(0.0, t - sum(p[i] for p in parts.values())) for i, t in enumerate(ttft)]  # fmt: skip
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     bottom = [0.0] * len(cases)
     for name, values in parts.items():
@@ -276,19 +309,17 @@ def plot(result: dict, out: str | Path) -> Path:
         bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     left.set_ylabel("seconds")
     left.set_title("time to first token, by stage (median)")
-    left.legend()
-    decode = {f"{c['n_image_tokens']} tok": c["stages"]["decode_tokens_per_s"]["median"] for c in cases}
+    left.legend(loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, frameon=False)  # below the bars, never on them
+    decode = {_case_label(c, " tok"): c["stages"]["decode_tokens_per_s"]["median"] for c in cases}
     colors = ["C0"] * len(cases)
     if "baseline" in result:
         decode["text only"] = result["baseline"]["runtime_decode_tokens_per_s"]["median"]
         decode["plain Llama"] = result["baseline"]["plain_llama_decode_tokens_per_s"]["median"]
         colors += ["C0", "C3"]
     right.bar(list(decode), list(decode.values()), color=colors)
+    right.tick_params(axis="x", labelrotation=30)
     right.set_ylabel("tokens / s")
     right.set_title("decode speed")
     fig.suptitle(Path(result["bundle"]).name)
     fig.tight_layout()
-    out = Path(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
-    return out
+    return fig

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -10,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from edgevlm.bench import image_side_blocks, markdown, plot, run_bench
+from edgevlm.bench import figure, image_side_blocks, markdown, plot, run_bench, short_cases
 from edgevlm.llama_backend import cpu_has_amx
 
 
@@ -91,3 +93,36 @@ def test_bench_cli_checks_its_flags_before_loading(tiny_bundles):
     assert result.returncode == 2 and "at least 1" in result.stderr
     result = bench("--image-tokens", "0")
     assert result.returncode == 2 and "positive" in result.stderr
+
+
+def test_bench_labels_rows_with_the_tokens_measured_and_warns_when_fewer_than_asked(bench_result):
+    result = copy.deepcopy(bench_result)
+    result["cases"][0]["requested_tokens"] = 64  # as the demo model, whose pixel limit caps images at 36 tokens
+    assert short_cases(result) == [result["cases"][0]] and short_cases(bench_result) == []
+    table = markdown(result)
+    assert "| 4 (asked 64) | 56x56 |" in table and "| 16 | 112x112 |" in table
+    assert "warning: the model encoded fewer image tokens than asked for 64" in table
+    assert "warning" not in markdown(bench_result)
+    pytest.importorskip("matplotlib")
+    labels = [label.get_text() for label in figure(result).axes[0].get_xticklabels()]
+    assert labels == ["4 tok (asked 64)\n56x56", "16 tok\n112x112"]
+
+
+def test_bench_plot_legend_stays_off_the_bars(bench_result):
+    pytest.importorskip("matplotlib")
+    fig = figure(bench_result)
+    fig.canvas.draw()
+    stages = fig.axes[0]
+    assert not stages.get_legend().get_window_extent().overlaps(stages.get_window_extent())
+
+
+def test_bench_plot_without_matplotlib_fails_before_measuring(tiny_bundles, tmp_path):
+    shadow = tmp_path / "no-matplotlib" / "matplotlib"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError(\"No module named 'matplotlib'\")\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(shadow.parent), *sys.path])}
+    command = [sys.executable, "-m", "edgevlm.cli", "bench", str(tiny_bundles["F32"]), "--plot", str(tmp_path / "b.png")]  # fmt: skip
+    result = subprocess.run(command, env=env, check=False, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "edgevlm bench: error: --plot needs matplotlib: pip install 'edgevlm[bench]'" in result.stderr
+    assert "loading" not in result.stderr and not (tmp_path / "b.png").exists()  # nothing ran

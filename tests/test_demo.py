@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -170,7 +171,8 @@ def test_edgevlm_demo_answers_the_scene_it_drew(demo_cache, monkeypatch, capsys,
 
     monkeypatch.setenv("EDGEVLM_CACHE", str(demo_cache))
     assert main(["demo", "--seed", "7", "--question-type", question_type]) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "exporting the demo model" not in err  # only said when it exports
     fields = dict(re.findall(r"^(\w+): +(.*)$", out, flags=re.MULTILINE))
     drawn = scene(7, "demo", question_type)
     assert np.array_equal(np.asarray(Image.open(fields["image"]).convert("RGB")), np.asarray(drawn.image))
@@ -197,3 +199,24 @@ def test_export_resolves_the_demo_alias():
 
     model_dir, source, _ = resolve_model("demo")
     assert model_dir == MODEL_DIR and source == "edgevlm-demo"
+
+
+def test_edgevlm_demo_says_when_it_exports_the_first_time(tmp_path):
+    no_torch = tmp_path / "no-torch"
+    (no_torch / "torch").mkdir(parents=True)
+    (no_torch / "torch" / "__init__.py").write_text("raise ImportError(\"No module named 'torch'\")\n")
+    env = {**os.environ, "EDGEVLM_CACHE": str(tmp_path / "empty-cache"), "PYTHONPATH": os.pathsep.join([str(no_torch), *sys.path])}  # fmt: skip
+    result = subprocess.run([sys.executable, "-m", "edgevlm.cli", "demo"], env=env, check=False, capture_output=True, text=True)  # fmt: skip
+    assert "edgevlm demo: exporting the demo model once (~30 s)" in result.stderr
+    assert result.returncode == 2 and "exporting it needs torch" in result.stderr  # the export is what came next
+
+
+def test_edgevlm_bench_warns_when_the_model_gives_fewer_image_tokens_than_asked(demo_cache):
+    bundle = _bundle(demo_cache, "Q4_K_M")  # the demo model's pixel limit caps an image at 36 tokens
+    command = [sys.executable, "-m", "edgevlm.cli", "bench", str(bundle), "--image-tokens", "16,64", "--runs", "1",
+               "--no-baseline", "--max-tokens", "2", "--threads", "1"]  # fmt: skip
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "| 16 | 112x112 |" in result.stdout and "| 36 (asked 64) | 224x224 |" in result.stdout
+    assert "edgevlm bench: warning: asked for 64 image tokens, the model encoded 36" in result.stderr
+    assert "asked for 16" not in result.stderr

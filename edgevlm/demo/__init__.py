@@ -38,7 +38,7 @@ def demo_bundle(quantization: str = "Q4_K_M", cache: Path | None = None) -> tupl
     The directory name carries a digest of the checkpoint, so a new edgevlm version with a retrained model exports
     again instead of reusing a stale bundle.
     """
-    bundle = (cache or cache_dir()) / f"demo-{quantization}-{_checkpoint_digest()}"
+    bundle = demo_bundle_path(quantization, cache)
     if (bundle / "edgevlm.json").is_file():
         return bundle, 0.0
     try:
@@ -53,6 +53,11 @@ def demo_bundle(quantization: str = "Q4_K_M", cache: Path | None = None) -> tupl
     start = time.perf_counter()
     export("demo", bundle, quantization=quantization, vision_dtypes=DEMO_VISION_DTYPES, force=True)
     return bundle, time.perf_counter() - start
+
+
+def demo_bundle_path(quantization: str = "Q4_K_M", cache: Path | None = None) -> Path:
+    """Where `demo_bundle` keeps the demo bundle in `quantization` (exported there or not)."""
+    return (cache or cache_dir()) / f"demo-{quantization}-{_checkpoint_digest()}"
 
 
 def ask(vlm, demo_scene: Scene, max_new_tokens: int = 8):
