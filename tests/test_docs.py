@@ -182,3 +182,13 @@ def test_mkdocs_builds_without_warnings(tmp_path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "site" / "index.html").is_file()
+
+
+def test_readme_is_a_first_page() -> None:
+    """The README stays the page a new user reads first; the reference lives in docs/ (issue 23)."""
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move a section into docs/"
+    linked = set(re.findall(r"\(docs/([\w-]+\.md)", "\n".join(lines)))
+    assert linked >= {path.name for path in (ROOT / "docs").glob("*.md")} - {"index.md"}, (
+        "a docs page the README misses"
+    )
