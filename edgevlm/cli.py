@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
     for step in vlm.generate(
         args.prompt,
         images=args.image or [],
-        max_new_tokens=args.max_new_tokens,
+        max_tokens=args.max_tokens,
         temperature=args.temperature,
         seed=args.seed,
         crop=crop,
@@ -129,7 +129,7 @@ def _plan(args: argparse.Namespace) -> int:
     requests = [ImageRequest(width, height, crop=crop, tiles=args.tiles or 0) for width, height in sizes]
     gflops = args.gflops or settings.vision_gflops or DEFAULT_VISION_GFLOPS
     gflops_source = "--gflops" if args.gflops else f"profile {settings.profile.name}" if settings.vision_gflops else "default; --gflops"  # fmt: skip
-    plan = planner.plan(requests, n_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_new_tokens)
+    plan = planner.plan(requests, n_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_tokens)
 
     gib = 2**30
     header = f"{'view':<7} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"
@@ -147,7 +147,7 @@ def _plan(args: argparse.Namespace) -> int:
             print(line)
     cap = "none" if plan.image_token_cap is None else str(plan.image_token_cap)
     print(f"total {plan.n_image_tokens} image tokens in {len(plan.spans)} span(s); cap {cap} "
-          f"(context {n_ctx} - {args.prompt_tokens} prompt - {args.max_new_tokens} new tokens"
+          f"(context {n_ctx} - {args.prompt_tokens} prompt - {args.max_tokens} new tokens"
           f"{'' if limits.image_budget is None else f', image budget {limits.image_budget}'})")  # fmt: skip
     in_force = [limits.describe(name) for name, _ in limits.sources]
     print("limits: " + (", ".join(in_force) or "none set (the model's own pixel limits)"))
@@ -249,7 +249,8 @@ def _serve(args: argparse.Namespace) -> int:
                          allow_remote=args.allow_remote_images, max_bytes=max_body,
                          allow_private_hosts=args.allow_private_image_hosts, limits=_image_limits(args))  # fmt: skip
     settings = ServerSettings(
-        model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key, image_policy=policy,
+        model_id=args.model_id or Path(args.bundle).resolve().name, strict_model_name=args.strict_model_name,
+        api_key=args.api_key, image_policy=policy,
         max_body_bytes=max_body, max_queue=args.queue, max_messages=args.max_messages,
         max_text_chars=args.max_text_chars,
         request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
@@ -422,7 +423,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("bundle")
     p.add_argument("-p", "--prompt", required=True)
     p.add_argument("--image", action="append", help="image file; repeat for several")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256,
+                   help="most tokens in the answer (--max-new-tokens: its old name; default: 256)")  # fmt: skip
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=None)
     _add_profile_flag(p)
@@ -442,7 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_budget_flags(p)
     _add_profile_flag(p)
     p.add_argument("--n-ctx", type=int, default=None, help="context size, as for run (default: the profile's)")
-    p.add_argument("--max-new-tokens", type=int, default=256, help="room kept for the answer (default: 256)")
+    p.add_argument("--max-tokens", "--max-new-tokens", dest="max_tokens", type=int, default=256,
+                   help="room kept for the answer (--max-new-tokens: its old name; default: 256)")  # fmt: skip
     p.add_argument("--prompt-tokens", type=int, default=0,
                    help="text tokens of the prompt, template included (run counts them; default: 0)")  # fmt: skip
     p.add_argument("--vision-dtype", choices=["fp32", "fp16", "int8"], default=None)
@@ -481,6 +484,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--model-id", default=None, help="model name in the API (default: the bundle directory's name)")
+    p.add_argument("--strict-model-name", action="store_true",
+                   help="answer 404 to requests naming another model (default: any name is served by this one)")  # fmt: skip
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs from public addresses (default: refused)")  # fmt: skip
     p.add_argument("--allow-private-image-hosts", action="store_true",
