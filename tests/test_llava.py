@@ -196,8 +196,11 @@ def test_every_image_costs_576_tokens_whatever_the_default_limits(f32_vlm):
     with pytest.raises(BudgetError, match=r"min_image_tokens=600 \(request\) is above this model's maximum of 576"):
         f32_vlm.plan("Hi", [random_image(100, 700)], min_image_tokens=600)
     # images never shrink to fit: too many for the context is refused with the numbers
-    with pytest.raises(ContextOverflowError, match=r"3 image span\(s\) need at least 3 x 576 = 1728 tokens \(576 tokens each: .*context holds 2048"):  # fmt: skip
-        f32_vlm.plan("Hi", [random_image(100, 100)] * 3, max_tokens=400)
+    with pytest.raises(ContextOverflowError, match=r"4 image span\(s\) need at least 4 x 576 = 2304 tokens \(576 tokens each: .*context holds 2048"):  # fmt: skip
+        f32_vlm.plan("Hi", [random_image(100, 100)] * 4, max_tokens=400)
+    # a max_tokens the context cannot hold beside them is cut to what it can hold, as with text alone
+    plan = f32_vlm.plan("Hi", [random_image(100, 100)] * 3, max_tokens=400)
+    assert plan.n_image_tokens == 1728 and plan.max_new_tokens == 2048 - plan.n_prompt_tokens - 1728 < 400
 
 
 def test_crop_and_tiles_make_576_token_spans(f32_vlm):
