@@ -9,6 +9,10 @@
     answer = vlm.chat([{"role": "user", "content": [{"type": "image", "image": frame},
                                                     {"type": "text", "text": "What is on the table?"}]}])
     print(answer.text, answer.finish_reason, answer.timings)
+
+    # asyncio: the same model and turn queue; cancelling the task or closing the stream stops the generation
+    avlm = edgevlm.AsyncEdgeVLM(vlm)
+    answer = await avlm.chat(messages, max_tokens=64, timeout=10)
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from .results import ChatChunk, ChatResult
 
 if TYPE_CHECKING:
     from .profiles import Profile
+    from .runtimes.aio import AsyncEdgeVLM
     from .runtimes.pipeline import EdgeVLM
 
 __version__ = "0.1.0"
 __all__ = [
+    "AsyncEdgeVLM",
     "Bundle",
     "BundleError",
     "ChatChunk",
@@ -68,4 +74,8 @@ def __getattr__(name: str):
         from .runtimes.pipeline import EdgeVLM
 
         return EdgeVLM
+    if name == "AsyncEdgeVLM":
+        from .runtimes.aio import AsyncEdgeVLM
+
+        return AsyncEdgeVLM
     raise AttributeError(f"module 'edgevlm' has no attribute {name!r}")

@@ -109,7 +109,7 @@ def decode_against_baseline(vlm, prompt: str, max_new_tokens: int, runs: int) ->
     try:
         for _ in range(1 + runs):
             vlm.clear_caches()
-            *_, last = vlm.generate(prompt, max_new_tokens=max_new_tokens)
+            *_, last = vlm.generate(prompt, max_tokens=max_new_tokens)
             ours.append(last.timings.decode_tokens_per_s)
             theirs.append(plain_decode_speed(plain, vlm.render_prompt(prompt, 0), max_new_tokens))
     finally:
@@ -180,7 +180,7 @@ def run_bench(
             measured = []
             for _ in range(1 + runs):
                 vlm.clear_caches()  # every run cold: no KV prefix or embedding reused from the previous one
-                *_, last = vlm.generate(prompt, [image], max_new_tokens=max_new_tokens, max_image_tokens=n_tokens)
+                *_, last = vlm.generate(prompt, [image], max_tokens=max_new_tokens, max_image_tokens=n_tokens)
                 measured.append(last.timings)
             measured = measured[1:]
             cases.append(ImageCase(
@@ -192,7 +192,7 @@ def run_bench(
         text_prefill = []
         for _ in range(runs):
             vlm.clear_caches()
-            *_, last = vlm.generate(prompt, [], max_new_tokens=1)
+            *_, last = vlm.generate(prompt, [], max_tokens=1)
             text_prefill.append(last.timings.prefill_tokens_per_s)
         peak_rss = peak_rss_bytes()  # before the baseline loads a second context on the language model
         result = {

@@ -601,9 +601,9 @@ def _refuse(n_spans: int, low: int, limits: ResolvedLimits, room: int | None, n_
     what = f"{n_spans} image span(s) need at least {n_spans} x {low} = {need} tokens ({floor}{'' if model_range[0] == model_range[1] else ' per span'})"  # fmt: skip
     fixes = []
     if binding == "context" and n_ctx is not None and room is not None:
-        detail = f"the context holds {n_ctx}: {n_ctx} - {n_prompt} prompt tokens - {max_new} max_new_tokens = {room} left for images"  # fmt: skip
+        detail = f"the context holds {n_ctx}: {n_ctx} - {n_prompt} prompt tokens - {max_new} max_tokens = {room} left for images"  # fmt: skip
         if n_ctx - n_prompt - need >= 1:
-            fixes.append(f"max_new_tokens <= {n_ctx - n_prompt - need}")
+            fixes.append(f"max_tokens <= {n_ctx - n_prompt - need}")
         fixes.append(f"n_ctx >= {n_prompt + max_new + need}")
     else:
         detail = f"{limits.describe('image_budget')} allows {limits.image_budget}"

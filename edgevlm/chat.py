@@ -30,7 +30,7 @@ from urllib.parse import unquote_to_bytes, urljoin, urlsplit
 from urllib.request import url2pathname
 
 from .errors import GrammarError, ImageError, ImageNotAllowedError, RequestError
-from .images import ImageLimits, image_size
+from .images import ImageLimits, check_color_order, image_size, in_color_order
 from .results import ChatChunk, ChatResult, GenerationStep
 
 logger = logging.getLogger(__name__)
@@ -54,16 +54,18 @@ MAX_JSON_DEPTH = 64  # nesting of JSON objects and arrays in a request body or a
 # ------------------------------------------------------------------------------------------------------ messages
 
 
-def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
+def parse_messages(messages: Any, color_order: str = "rgb") -> tuple[list[dict[str, Any]], list[Any]]:
     """OpenAI-style `messages` → (messages for the chat template, image sources in prompt order).
 
     Content is a string or a list of parts: {"type": "text", "text": str}, {"type": "image_url", "image_url":
     {"url": str}} (or the URL string itself) and edgevlm's {"type": "image", "image": path, bytes, PIL image or
-    array}. Images go in user messages only. The role "developer" (newer OpenAI clients) counts as "system".
+    array, with the optional "color_order": "rgb" or "bgr" of an array, default `color_order`}. Images go in user
+    messages only. The role "developer" (newer OpenAI clients) counts as "system".
     String content becomes one text part.
     """
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise RequestError("messages must be a non-empty list of {'role': ..., 'content': ...} objects")
+    check_color_order(color_order)
     rendered: list[dict[str, Any]] = []
     images: list[Any] = []
     for i, message in enumerate(messages):
@@ -85,14 +87,14 @@ def parse_messages(messages: Any) -> tuple[list[dict[str, Any]], list[Any]]:
             raise RequestError(f"{where}.content must be a string or a list of parts, got {type(content).__name__}")
         parts = []
         for j, part in enumerate(content):
-            parts.append(_parse_part(part, f"{where}.content[{j}]", role, images))
+            parts.append(_parse_part(part, f"{where}.content[{j}]", role, images, color_order))
             if len(images) > MAX_IMAGES:
                 raise RequestError(f"the request has more than {MAX_IMAGES} images; send at most {MAX_IMAGES}")
         rendered.append({"role": role, "content": parts})
     return rendered, images
 
 
-def _parse_part(part: Any, where: str, role: str, images: list[Any]) -> dict[str, Any]:
+def _parse_part(part: Any, where: str, role: str, images: list[Any], color_order: str) -> dict[str, Any]:
     if not isinstance(part, Mapping):
         raise RequestError(f"{where} must be an object with a 'type', got {type(part).__name__}")
     kind = part.get("type")
@@ -113,7 +115,7 @@ def _parse_part(part: Any, where: str, role: str, images: list[Any]) -> dict[str
         else:
             if part.get("image") is None:
                 raise RequestError(f"{where}.image is missing: give a path, bytes, a PIL image or an HxWx3 array")
-            images.append(part["image"])
+            images.append(in_color_order(part["image"], part.get("color_order", color_order)))
         return {"type": "image"}
     raise RequestError(f"{where}.type is {kind!r}; expected 'text', 'image_url' or 'image'")
 
@@ -394,7 +396,8 @@ def _is_public(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 # ------------------------------------------------------------------------------------------- sampling and format
 
 
-def check_sampling(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any, max_image_tokens: Any) -> None:  # fmt: skip
+def check_sampling(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any, seed: Any, max_image_tokens: Any,
+                   timeout: Any = None) -> None:  # fmt: skip
     """Refuse sampling parameters of the wrong type or range (they often come straight from JSON)."""
     _number("max_tokens", max_tokens, int, 1)
     _number("temperature", temperature, float, 0.0)
@@ -404,6 +407,10 @@ def check_sampling(*, max_tokens: Any, temperature: Any, top_p: Any, top_k: Any,
         _number("seed", seed, int, 0)
     if max_image_tokens is not None:
         _number("max_image_tokens", max_image_tokens, int, 1)
+    if timeout is not None:
+        _number("timeout", timeout, float, 0.0)
+        if timeout == 0:
+            raise RequestError("timeout must be > 0 seconds (None: no timeout), got 0")
 
 
 def _number(name: str, value: Any, kind: type, low: float, high: float | None = None) -> None:

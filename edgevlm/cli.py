@@ -85,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     load_s = time.perf_counter() - t0
     sampling = {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k, "seed": args.seed}
     if args.system is None:
-        steps = vlm.generate(args.prompt, images=images, max_new_tokens=args.max_tokens, crop=crop, tiles=args.tiles,
+        steps = vlm.generate(args.prompt, images=images, max_tokens=args.max_tokens, crop=crop, tiles=args.tiles,
                              image_limits=image_limits, **sampling)  # fmt: skip
     else:
         from .chat import ImagePolicy
@@ -310,7 +310,8 @@ def _serve(args: argparse.Namespace) -> int:
                          allow_remote=args.allow_remote_images, max_bytes=max_body,
                          allow_private_hosts=args.allow_private_image_hosts, limits=_image_limits(args))  # fmt: skip
     settings = ServerSettings(
-        model_id=args.model_id or Path(args.bundle).resolve().name, api_key=args.api_key, image_policy=policy,
+        model_id=args.model_id or Path(args.bundle).resolve().name, strict_model_name=args.strict_model_name,
+        api_key=args.api_key, image_policy=policy,
         max_body_bytes=max_body, max_queue=args.queue, max_messages=args.max_messages,
         max_text_chars=args.max_text_chars,
         request_timeout_s=args.request_timeout, body_timeout_s=args.body_timeout, header_timeout_s=args.header_timeout,
@@ -646,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=_integer(1, 65535), default=8080)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 requests")
     p.add_argument("--model-id", default=None, help="model name in the API (default: the bundle directory's name)")
+    p.add_argument("--strict-model-name", action="store_true",
+                   help="answer 404 to requests naming another model (default: any name is served by this one)")  # fmt: skip
     p.add_argument("--allow-remote-images", action="store_true",
                    help="fetch http(s) image URLs from public addresses (default: refused)")  # fmt: skip
     p.add_argument("--allow-private-image-hosts", action="store_true",

@@ -35,6 +35,36 @@ _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | np.ndarray
 
 
+# One image where a list of images is expected: never iterated (a path string would become its characters).
+_SINGLE_IMAGE_TYPES = (str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray)
+COLOR_ORDERS = ("rgb", "bgr")
+
+
+def as_image_list(images: ImageSource | Sequence[ImageSource] | None) -> list[ImageSource]:
+    """A request's images as a list: one path, bytes, PIL image or array is one image; None is none."""
+    if images is None:
+        return []
+    if isinstance(images, _SINGLE_IMAGE_TYPES):
+        return [images]
+    return list(images)
+
+
+def check_color_order(color_order: Any) -> str:
+    """`color_order` if it is "rgb" or "bgr"; anything else is an ImageError that says which to use."""
+    if color_order not in COLOR_ORDERS:
+        raise ImageError(f"color_order must be 'rgb' or 'bgr', got {color_order!r}: 'bgr' for frames from OpenCV "
+                         "(cv2.imread, VideoCapture.read), 'rgb' (the default) for Pillow, imageio and most others")  # fmt: skip
+    return color_order
+
+
+def in_color_order(source: ImageSource, color_order: str) -> ImageSource:
+    """`source` with its channels as RGB: an HxWx3 array given as "bgr" is flipped (a view, no copy); other sources
+    (files, bytes, PIL images, grayscale arrays) carry their own channel order and pass through."""
+    if check_color_order(color_order) == "bgr" and isinstance(source, np.ndarray) and source.ndim == 3 and source.shape[2] == 3:  # fmt: skip
+        return source[:, :, ::-1]
+    return source
+
+
 # --------------------------------------------------------------------------------------------------- limits
 
 # A 48-megapixel phone photo (8000x6000) passes per image, and two of them per request; the 88-megapixel 1-bit PNG

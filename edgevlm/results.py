@@ -18,8 +18,10 @@ class Timings:
     image_prefill_ms: float = 0.0  # the part of prefill_ms spent on batches with image embeddings (and their text)
     time_to_first_token_ms: float = 0.0  # from the model's turn to the first sampled token (queue excluded)
     decode_ms: float = 0.0
-    n_prompt_tokens: int = 0  # text tokens of the prompt
-    n_image_tokens: int = 0
+    # The prompt's tokens, text and image together: what `usage.prompt_tokens` reports and the context must hold
+    n_prompt_tokens: int = 0
+    n_text_tokens: int = 0  # the prompt's text tokens (template and image markers included)
+    n_image_tokens: int = 0  # the prompt's image tokens (n_prompt_tokens = n_text_tokens + n_image_tokens)
     n_encoded_image_tokens: int = 0  # image tokens run through the vision encoder for this request
     n_cached_image_tokens: int = 0  # image tokens whose embeddings came from the embedding cache
     n_reused_tokens: int = 0  # prompt cells (text and image) already in the KV cache from the previous request
@@ -48,8 +50,9 @@ class Timings:
 class GenerationStep:
     """One streamed piece: the new text (may be empty while a UTF-8 character is incomplete) and its token.
 
-    The last step has `finish_reason` set ("stop": end of generation token, "length": max_new_tokens or the
-    context is full, "cancelled": the `cancel` event was set; then `token` is None) and complete `timings`.
+    The last step has `finish_reason` set ("stop": end of generation token, "length": max_tokens or the context is
+    full, "cancelled": the `cancel` event was set, "timeout": the call's `timeout` passed; for these two `token` is
+    None) and complete `timings`.
     """
 
     text: str
@@ -60,7 +63,7 @@ class GenerationStep:
 
 @dataclass
 class ChatChunk:
-    """A piece of a streamed answer; the last one has `finish_reason` ("stop", "length" or "cancelled")."""
+    """A piece of a streamed answer; the last one has `finish_reason` ("stop", "length", "cancelled" or "timeout")."""
 
     text: str
     finish_reason: str | None
@@ -78,7 +81,7 @@ class ChatResult:
 
     @property
     def usage(self) -> dict[str, int]:
-        """OpenAI-style token counts: prompt (text and image tokens), completion, total."""
-        prompt = self.timings.n_prompt_tokens + self.timings.n_image_tokens
+        """OpenAI-style token counts: prompt (`Timings.n_prompt_tokens`: text and image tokens), completion, total."""
+        prompt = self.timings.n_prompt_tokens
         return {"prompt_tokens": prompt, "completion_tokens": self.timings.n_generated,
                 "total_tokens": prompt + self.timings.n_generated}  # fmt: skip

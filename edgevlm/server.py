@@ -10,7 +10,7 @@ disconnects cancels its request (within one token). Endpoints:
 
 Errors are OpenAI-style JSON, `{"error": {"message", "type", "code", "param"}}`, whatever fails (uvicorn's own
 answers included). Against slow, many or hostile clients (`ServerSettings`, each with a flag): header, body and
-keep-alive timeouts, a connection limit, a request deadline that cancels the generation, and limits on the body's
+keep-alive timeouts, a connection limit, a request deadline (the generation's `timeout`), and limits on the body's
 size, its JSON nesting and its number of messages; `edgevlm.chat` bounds grammars and stop strings.
 """
 
@@ -21,10 +21,11 @@ import dataclasses
 import hmac
 import json
 import logging
+import reprlib
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
 from http import HTTPStatus
@@ -68,7 +69,10 @@ _CHAT_FIELDS = ("temperature", "top_p", "top_k", "seed", "stop", "response_forma
 class ServerSettings:
     """What the server allows and how long it waits. Each limit has an `edgevlm serve` flag (named in comments)."""
 
-    model_id: str
+    model_id: str  # the id /v1/models lists and every response names
+    # False (the default, as llama-server and Ollama): any model name a client sends is answered by the served model
+    # (apps often hard-code "gpt-4o"); True: other names get 404 model_not_found (--strict-model-name)
+    strict_model_name: bool = False
     api_key: str | None = None  # required as `Authorization: Bearer KEY` on /v1 when set (--api-key)
     image_policy: ImagePolicy = field(default_factory=lambda: ImagePolicy(allow_local=False))
     max_body_bytes: int = 20 * 2**20  # --max-body-mb
@@ -208,7 +212,6 @@ class ChatServer:
                                     f"holds {self.settings.max_queue}; retry shortly", type_="server_error",
                                code="queue_full", headers={"Retry-After": "1"})  # fmt: skip
         except ApiError as err:
-            deadline.stop()
             return err.response()
         self.stats.in_flight += 1
         watcher = asyncio.get_running_loop().create_task(_cancel_on_disconnect(request, deadline.cancel))
@@ -216,12 +219,13 @@ class ChatServer:
         try:
             try:
                 answer = await anyio.to_thread.run_sync(partial(self.vlm.chat, payload["messages"], stream=stream,
-                                                                cancel=deadline.cancel, **options))  # fmt: skip
+                                                                cancel=deadline.cancel, timeout=deadline.remaining(),
+                                                                **options))  # fmt: skip
                 first = await anyio.to_thread.run_sync(_next_chunk, answer) if stream else None
             except EdgeVLMError as err:
                 return api_error_for(err).response()
             finish = first.finish_reason if stream else answer.finish_reason
-            if finish == "cancelled" and deadline.expired:
+            if finish == "timeout":
                 if stream:
                     await anyio.to_thread.run_sync(answer.close)
                 self.stats.timed_out += 1
@@ -234,7 +238,6 @@ class ChatServer:
             return response
         finally:
             if not released:
-                deadline.stop()
                 watcher.cancel()
                 self.stats.in_flight -= 1
 
@@ -251,9 +254,12 @@ class ChatServer:
                            headers={"WWW-Authenticate": "Bearer"})  # fmt: skip
 
     def _check_model(self, model: Any) -> None:
-        if model is not None and model != self.settings.model_id:
+        if model is not None and not isinstance(model, str):
+            raise ApiError(400, f"'model' must be a string, got {reprlib.repr(model)}", param="model")
+        if self.settings.strict_model_name and model is not None and model != self.settings.model_id:
             raise ApiError(404, f"model {model!r} is not served here; this server serves {self.settings.model_id!r} "
-                                "(GET /v1/models)", code="model_not_found", param="model")  # fmt: skip
+                                "(GET /v1/models; the server was started with --strict-model-name)",
+                           code="model_not_found", param="model")  # fmt: skip
 
     async def _read_json(self, request: Request) -> dict[str, Any]:
         limit = self.settings.max_body_bytes
@@ -311,12 +317,15 @@ class ChatServer:
         stream = payload.get("stream") or False
         if not isinstance(stream, bool):
             raise ApiError(400, f"'stream' must be true or false, got {stream!r}", param="stream")
-        if payload.get("n", 1) not in (1, None):
-            raise ApiError(400, "only n = 1 is supported", param="n")
+        _refuse_unsupported(payload)
         stream_options = payload.get("stream_options") or {}
         include_usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
         options = {name: payload[name] for name in _CHAT_FIELDS if payload.get(name) is not None}
-        max_tokens = payload.get("max_completion_tokens", payload.get("max_tokens"))
+        field_name = "max_completion_tokens" if payload.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = payload.get(field_name)
+        if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1):  # fmt: skip
+            raise ApiError(400, f"'{field_name}' must be an integer >= 1, got {reprlib.repr(max_tokens)}",
+                           param=field_name)  # fmt: skip
         options["max_tokens"] = DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
         options["image_policy"] = self.settings.image_policy
         return stream, include_usage, options
@@ -354,10 +363,11 @@ class ChatServer:
         try:
             yield event({"role": "assistant", "content": ""})
             while True:
+                if chunk.finish_reason == "timeout":
+                    self.stats.timed_out += 1
+                    yield f"data: {json.dumps(self._timeout_error().body())}\n\n"
+                    return
                 if chunk.finish_reason == "cancelled":
-                    if deadline.expired:
-                        self.stats.timed_out += 1
-                        yield f"data: {json.dumps(self._timeout_error().body())}\n\n"
                     return
                 if chunk.text:
                     yield event({"content": chunk.text})
@@ -377,7 +387,6 @@ class ChatServer:
             yield f"data: {json.dumps(_SERVER_ERROR.body())}\n\n"
         finally:
             deadline.cancel.set()
-            deadline.stop()
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(chunks.close)
             watcher.cancel()
@@ -407,25 +416,17 @@ STREAM_GRACE_S = 5.0  # a stream still sending this long after its request's dea
 
 
 class _Deadline:
-    """A request's deadline, from its arrival: when it passes, `cancel` is set (the generation stops before its
-    next token, and a request still waiting for the model gives up its place)."""
+    """A request's deadline, from its arrival, and its `cancel` event (set when the client goes away or the stream
+    ends). The generation gets the time left as `EdgeVLM.chat`'s `timeout`: a request still waiting for the model
+    gives up its place when it passes, a running one stops before its next token (finish_reason "timeout")."""
 
     def __init__(self, seconds: float):
         self.cancel = threading.Event()
-        self.expired = False
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(seconds, self._expire)
-        self._ends = loop.time() + seconds
+        self._ends = asyncio.get_running_loop().time() + seconds
 
     def remaining(self) -> float:
-        return max(0.0, self._ends - asyncio.get_running_loop().time())
-
-    def _expire(self) -> None:
-        self.expired = True
-        self.cancel.set()
-
-    def stop(self) -> None:
-        self._timer.cancel()
+        """Seconds left (at least a millisecond: a timeout of 0 is refused, and this one has just run out)."""
+        return max(0.001, self._ends - asyncio.get_running_loop().time())
 
 
 class _DeadlineStream(StreamingResponse):
@@ -450,6 +451,32 @@ def _enough_threads(max_queue: int) -> None:
     """Every request waiting for the model waits in a worker thread: keep threads for the running one's chunks."""
     limiter = anyio.to_thread.current_default_thread_limiter()
     limiter.total_tokens = max(limiter.total_tokens, max_queue + 8)
+
+
+# Request fields edgevlm does not implement whose values would change what the answer means: refused, never ignored.
+# field -> (is the value one this server honours, why it is refused)
+_UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "tools": (lambda v: not v, ("tool calling is not supported: the model answers in text only; describe the tools "
+                                "in the system message and parse the answer, or leave 'tools' out")),
+    "tool_choice": (lambda v: v in (None, "none"), "tool calling is not supported; leave 'tool_choice' out"),
+    "functions": (lambda v: not v, "function calling is not supported: the model answers in text only"),
+    "function_call": (lambda v: v in (None, "none"), "function calling is not supported; leave 'function_call' out"),
+    "n": (lambda v: v in (None, 1), "only n = 1 is supported: send one request per answer"),
+    "logprobs": (lambda v: v in (None, False), "logprobs are not supported; leave 'logprobs' out or false"),
+    "top_logprobs": (lambda v: v in (None, 0), "top_logprobs are not supported; leave 'top_logprobs' out"),
+    "logit_bias": (lambda v: not v, "logit_bias is not supported; leave it out or empty"),
+    "modalities": (lambda v: v is None or v == ["text"], "only text answers are supported (modalities ['text'])"),
+    "audio": (lambda v: v is None, "audio output is not supported"),
+}  # fmt: skip
+
+
+def _refuse_unsupported(payload: dict[str, Any]) -> None:
+    """400 `unsupported_parameter` for a field whose value asks for what edgevlm does not do (OpenAI's own answer
+    to a parameter a model does not support), so a client learns it instead of getting a different answer."""
+    for name, (honoured, reason) in _UNSUPPORTED.items():
+        if name in payload and not honoured(payload[name]):
+            raise ApiError(400, f"'{name}' = {reprlib.repr(payload[name])}: {reason}", code="unsupported_parameter",
+                           param=name)  # fmt: skip
 
 
 def _text_chars(messages: Any) -> int:

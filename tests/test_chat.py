@@ -50,7 +50,7 @@ def test_chat_result_is_typed_and_streaming_gives_the_same_text(vlm):
     t = result.timings
     assert t.n_image_tokens == 15  # 96x128 -> 84x140 pixels -> grid 6x10 patches -> 3x5 tokens
     assert t.vision_ms >= 0 and t.n_generated >= 1 and t.prefill_tokens_per_s > 0
-    assert result.usage["prompt_tokens"] == t.n_prompt_tokens + t.n_image_tokens
+    assert result.usage["prompt_tokens"] == t.n_prompt_tokens == t.n_text_tokens + t.n_image_tokens
 
     chunks = list(vlm.chat(messages, max_tokens=6, stream=True))
     assert all(isinstance(c, edgevlm.ChatChunk) for c in chunks)
@@ -89,9 +89,9 @@ def test_follow_up_reuses_the_kv_prefix_and_matches_a_cold_run(vlm):
     warm = vlm.chat(follow_up, max_tokens=8)
     t2 = warm.timings
     assert t2.n_encoded_image_tokens == 0 and t2.n_cached_image_tokens == 0  # the image's cells were reused
-    first_prompt = t1.n_prompt_tokens + t1.n_image_tokens
+    first_prompt = t1.n_prompt_tokens
     assert t2.n_reused_tokens >= first_prompt  # the whole first prompt (and the answer when it re-tokenizes alike)
-    assert t2.n_reused_tokens + t2.n_prefill_tokens == t2.n_prompt_tokens + t2.n_image_tokens
+    assert t2.n_reused_tokens + t2.n_prefill_tokens == t2.n_prompt_tokens
 
     vlm.clear_caches()
     cold = vlm.chat(follow_up, max_tokens=8)
@@ -120,7 +120,7 @@ def test_repeated_request_redecodes_one_token(vlm):
     messages = [ask(frame(3), "Hi")]
     a = vlm.chat(messages, max_tokens=1)
     b = vlm.chat(messages, max_tokens=1)
-    n_prompt = b.timings.n_prompt_tokens + b.timings.n_image_tokens
+    n_prompt = b.timings.n_prompt_tokens
     assert b.timings.n_prefill_tokens == 1 and b.timings.n_reused_tokens == n_prompt - 1
     assert a.text == b.text
 
@@ -277,7 +277,7 @@ def test_remote_images_are_fetched_only_when_allowed_and_within_the_size_limit(v
 def test_cancel_from_another_thread_stops_within_one_token(vlm):
     cancel = threading.Event()
     never_ends = 'root ::= "a"+'
-    steps = vlm.generate("Count to one hundred.", max_new_tokens=200, cancel=cancel, grammar=never_ends)
+    steps = vlm.generate("Count to one hundred.", max_tokens=200, cancel=cancel, grammar=never_ends)
     seen = [next(steps) for _ in range(3)]
     setter = threading.Thread(target=cancel.set)
     setter.start()

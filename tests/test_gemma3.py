@@ -65,7 +65,7 @@ def test_tiles_are_the_processors_pan_and_scan_crops(f32_vlm, tiny_gemma3_loaded
         prepared = preprocess(image.crop(span.box), tiny_gemma3_loaded.preprocessing)
         patches = expected.reshape(3, 16, 4, 16, 4).transpose(1, 3, 0, 2, 4).reshape(256, 3 * 4 * 4)
         assert np.array_equal(prepared.pixel_patches, patches), span  # bit for bit
-    steps = list(f32_vlm.generate("Hi", [image], tiles=8, max_new_tokens=2))
+    steps = list(f32_vlm.generate("Hi", [image], tiles=8, max_tokens=2))
     assert steps[-1].timings.n_image_tokens == (1 + n_crops) * N_TOKENS
 
 
@@ -208,7 +208,7 @@ def test_quantized_bundles_generate_and_agree(tiny_gemma3_bundles, tiny_gemma3_l
         print(f"{quant} top-1 agreement with transformers per case: {[round(a, 3) for a in agreements]}")
         assert min(agreements) >= TOP1_FLOOR[quant]
     with edgevlm.load(path, n_ctx=1024, n_threads=1, vision_dtype="int8") as vlm:
-        steps = list(vlm.generate("Describe it.", images=PARITY_CASES[1].images(), max_new_tokens=4))
+        steps = list(vlm.generate("Describe it.", images=PARITY_CASES[1].images(), max_tokens=4))
         assert steps[-1].finish_reason in ("stop", "length") and steps[-1].timings.n_image_tokens == 2 * N_TOKENS
 
 
@@ -230,7 +230,7 @@ def test_a_small_batch_is_raised_to_hold_one_image(tiny_gemma3_bundles, tmp_path
     profile.write_text("[llm]\nn_batch = 8\nn_ubatch = 8\n")
     with edgevlm.load(tiny_gemma3_bundles["F32"], profile=profile, n_ctx=1024, n_threads=1) as vlm:
         assert (vlm.llm.n_batch, vlm.llm.n_ubatch) == (N_TOKENS, N_TOKENS)
-        steps = list(vlm.generate("Hi", images=[random_image(50, 90)], max_new_tokens=2))
+        steps = list(vlm.generate("Hi", images=[random_image(50, 90)], max_tokens=2))
         assert steps[-1].timings.n_image_tokens == N_TOKENS
 
 

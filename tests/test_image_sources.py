@@ -158,14 +158,14 @@ def test_generate_plan_and_chat_apply_the_caps(vlm):
     with pytest.raises(ImageTooLargeError, match="per-image cap of 50,000,000"):
         vlm.plan("hi", [bomb])
     with pytest.raises(ImageTooLargeError, match="per-image cap of 50,000,000"):
-        list(vlm.generate("hi", [bomb], max_new_tokens=1))
+        list(vlm.generate("hi", [bomb], max_tokens=1))
     with pytest.raises(ImageTooLargeError, match="per-image cap of 50,000,000"):
         vlm.chat(ask(data_url(bomb)), max_tokens=1)
     tiny = ImageLimits(max_image_pixels=1000)
     with pytest.raises(ImageTooLargeError, match="per-image cap of 1,000"):
         vlm.plan("hi", [frame(3)], image_limits=tiny)
     with pytest.raises(ImageTooLargeError, match="per-image cap of 1,000"):
-        list(vlm.generate("hi", [frame(3)], max_new_tokens=1, image_limits=tiny))
+        list(vlm.generate("hi", [frame(3)], max_tokens=1, image_limits=tiny))
     with pytest.raises(ImageTooLargeError, match="per-request cap of 9,000"):
         vlm.chat(ask(png_data_url(frame(3)), png_data_url(frame(4))), max_tokens=1,
                  image_policy=ImagePolicy(limits=ImageLimits(max_request_pixels=9000)))  # fmt: skip
@@ -308,7 +308,7 @@ def test_a_file_swapped_for_a_fifo_after_its_stat_cannot_block(fifo, tmp_path, m
 
 def test_python_api_refuses_a_fifo_quickly(vlm, fifo):
     with pytest.raises(ImageError, match="is a FIFO"):
-        within(30, lambda: list(vlm.generate("hi", [fifo], max_new_tokens=1)))
+        within(30, lambda: list(vlm.generate("hi", [fifo], max_tokens=1)))
     with pytest.raises(ImageError, match="is a FIFO"):
         within(30, lambda: vlm.chat([{"role": "user", "content": [{"type": "image", "image": str(fifo)}]}], max_tokens=1))  # fmt: skip
     assert vlm.chat(ask(png_data_url(frame(8))), max_tokens=1).finish_reason in ("stop", "length")

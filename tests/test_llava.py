@@ -133,7 +133,7 @@ def test_q4_k_m_bundle_with_int8_vision_generates(tiny_llava_bundles, tiny_llava
         case = PARITY_CASES[1]
         agreement = compare_case(vlm, FAMILY, tiny_llava_loaded, case, n_greedy=8)["top1_agreement"]
         assert agreement >= 0.6  # measured 0.9+; quantization flips a random model's near-flat top-1 at some positions
-        steps = list(vlm.generate("What is it?", images=case.images(), max_new_tokens=4))
+        steps = list(vlm.generate("What is it?", images=case.images(), max_tokens=4))
         assert steps[-1].finish_reason in ("stop", "length") and all(s.token is not None for s in steps)
         assert steps[-1].timings.n_image_tokens == 2 * 576
     finally:
@@ -156,7 +156,7 @@ def test_runtime_never_imports_torch(tiny_llava_bundles, tmp_path):
     code = (
         "import sys, edgevlm\n"
         f"vlm = edgevlm.load({str(tiny_llava_bundles['Q4_K_M'])!r}, n_ctx=1024)\n"
-        f"steps = list(vlm.generate('What is it?', images=[{str(image)!r}], max_new_tokens=3))\n"
+        f"steps = list(vlm.generate('What is it?', images=[{str(image)!r}], max_tokens=3))\n"
         "assert steps[-1].timings.n_image_tokens == 576, steps[-1].timings\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -196,13 +196,16 @@ def test_every_image_costs_576_tokens_whatever_the_default_limits(f32_vlm):
     with pytest.raises(BudgetError, match=r"min_image_tokens=600 \(request\) is above this model's maximum of 576"):
         f32_vlm.plan("Hi", [random_image(100, 700)], min_image_tokens=600)
     # images never shrink to fit: too many for the context is refused with the numbers
-    with pytest.raises(ContextOverflowError, match=r"3 image span\(s\) need at least 3 x 576 = 1728 tokens \(576 tokens each: .*context holds 2048"):  # fmt: skip
-        f32_vlm.plan("Hi", [random_image(100, 100)] * 3, max_new_tokens=400)
+    with pytest.raises(ContextOverflowError, match=r"4 image span\(s\) need at least 4 x 576 = 2304 tokens \(576 tokens each: .*context holds 2048"):  # fmt: skip
+        f32_vlm.plan("Hi", [random_image(100, 100)] * 4, max_tokens=400)
+    # a max_tokens the context cannot hold beside them is cut to what it can hold, as with text alone
+    plan = f32_vlm.plan("Hi", [random_image(100, 100)] * 3, max_tokens=400)
+    assert plan.n_image_tokens == 1728 and plan.max_new_tokens == 2048 - plan.n_prompt_tokens - 1728 < 400
 
 
 def test_crop_and_tiles_make_576_token_spans(f32_vlm):
     image = random_image(300, 600)
     plan = f32_vlm.plan("Hi", [image], crop=edgevlm.budget.Crop(0, 0, 0.5, 1, relative=True), tiles=2)
     assert [(s.view, s.box, s.n_tokens) for s in plan.spans] == [("global", (0, 0, 300, 300), 576), ("tile", (0, 0, 150, 300), 576), ("tile", (150, 0, 300, 300), 576)]  # fmt: skip
-    steps = list(f32_vlm.generate("Hi", [image], max_new_tokens=2, crop=edgevlm.budget.Crop(0, 0, 300, 300)))
+    steps = list(f32_vlm.generate("Hi", [image], max_tokens=2, crop=edgevlm.budget.Crop(0, 0, 300, 300)))
     assert steps[-1].timings.n_image_tokens == 576

@@ -28,7 +28,7 @@ def test_close_while_another_thread_generates(tiny_bundles):
         started, result = threading.Event(), {{}}
         def generate():
             steps = []
-            for step in vlm.generate("Go on.", max_new_tokens=100000, grammar={ENDLESS!r}):
+            for step in vlm.generate("Go on.", max_tokens=100000, grammar={ENDLESS!r}):
                 steps.append(step)
                 started.set()
             result["finish"], result["n"] = steps[-1].finish_reason, len(steps)
@@ -53,7 +53,7 @@ def test_close_while_another_thread_generates(tiny_bundles):
 
 @pytest.mark.parametrize("call", [
     'vlm.chat([{"role": "user", "content": "Hi"}])',
-    'list(vlm.generate("Hi", max_new_tokens=2))',
+    'list(vlm.generate("Hi", max_tokens=2))',
     'vlm.chat([{"role": "user", "content": "Hi"}], response_format={"type": "json_object"})',
     'vlm.plan("Hi")',
     'vlm.prompt_logits("Hi")',

@@ -379,7 +379,7 @@ def test_a_bundle_runs_with_the_cpu_profile_and_with_a_user_profile(tiny_bundles
         assert vlm.vision.providers == ["CPUExecutionProvider"]
         assert vlm.vision.vision_session.get_session_options().intra_op_num_threads == host.physical_cores
         assert vlm.llm.settings.n_threads == host.physical_cores and vlm.llm.n_ctx == 4096
-        steps = list(vlm.generate("What is it?", images=[random_image(200, 300)], max_new_tokens=3))
+        steps = list(vlm.generate("What is it?", images=[random_image(200, 300)], max_tokens=3))
         assert steps[-1].finish_reason in ("stop", "length")
     finally:
         vlm.close()
@@ -391,7 +391,7 @@ def test_a_bundle_runs_with_the_cpu_profile_and_with_a_user_profile(tiny_bundles
         assert vlm.vision_dtype == "fp32" and vlm.llm.n_ctx == 512 and vlm.llm.settings.kv_cache_type == "q8_0"
         assert vlm.llm.settings.n_threads == 1
         assert vlm.resolve_limits().describe("max_image_tokens") == "max_image_tokens=64 (profile)"
-        steps = list(vlm.generate("What is it?", images=[random_image(600, 800)], max_new_tokens=3))
+        steps = list(vlm.generate("What is it?", images=[random_image(600, 800)], max_tokens=3))
         assert 0 < steps[-1].timings.n_image_tokens <= 64  # quantized KV cache with flash attention really decodes
     finally:
         vlm.close()
@@ -507,5 +507,5 @@ def test_requests_leave_busy_cores_to_other_processes(tiny_bundles, monkeypatch,
     host = replace(CPU_HOST, physical_cores=2, logical_cpus=2)
     monkeypatch.setattr("edgevlm.profiles.resolve.probe_host", lambda: host)
     with edgevlm.load(tiny_bundles["F32"], profile="cpu", n_threads=explicit, n_ctx=256) as vlm:
-        steps = list(vlm.generate("hi", max_new_tokens=2))
+        steps = list(vlm.generate("hi", max_tokens=2))
         assert steps[-1].timings.n_threads == vlm.llm.n_threads == expected

@@ -178,7 +178,7 @@ def test_quantized_bundle_with_int8_vision_generates(bundles):
     vlm = edgevlm.load(bundles["Q4_K_M"], n_ctx=1024)
     try:
         assert vlm.vision_dtype == "int8"  # the bundle's only vision graph
-        steps = list(vlm.generate("What is it?", images=[PARITY_CASES[0].images()[0]], max_new_tokens=5))
+        steps = list(vlm.generate("What is it?", images=[PARITY_CASES[0].images()[0]], max_tokens=5))
         assert all(s.token is not None for s in steps) and steps[-1].finish_reason in ("stop", "length")
         assert steps[-1].timings.n_image_tokens == 88  # 224x308 -> grid 16x22 patches -> 8x11 tokens
     finally:

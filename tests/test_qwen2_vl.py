@@ -44,7 +44,7 @@ def test_quantized_bundles_generate_and_agree(loaded_bundles, tiny_qwen2vl_loade
     agreements = [compare_case(vlm, FAMILY, tiny_qwen2vl_loaded, case, n_greedy=8)["top1_agreement"] for case in PARITY_CASES]  # fmt: skip
     print(f"{quant} top-1 agreement with transformers per case: {[round(a, 3) for a in agreements]}")
     assert min(agreements) >= TOP1_FLOOR[quant]
-    steps = list(vlm.generate("Describe it.", images=[PARITY_CASES[0].images()[0]], max_new_tokens=5))
+    steps = list(vlm.generate("Describe it.", images=[PARITY_CASES[0].images()[0]], max_tokens=5))
     assert steps[-1].finish_reason in ("stop", "length")
     assert all(s.token is not None for s in steps)
 
@@ -53,7 +53,7 @@ def test_int8_vision_variant_runs(tiny_bundles):
     vlm = edgevlm.load(tiny_bundles["Q4_K_M"], vision_dtype="int8", n_ctx=1024)
     try:
         assert vlm.vision_dtype == "int8"
-        steps = list(vlm.generate("What is it?", images=[PARITY_CASES[0].images()[0]], max_new_tokens=3))
+        steps = list(vlm.generate("What is it?", images=[PARITY_CASES[0].images()[0]], max_tokens=3))
         assert steps[-1].timings.n_image_tokens == 88  # 224x308 -> grid 16x22 patches -> 8x11 tokens
     finally:
         vlm.close()
@@ -71,7 +71,7 @@ def test_manifest_records_export_validation(tiny_bundles):
 
 
 def test_streamed_text_and_timings(loaded_bundles):
-    steps = list(loaded_bundles["F32"].generate("Hi", images=[np.zeros((50, 80, 3), np.uint8)], max_new_tokens=6))
+    steps = list(loaded_bundles["F32"].generate("Hi", images=[np.zeros((50, 80, 3), np.uint8)], max_tokens=6))
     timings = steps[-1].timings
     assert timings.n_generated == len(steps)
     assert timings.n_image_tokens == 6  # 50x80 -> 56x84 -> grid 4x6 patches -> 2x3 merged tokens
@@ -84,7 +84,7 @@ def test_runtime_never_imports_torch(tiny_bundles, tmp_path):
     code = (
         "import sys, edgevlm\n"
         f"vlm = edgevlm.load({str(tiny_bundles['Q4_K_M'])!r}, n_ctx=1024)\n"
-        f"steps = list(vlm.generate('What is it?', images=[{str(image)!r}], max_new_tokens=3))\n"
+        f"steps = list(vlm.generate('What is it?', images=[{str(image)!r}], max_tokens=3))\n"
         "assert steps, 'no output'\n"
         "heavy = sorted(m for m in ('torch', 'transformers') if m in sys.modules)\n"
         "assert not heavy, heavy\n"
@@ -95,10 +95,10 @@ def test_runtime_never_imports_torch(tiny_bundles, tmp_path):
 def test_prompt_longer_than_context_is_refused(tiny_bundles):
     vlm = edgevlm.load(tiny_bundles["F32"], n_ctx=64)
     try:
-        # llama.cpp rounds the context up to 256. Images shrink to fit (tests/test_budget.py), but the default
-        # max_new_tokens=256 leaves no room even for the smallest image; a long text alone overflows too.
-        with pytest.raises(ContextOverflowError, match=r"need at least 1 x 4 = 4 tokens.* context holds 256: 256 - \d+ prompt tokens - 256 max_new_tokens"):  # fmt: skip
-            list(vlm.generate("Describe it.", images=[random_image(600, 800)]))
+        # llama.cpp rounds the context up to 256. Images shrink to fit (tests/test_budget.py), and to their fewest
+        # tokens when max_tokens (default 256) is more than the context holds beside them; 300 text tokens overflow.
+        with pytest.raises(ContextOverflowError, match=r"need at least 1 x 4 = 4 tokens.* context holds 256: 256 - \d+ prompt tokens"):  # fmt: skip
+            list(vlm.generate("Describe it. " * 100, images=[random_image(600, 800)]))
         with pytest.raises(ContextOverflowError, match=r"needs \d+ tokens \(\d+ text \+ 0 image\).* context holds 256"):
             list(vlm.generate("Describe it. " * 100))
     finally:
@@ -140,16 +140,16 @@ def test_text_around_images_rides_in_the_image_batch(loaded_bundles, tiny_qwen2v
     assert table([]).shape == (0, table.n_embd)  # an empty text piece between two images
     case = PARITY_CASES[1]  # text, image, image, text
     vlm.clear_caches()
-    steps_merged = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
+    steps_merged = list(vlm.generate(case.prompt, case.images(), max_tokens=12))
     with monkeypatch.context() as patch:  # text whose rows would exceed the bound goes in token batches
         patch.setattr("edgevlm.runtimes.prefill.ONE_BATCH_TEXT_BYTES", table.row_width * 4 * 3)
         vlm.clear_caches()
-        steps_long = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
+        steps_long = list(vlm.generate(case.prompt, case.images(), max_tokens=12))
     monkeypatch.setattr(vlm.prefill, "token_embeddings", None)
     vlm.clear_caches()
-    steps_split = list(vlm.generate(case.prompt, case.images(), max_new_tokens=12))
+    steps_split = list(vlm.generate(case.prompt, case.images(), max_tokens=12))
     merged, long, split = (steps[-1].timings for steps in (steps_merged, steps_long, steps_split))
-    assert merged.n_text_with_images == merged.n_prompt_tokens and long.n_text_with_images == split.n_text_with_images == 0  # fmt: skip
+    assert merged.n_text_with_images == merged.n_text_tokens and long.n_text_with_images == split.n_text_with_images == 0  # fmt: skip
     assert [s.token for s in steps_merged] == [s.token for s in steps_long] == [s.token for s in steps_split]
 
 

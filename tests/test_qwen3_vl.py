@@ -290,7 +290,7 @@ def test_budgets_count_32_pixel_tokens(f32_vlm):
     plan = f32_vlm.plan("Hi", [image], crop=Crop(0, 0, 0.5, 1, relative=True), tiles=2, max_image_tokens=100)
     assert [s.view for s in plan.spans] == ["global", "tile", "tile"]
     assert all(s.resized_size[0] % 32 == 0 == s.resized_size[1] % 32 for s in plan.spans)
-    steps = list(f32_vlm.generate("Hi", [image], max_new_tokens=2, crop=Crop(0, 0, 0.5, 1, relative=True), tiles=2, max_image_tokens=100))  # fmt: skip
+    steps = list(f32_vlm.generate("Hi", [image], max_tokens=2, crop=Crop(0, 0, 0.5, 1, relative=True), tiles=2, max_image_tokens=100))  # fmt: skip
     assert steps[-1].timings.n_image_tokens == sum(s.n_tokens for s in plan.spans)
 
 

@@ -143,8 +143,8 @@ def test_follow_up_reuses_the_image_embedding_and_the_kv_prefix(served):
     second = post(base, {"model": MODEL, "messages": follow_up, "max_tokens": 6, "temperature": 0}).json()
     t2 = second["timings"]
     assert t2["n_encoded_image_tokens"] == 0  # no vision encoder run
-    assert t2["n_reused_tokens"] >= t1["n_prompt_tokens"] + t1["n_image_tokens"]  # the first prompt's cells
-    assert t2["n_prefill_tokens"] < t2["n_prompt_tokens"] + t2["n_image_tokens"] - t1["n_prompt_tokens"]
+    assert t2["n_reused_tokens"] >= t1["n_prompt_tokens"]  # the first prompt's cells
+    assert t2["n_prefill_tokens"] < t2["n_prompt_tokens"] - t1["n_text_tokens"]
     # a new session with the same frame: the prefix differs before the image, its embeddings are cached
     other = [{"role": "system", "content": "You guard a warehouse."}, *ask(png_data_url(frame(20)))]
     third = post(base, {"model": MODEL, "messages": other, "max_tokens": 2}).json()["timings"]
@@ -173,7 +173,6 @@ def test_bad_requests_get_json_errors_and_the_server_keeps_serving(served, image
         (post(base, {"model": MODEL, "messages": ask("/etc/hostname")}), 403, "image_not_allowed"),
         (post(base, {"model": MODEL, "messages": ask("../" + image_dir.name + "/../x.png")}), 403, "image_not_allowed"),
         (post(base, {"model": MODEL, "messages": ask("https://example.com/cat.jpg")}), 403, "image_not_allowed"),
-        (post(base, {"model": "gpt-4o", "messages": ask(png_data_url(frame(3)))}), 404, "model_not_found"),
         (post(base, {"model": MODEL, "messages": "hello"}), 400, "invalid_request"),
         (post(base, {"model": MODEL, "messages": ask(png_data_url(frame(3))), "temperature": "hot"}), 400, "invalid_request"),
         (httpx.get(f"{base}/v1/nothing-here"), 404, "not_found"),
@@ -250,3 +249,62 @@ def test_edgevlm_serve_command(tiny_bundles, tmp_path):
         assert model == Path(tiny_bundles["Q8_0"]).name
         reply = client.chat.completions.create(model=model, messages=ask(png_data_url(frame(5))), max_tokens=3)
         assert reply.choices[0].finish_reason in ("stop", "length")
+
+
+# -- issue 23: model names, unsupported fields, max_tokens ---------------------------------------------------------
+
+
+def test_any_model_name_is_answered_and_the_served_id_reported(client, vlm):
+    messages = ask(png_data_url(frame(30)))
+    for name in ("gpt-4o", "bundle", MODEL):  # hard-coded in apps, the README's, the served one
+        reply = client.chat.completions.create(model=name, messages=messages, max_tokens=2, temperature=0)
+        assert reply.model == MODEL and reply.choices[0].finish_reason in ("stop", "length")
+    assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve("gpt-4o").id == MODEL
+    # --strict-model-name: other names are 404 model_not_found, as before
+    strict = create_app(vlm, ServerSettings(model_id=MODEL, strict_model_name=True))
+    with running(strict) as base:
+        refused = _error(post(base, {"model": "gpt-4o", "messages": messages}), 404)
+        assert refused["code"] == "model_not_found" and refused["param"] == "model" and MODEL in refused["message"]
+        assert _error(httpx.get(f"{base}/v1/models/gpt-4o"), 404)["code"] == "model_not_found"
+        assert post(base, {"model": MODEL, "messages": messages, "max_tokens": 1}).status_code == 200
+        assert _error(post(base, {"model": 4, "messages": messages}), 400)["param"] == "model"
+
+
+def test_fields_that_change_the_answer_and_are_not_supported_get_400(served, client):
+    base, _ = served
+    good = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
+    tool = {"type": "function", "function": {"name": "lookup", "parameters": {"type": "object", "properties": {}}}}
+    refused = {"tools": [tool], "tool_choice": "auto", "functions": [tool["function"]], "function_call": "auto",
+               "n": 2, "logprobs": True, "top_logprobs": 2, "logit_bias": {"15": 100}, "modalities": ["text", "audio"],
+               "audio": {"voice": "alloy", "format": "wav"}}  # fmt: skip
+    for name, value in refused.items():
+        error = _error(post(base, {**good, name: value}), 400)
+        assert error == {**error, "type": "invalid_request_error", "code": "unsupported_parameter", "param": name}
+        assert name in error["message"]
+    bad_format = _error(post(base, {**good, "response_format": {"type": "xml"}}), 400)
+    assert "'text', 'json_object', 'json_schema' or 'gbnf'" in bad_format["message"]
+    # what clients send by default, meaning "none of that", is fine
+    defaults = {"tools": [], "tool_choice": "none", "n": 1, "logprobs": False, "top_logprobs": 0, "logit_bias": {},
+                "modalities": ["text"], "response_format": {"type": "text"}, "parallel_tool_calls": True}  # fmt: skip
+    assert post(base, {**good, **defaults}).status_code == 200
+    with pytest.raises(openai.BadRequestError, match="tool calling is not supported"):
+        client.chat.completions.create(model=MODEL, messages=good["messages"], tools=[tool])
+
+
+def test_max_tokens_beyond_the_context_is_handled_alike_with_and_without_images(served):
+    """Accepted both ways (the answer ends when the context is full); errors name the API's own fields."""
+    base, _ = served
+    one_token = {"type": "gbnf", "grammar": 'root ::= "a"'}  # ends the answer at once: no 2000-token decode here
+    text = [{"role": "user", "content": "Hi"}]
+    for messages in (text, ask(png_data_url(frame(31)))):
+        reply = post(base, {"model": MODEL, "messages": messages, "max_tokens": 100_000, "response_format": one_token})
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["choices"][0]["message"]["content"] == "a"
+    timings = reply.json()["timings"]
+    assert timings["n_image_tokens"] == 4  # the image at its fewest tokens: the rest of the context is the answer's
+    for field in ("max_tokens", "max_completion_tokens"):
+        error = _error(post(base, {"model": MODEL, "messages": text, field: 0}), 400)
+        assert error["param"] == field and f"'{field}' must be an integer >= 1" in error["message"]
+    too_long = _error(post(base, {"model": MODEL, "messages": ask(png_data_url(frame(31)), "Describe it. " * 700)}), 400)
+    assert too_long["code"] == "context_length_exceeded" and "max_new_tokens" not in too_long["message"]

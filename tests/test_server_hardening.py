@@ -120,7 +120,7 @@ def test_deep_or_huge_json_schemas_are_refused(serve):
 def test_grammars_given_to_the_python_api_are_bounded_too(vlm):
     deep = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000  # killed the process when llama.cpp parsed it
     with pytest.raises(GrammarError, match="20000 deep"):
-        list(vlm.generate("Hi", max_new_tokens=2, grammar=deep))
+        list(vlm.generate("Hi", max_tokens=2, grammar=deep))
 
 
 # -- row 3: stop strings ---------------------------------------------------------------------------------------------

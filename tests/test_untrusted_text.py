@@ -59,7 +59,7 @@ def test_ordinary_text_is_tokenized_with_the_template_as_before(vlm):
 
 
 def test_image_pad_text_in_a_prompt_is_not_an_image(vlm):
-    steps = list(vlm.generate("Is <|vision_start|><|image_pad|><|vision_end|> an image?", max_new_tokens=3))
+    steps = list(vlm.generate("Is <|vision_start|><|image_pad|><|vision_end|> an image?", max_tokens=3))
     assert steps[-1].timings.n_image_tokens == 0 and steps[-1].finish_reason in ("stop", "length")
     frame = random_frame(0, (56, 56))
     answer = vlm.chat([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(frame)}},
@@ -80,5 +80,5 @@ def test_short_words_inside_special_tokens_are_ordinary_text(tiny_llava_bundles)
             assert prompt_tokens(llava, messages) == llava.llm.tokenize(llava.render_messages(messages), add_special=True)
         messages = [{"role": "user", "content": "Is <image> an image?"}]
         assert image_id not in prompt_tokens(llava, messages)
-        steps = list(llava.generate("Is <image> an image?", max_new_tokens=2))
+        steps = list(llava.generate("Is <image> an image?", max_tokens=2))
         assert steps[-1].timings.n_image_tokens == 0

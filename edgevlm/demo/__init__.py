@@ -63,7 +63,7 @@ def demo_bundle_path(quantization: str = "Q4_K_M", cache: Path | None = None) ->
 def ask(vlm, demo_scene: Scene, max_new_tokens: int = 8):
     """The bundle's greedy answer to the scene's question (stripped), and the last step's timings."""
     text, last = "", None
-    for step in vlm.generate(demo_scene.question, images=[demo_scene.image], max_new_tokens=max_new_tokens):
+    for step in vlm.generate(demo_scene.question, images=[demo_scene.image], max_tokens=max_new_tokens):
         text += step.text
         last = step
     return text.strip(), (last.timings if last is not None else None)

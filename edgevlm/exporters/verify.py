@@ -56,7 +56,7 @@ def compare_case(vlm, family: Family, loaded: Loaded, case: ParityCase, n_greedy
     reference = family.reference_logits(loaded, case.prompt, images)
     if ours.shape != reference.shape:
         raise ExportValidationError(f"{case.name}: bundle gives logits {ours.shape}, transformers {reference.shape}", float("inf"), 0.0)  # fmt: skip
-    greedy_ours = [s.token for s in vlm.generate(case.prompt, images, max_new_tokens=n_greedy) if s.finish_reason != "stop"]  # fmt: skip
+    greedy_ours = [s.token for s in vlm.generate(case.prompt, images, max_tokens=n_greedy) if s.finish_reason != "stop"]  # fmt: skip
     greedy_reference = family.reference_greedy(loaded, case.prompt, images, n_greedy)
     greedy_reference = [t for t in greedy_reference if not vlm.llm.is_end_of_generation(t)]
     same_prefix = next((i for i, (a, b) in enumerate(zip(greedy_ours, greedy_reference)) if a != b), min(len(greedy_ours), len(greedy_reference)))  # fmt: skip

@@ -244,9 +244,16 @@ def resolve_settings(
                            "without GPU support: all layers run on the CPU. Reinstall it with CUDA (see the README).")  # fmt: skip
             n_gpu_layers = 0
     n_ctx = overrides.n_ctx or llm.n_ctx
-    if bundle is not None:
-        n_ctx = min(n_ctx, bundle.manifest.llm.n_ctx_train)
+    if bundle is not None and n_ctx > bundle.manifest.llm.n_ctx_train:
+        n_ctx_train = bundle.manifest.llm.n_ctx_train
+        if overrides.n_ctx:  # the profile's context is a ceiling, clamped quietly; a number asked for is not
+            notes.adjust(f"n_ctx={overrides.n_ctx} is more than this model was trained for: using its n_ctx_train, "
+                         f"{n_ctx_train}")  # fmt: skip
+        n_ctx = n_ctx_train
     threads = overrides.n_threads
+    if threads is not None and threads > host.logical_cpus:
+        notes.adjust(f"n_threads={threads} is more than the {host.logical_cpus} CPUs this process may use: the threads "
+                     "will take turns on them, which is slower than one thread per core; used as asked")  # fmt: skip
     llama = LlamaSettings(
         n_ctx=n_ctx, n_batch=llm.n_batch, n_ubatch=llm.n_ubatch,
         n_threads=threads or _threads(llm.n_threads, host), n_threads_batch=threads or _threads(llm.n_threads_batch, host),

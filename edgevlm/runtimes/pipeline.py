@@ -7,12 +7,13 @@ import logging
 import os
 import threading
 import time
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from ..budget import BudgetLimits, BudgetPlan, ImageRequest, ResolvedLimits
+from ..budget import BudgetLimits, BudgetPlan, ImageRequest, ResolvedLimits, model_token_range
 from ..bundle import Bundle
 from ..chat import (  # fmt: skip
     ImagePolicy,
@@ -25,7 +26,7 @@ from ..chat import (  # fmt: skip
     stop_at,
 )
 from ..errors import BundleError, ContextOverflowError, ModelClosedError, ProfileError
-from ..images import CheckedImages, ImageLimits, check_images
+from ..images import CheckedImages, ImageLimits, ImageSource, as_image_list, check_images, in_color_order
 from ..planner import Planner
 from ..profiles import Overrides, Profile, resolve_settings
 from ..profiles.host import cores_taken_by_others
@@ -36,10 +37,12 @@ from .prefill import Prefill
 from .prompt import PromptRenderer, Segment, SpecialTokens, joined
 from .spans import CropArg, Span, image_requests, prepare_spans
 from .token_embeddings import open_token_embeddings
-from .turns import Turns
+from .turns import StopSignal, Turns
 from .vision import VisionEncoder
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_TOKENS = 256  # the answer's cap when a call gives none
 
 # Vision embeddings kept for repeated images: a 448x448 frame of a 2B model is 1.5 MB, so about 40 frames.
 EMBEDDING_CACHE_BYTES = 64 * 2**20
@@ -153,23 +156,25 @@ class EdgeVLM:
     def plan(
         self,
         prompt: str,
-        images: Sequence[Any] = (),
+        images: ImageSource | Sequence[ImageSource] = (),
         *,
-        max_new_tokens: int = 256,
+        max_tokens: int | None = None,
         max_image_tokens: int | None = None,
         min_image_tokens: int | None = None,
         image_budget: int | None = None,
         crop: CropArg = None,
         tiles: int | None = None,
         image_limits: ImageLimits | None = None,
+        max_new_tokens: int | None = None,
     ) -> BudgetPlan:
         """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding);
         images above the pixel caps are refused as `generate` refuses them."""
-        requests = image_requests(list(check_images(images, image_limits).sizes), crop, tiles)
+        max_tokens = _max_tokens(max_tokens, max_new_tokens, "plan")
+        requests = image_requests(list(check_images(as_image_list(images), image_limits).sizes), crop, tiles)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        return self._plan(lambda n: self._prompt_segments(prompt, n), requests, max_new_tokens, request_limits)[0]
+        return self._plan(lambda n: self._prompt_segments(prompt, n), requests, max_tokens, request_limits)[0]
 
-    def _plan(self, render: Callable[[int], list[Segment]], requests: list[ImageRequest], max_new_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
+    def _plan(self, render: Callable[[int], list[Segment]], requests: list[ImageRequest], max_tokens: int, request_limits: BudgetLimits) -> tuple[BudgetPlan, list[list[int]]]:  # fmt: skip
         """Plan the image spans; `render(n_spans)` gives the prompt with one image placeholder per span."""
         n_spans = self.planner.count_spans(requests)
         with self._using():
@@ -177,23 +182,40 @@ class EdgeVLM:
         if len(pieces) - 1 != n_spans:
             raise ValueError(f"the prompt has {len(pieces) - 1} image placeholders but {n_spans} image spans were planned "
                              f"(is {self.manifest.tokens.image_pad} in the prompt text?)")  # fmt: skip
-        plan = self.planner.plan(requests, request_limits, n_prompt_tokens=sum(map(len, pieces)), max_new_tokens=max_new_tokens)  # fmt: skip
+        n_text = sum(map(len, pieces))
+        reserve = self._answer_room(requests, request_limits, n_text, max_tokens)
+        plan = self.planner.plan(requests, request_limits, n_prompt_tokens=n_text, max_new_tokens=reserve)
         return plan, pieces
 
-    def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int,
+    def _answer_room(self, requests: list[ImageRequest], request_limits: BudgetLimits, n_text: int, max_tokens: int) -> int:  # fmt: skip
+        """The tokens kept free for the answer while images are planned: `max_tokens`, or less when the context
+        cannot hold it beside the prompt and every image at its fewest tokens. `max_tokens` caps the answer, as
+        with text alone: a request asking for more than the context holds is answered until the context is full
+        (finish_reason "length"), with images planned at their smallest, instead of refused."""
+        if not requests:
+            return max_tokens
+        low = max(self.planner.limits(request_limits).min_image_tokens or 0, model_token_range(self.preprocessing)[0])
+        room = self.llm.n_ctx - n_text - self.planner.count_spans(requests) * low
+        if max_tokens > room >= 1:
+            logger.info("max_tokens=%d does not fit beside the prompt and images in the context of %d: the answer "
+                        "may take %d tokens", max_tokens, self.llm.n_ctx, room)  # fmt: skip
+            return room
+        return max_tokens
+
+    def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_tokens: int,
                  request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> list[Span]:  # fmt: skip
         """Plan the image spans from the checked sizes, then cut them from the images exactly as planned."""
         requests = image_requests(list(images.sizes), crop, tiles)
-        plan, pieces = self._plan(render, requests, max_new_tokens, request_limits)
+        plan, pieces = self._plan(render, requests, max_tokens, request_limits)
         return prepare_spans(pieces, images, plan, self.preprocessing, self.vision_dtype)
 
     # -- generation -----------------------------------------------------------------------------------------------
     def generate(
         self,
         prompt: str,
-        images: Sequence[Any] = (),
+        images: ImageSource | Sequence[ImageSource] = (),
         *,
-        max_new_tokens: int = 256,
+        max_tokens: int | None = None,
         temperature: float = 0.0,
         top_k: int = 40,
         top_p: float = 0.95,
@@ -205,31 +227,43 @@ class EdgeVLM:
         tiles: int | None = None,
         grammar: str | None = None,
         cancel: threading.Event | None = None,
+        timeout: float | None = None,
         image_limits: ImageLimits | None = None,
+        color_order: str = "rgb",
+        max_new_tokens: int | None = None,
     ) -> Iterator[GenerationStep]:
-        """Stream the answer to `prompt` about `images` (paths, bytes, PIL images or HxWx3 uint8 arrays).
+        """Stream the answer to `prompt` about `images`: one image or a list of them, each a path, bytes, a PIL image
+        or an HxWx3 uint8 array (its channels in `color_order`: "rgb", the default, or "bgr" for OpenCV frames).
 
-        Token limits given here override the loaded ones for this call. `crop` (one `Crop` for every image, or one
-        per image) encodes only that region; `tiles` = K encodes each image as a low-resolution global view plus up
-        to K tiles, each its own image span (global view first, then tiles row by row). Images always leave room for
-        the prompt and `max_new_tokens` in the context; `plan` shows the spans without encoding anything.
+        `max_tokens` caps the answer (`max_new_tokens` is its deprecated old name). Token limits given here override
+        the loaded ones for this call. `crop` (one `Crop` for every image, or one per image) encodes only that
+        region; `tiles` = K encodes each image as a low-resolution global view plus up to K tiles, each its own image
+        span (global view first, then tiles row by row). Images leave room for the prompt and `max_tokens` in the
+        context (or, when the context cannot hold that many, take their fewest tokens and the answer the rest);
+        `plan` shows the spans without encoding anything.
         `grammar` (GBNF, rule `root`) restricts the answer; setting `cancel` (from any thread) ends the stream
-        before the next token with finish_reason "cancelled". Generations run one at a time (see `chat`).
+        before the next token with finish_reason "cancelled"; `timeout` seconds after the first step was asked for
+        (waiting for the model's turn included), it ends with finish_reason "timeout" (checked between prefill
+        pieces and between tokens). Generations run one at a time (see `chat`).
         `image_limits` caps decoded pixels per image and per call (default `ImageLimits()`: 50 and 100 megapixels),
         checked from the headers before the model's turn; images are decoded in it.
         """
-        checked = check_images(images, image_limits)
+        max_tokens = _max_tokens(max_tokens, max_new_tokens, "generate")
+        check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
+                       max_image_tokens=max_image_tokens, timeout=timeout)  # fmt: skip
+        sources = [in_color_order(image, color_order) for image in as_image_list(images)]
+        checked = check_images(sources, image_limits)
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
-        yield from self._stream(lambda n: self._prompt_segments(prompt, n), checked, max_new_tokens, sampling,
-                                request_limits, crop, tiles, cancel)  # fmt: skip
+        yield from self._stream(lambda n: self._prompt_segments(prompt, n), checked, max_tokens, sampling,
+                                request_limits, crop, tiles, StopSignal(cancel, timeout))  # fmt: skip
 
     def chat(
         self,
         messages: Sequence[Mapping[str, Any]],
         *,
         stream: bool = False,
-        max_tokens: int = 256,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
         temperature: float = 0.0,
         top_p: float = 0.95,
         top_k: int = 40,
@@ -237,21 +271,30 @@ class EdgeVLM:
         stop: str | Sequence[str] | None = None,
         response_format: Mapping[str, Any] | None = None,
         max_image_tokens: int | None = None,
+        min_image_tokens: int | None = None,
+        image_budget: int | None = None,
+        crop: CropArg = None,
+        tiles: int | None = None,
         cancel: threading.Event | None = None,
+        timeout: float | None = None,
         image_policy: ImagePolicy | None = None,
+        color_order: str = "rgb",
     ) -> ChatResult | Iterator[ChatChunk]:
         """Answer an OpenAI-style conversation: the whole `ChatResult`, or with `stream=True` an iterator of
         `ChatChunk`s (text pieces; the last one has finish_reason and complete timings).
 
         `messages`: dicts with `role` (system, user, assistant) and `content`, a string or a list of parts:
         {"type": "text", "text": …}, {"type": "image_url", "image_url": {"url": …}} with a `data:` URL, a file path
-        or a file:// URL, and {"type": "image", "image": …} with a path, bytes, a PIL image or an HxWx3 uint8 array.
+        or a file:// URL, and {"type": "image", "image": …} with a path, bytes, a PIL image or an HxWx3 uint8 array
+        (channels in the part's "color_order", else `color_order`: "rgb" or "bgr" for OpenCV frames).
         `image_policy` says where images may come from and how large they may be (default: any local regular file,
         no remote URL, `ImageLimits()`).
         `response_format`: {"type": "json_object"}, {"type": "json_schema", "json_schema": {"schema": …}} or
         {"type": "gbnf", "grammar": …} constrains the answer through a llama.cpp grammar. `stop` strings end the
         answer (they are not part of it). `cancel`, set from any thread, ends it before the next token
-        (finish_reason "cancelled").
+        (finish_reason "cancelled"); `timeout` seconds after this call it ends with finish_reason "timeout".
+        `max_tokens` and the image controls (`max_image_tokens`, `min_image_tokens`, `image_budget`, `crop`, `tiles`,
+        over every image of the conversation in order) are `generate`'s.
 
         Requests on one model run one at a time, in any thread; a follow-up that repeats the conversation so far
         decodes only what is new (the KV cache is reused up to the longest common prefix) and does not re-encode
@@ -259,32 +302,42 @@ class EdgeVLM:
         read against the pixel caps before it waits for the model, so a bad request fails at once
         (`edgevlm.EdgeVLMError`); images are decoded only in the model's turn, one at a time.
         """
+        stop_signal = StopSignal(cancel, timeout)  # the deadline runs from the call (image fetches included)
         check_sampling(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                       max_image_tokens=max_image_tokens)  # fmt: skip
-        template_messages, sources = parse_messages(messages)
+                       max_image_tokens=max_image_tokens, timeout=timeout)  # fmt: skip
+        template_messages, sources = parse_messages(messages, color_order=color_order)
         grammar = grammar_for(response_format)
         if grammar is not None:
             with self._using():
                 self.llm.check_grammar(grammar)
         stops = parse_stop(stop)
-        segments = self.prompts.segments(template_messages)
         policy = image_policy or ImagePolicy()  # images last: a remote one may take the fetch deadline
         images = check_images(resolve_images(sources, policy), policy.limits)  # headers only: decoding waits
+        spans_per_image = [self.planner.count_spans([r]) for r in image_requests(list(images.sizes), crop, tiles)]
+        segments = self.prompts.segments(_one_part_per_span(template_messages, spans_per_image))
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
-        steps = self._stream(lambda n: segments, images, max_tokens, sampling, BudgetLimits(max_image_tokens), None, None, cancel)  # fmt: skip
+        request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
+        steps = self._stream(lambda n: segments, images, max_tokens, sampling, request_limits, crop, tiles, stop_signal)  # fmt: skip
         chunks = stop_at(steps, stops)
         return chunks if stream else collect(chunks)
 
-    def _stream(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_new_tokens: int, sampling: SamplingParams,
+    def _stream(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_tokens: int, sampling: SamplingParams,
                 request_limits: BudgetLimits, crop: CropArg, tiles: int | None,
-                cancel: threading.Event | None) -> Iterator[GenerationStep]:  # fmt: skip
-        """Wait for the model, then prepare, encode, prefill and stream one request.
+                stop: StopSignal) -> Iterator[GenerationStep]:  # fmt: skip
+        """Wait for the model, then prepare, encode, prefill and stream one request; a step that ends it early says
+        "timeout" when `stop`'s deadline passed, else "cancelled".
 
         The turn is held from the model's turn until the stream ends or is closed (a consumer that stops early
         should close it; dropping the last reference does that in CPython).
         """
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        for step in self._steps(render, images, max_tokens, sampling, request_limits, crop, tiles, stop):
+            if step.finish_reason == "cancelled" and stop.timed_out:
+                step.finish_reason = "timeout"
+            yield step
+
+    def _steps(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_tokens: int, sampling: SamplingParams,
+               request_limits: BudgetLimits, crop: CropArg, tiles: int | None,
+               cancel: threading.Event) -> Iterator[GenerationStep]:  # fmt: skip
         t_queue = time.perf_counter()
         if not self.turns.take(cancel):
             self._check_open()
@@ -295,13 +348,13 @@ class EdgeVLM:
             t_begin = time.perf_counter()
             with self._using():
                 self._adapt_threads(timings)
-                spans = self._prepare(render, images, max_new_tokens, request_limits, crop, tiles)
+                spans = self._prepare(render, images, max_tokens, request_limits, crop, tiles)
                 timings.preprocess_ms = (time.perf_counter() - t_begin) * 1000
                 position = self._prefill_request(spans, sampling, timings, cancel)
             if position is None:
                 yield GenerationStep("", None, "cancelled", timings)
                 return
-            steps = decode(self.llm, self.prefill, position, max_new_tokens, timings, t_begin, cancel)
+            steps = decode(self.llm, self.prefill, position, max_tokens, timings, t_begin, cancel)
             while True:
                 with self._native:  # one token's native work at a time; close() frees the model between tokens
                     step = GenerationStep("", None, "cancelled", timings) if self._closed else next(steps)
@@ -322,12 +375,12 @@ class EdgeVLM:
     def _prefill_request(self, spans: list[Span], sampling: SamplingParams, timings: Timings,
                          cancel: threading.Event | None) -> int | None:  # fmt: skip
         """Check that the prompt fits, set the sampler and prefill: the next text position, or None when cancelled."""
-        timings.n_prompt_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
+        timings.n_text_tokens = sum(len(s.tokens) for s in spans if s.tokens is not None)
         timings.n_image_tokens = sum(s.image.n_tokens for s in spans if s.image is not None)
-        n_prompt = timings.n_prompt_tokens + timings.n_image_tokens
+        timings.n_prompt_tokens = n_prompt = timings.n_text_tokens + timings.n_image_tokens
         if n_prompt + 1 > self.llm.n_ctx:  # text only: the planner reserved room whenever there are images
             raise ContextOverflowError(
-                f"the prompt needs {n_prompt} tokens ({timings.n_prompt_tokens} text + {timings.n_image_tokens} "
+                f"the prompt needs {n_prompt} tokens ({timings.n_text_tokens} text + {timings.n_image_tokens} "
                 f"image) plus at least 1 to generate, but the context holds {self.llm.n_ctx}; shorten the prompt, "
                 "use fewer or smaller images, or load with a larger n_ctx."
             )
@@ -342,7 +395,7 @@ class EdgeVLM:
     def prompt_logits(self, prompt: str, images: Sequence[Any] = ()) -> np.ndarray:
         """Logits at every prompt position (text and image), shape (n_prompt, n_vocab): for parity checks."""
         with self._exclusive():
-            spans = self._prepare(lambda n: self._prompt_segments(prompt, n), check_images(images), 0, BudgetLimits(), None, None)  # fmt: skip
+            spans = self._prepare(lambda n: self._prompt_segments(prompt, n), check_images(as_image_list(images)), 0, BudgetLimits(), None, None)  # fmt: skip
             return self.prefill.prompt_logits(spans)
 
     # -- lifetime -------------------------------------------------------------------------------------------------
@@ -384,3 +437,23 @@ class EdgeVLM:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+
+def _max_tokens(max_tokens: int | None, max_new_tokens: int | None, method: str) -> int:
+    """`max_tokens` (None: `DEFAULT_MAX_TOKENS`), or the value of its deprecated old name `max_new_tokens` (with a
+    DeprecationWarning)."""
+    if max_new_tokens is None:
+        return DEFAULT_MAX_TOKENS if max_tokens is None else max_tokens
+    warnings.warn(f"{method}(max_new_tokens=...) is deprecated: use max_tokens=..., the name chat, the server and "
+                  "the CLI use", DeprecationWarning, stacklevel=3)  # fmt: skip
+    if max_tokens is not None:
+        raise TypeError(f"{method}() got max_tokens={max_tokens} and max_new_tokens={max_new_tokens}: give max_tokens only")  # fmt: skip
+    return max_new_tokens
+
+
+def _one_part_per_span(messages: list[dict[str, Any]], spans_per_image: list[int]) -> list[dict[str, Any]]:
+    """Template messages with each image part repeated once per image span it becomes (a tiled image is a global
+    view and its tiles, adjacent, as `generate` places them)."""
+    counts = iter(spans_per_image)
+    return [{**m, "content": [p for part in m["content"] for p in [part] * (next(counts) if part["type"] == "image" else 1)]}  # fmt: skip
+            for m in messages]

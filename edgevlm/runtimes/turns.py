@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 
 
@@ -53,3 +54,25 @@ class Turns:
         with self._changed:
             self._closed = True
             self._changed.notify_all()
+
+
+class StopSignal(threading.Event):
+    """When a generation stops early: its caller's `cancel` event is set, or `timeout` seconds have passed since this
+    signal was made. The runtime checks `is_set()` while waiting for its turn, between prefill pieces and between
+    tokens, as it checks a plain `threading.Event`; `timed_out` tells the two reasons apart."""
+
+    def __init__(self, cancel: threading.Event | None = None, timeout: float | None = None):
+        super().__init__()
+        self.cancel = cancel
+        self.ends = None if timeout is None else time.monotonic() + timeout
+
+    @property
+    def timed_out(self) -> bool:
+        return self.ends is not None and time.monotonic() >= self.ends and not self.cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        return super().is_set() or (self.cancel is not None and self.cancel.is_set())
+
+    def is_set(self) -> bool:
+        return self.cancelled or (self.ends is not None and time.monotonic() >= self.ends)

@@ -34,7 +34,7 @@ def test_cuda_profile_runs_vision_on_cuda_and_offloads_the_llm(tiny_bundles, cap
         offloaded = re.search(r"offloaded (\d+)/(\d+) layers to GPU", caplog.text)
         assert offloaded, "llama.cpp did not report offloading"
         assert int(offloaded.group(1)) == int(offloaded.group(2)) > 0
-        steps = list(vlm.generate("What is it?", images=[sample_image(224, 308)], max_new_tokens=4))
+        steps = list(vlm.generate("What is it?", images=[sample_image(224, 308)], max_tokens=4))
         assert steps[-1].finish_reason in ("stop", "length") and steps[-1].timings.n_image_tokens == 88
     finally:
         vlm.close()
