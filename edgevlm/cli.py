@@ -106,7 +106,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.stats and last is not None:
         t = last.timings
         print(
-            f"load {load_s:.2f} s | image tokens {t.n_image_tokens} | vision {t.vision_ms:.0f} ms | "
+            f"profile {t.profile} | vision {t.vision_dtype} | load {load_s:.2f} s | image tokens {t.n_image_tokens} | "
+            f"vision {t.vision_ms:.0f} ms | "
             f"prefill {t.prefill_ms:.0f} ms ({t.prefill_tokens_per_s:.1f} tok/s) | "
             f"first token {t.time_to_first_token_ms:.0f} ms | decode {t.decode_tokens_per_s:.1f} tok/s | "
             f"{t.n_generated} tokens, finish: {last.finish_reason}",

@@ -29,6 +29,8 @@ class Timings:
     n_text_with_images: int = 0  # prompt text tokens decoded in the same batch as an image's embeddings
     n_generated: int = 0
     n_threads: int = 0  # llama.cpp threads this request decoded with (fewer than the profile's when cores were busy)
+    profile: str = ""  # the hardware profile the model was loaded with
+    vision_dtype: str = ""  # the vision graph's precision that encoded the images (fp32, fp16, int8)
 
     @property
     def decode_tokens_per_s(self) -> float:

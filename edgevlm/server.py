@@ -151,9 +151,9 @@ def api_error_for(err: EdgeVLMError) -> ApiError:
     return ApiError(400, str(err))
 
 
-def timings_dict(timings: Timings) -> dict[str, float]:
+def timings_dict(timings: Timings) -> dict[str, float | str]:
     """edgevlm's timings and counters, as the `timings` field of responses."""
-    out: dict[str, float] = dataclasses.asdict(timings)
+    out: dict[str, float | str] = dataclasses.asdict(timings)
     out["prefill_tokens_per_s"] = timings.prefill_tokens_per_s
     out["decode_tokens_per_s"] = timings.decode_tokens_per_s
     return out

@@ -22,6 +22,7 @@ def test_run_prints_the_answer_and_stats(tiny_bundles, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "image tokens 154" in result.stderr  # 300x400 -> 308x392 -> grid 22x28 -> 11x14
     assert "decode" in result.stderr and "first token" in result.stderr
+    assert "profile cpu | vision int8 |" in result.stderr  # which profile and precision ran (the suite pins cpu)
 
 
 def test_run_errors_are_one_clear_line(tiny_bundles, tmp_path):
@@ -228,3 +229,12 @@ def test_run_system_message_reaches_the_model(tiny_bundles, photo):
     assert answer["usage"] == with_system.usage and answer["usage"]["prompt_tokens"] > without.usage["prompt_tokens"]
     refused = edgevlm("run", str(bundle), "--system", system, "--tiles", "2", "-p", "hi")
     assert refused.returncode == 2 and "--system does not combine with --crop or --tiles" in refused.stderr
+
+
+def test_a_missing_vision_precision_says_how_to_export_it(tiny_bundles):
+    from edgevlm.bundle import Bundle
+
+    bundle = tiny_bundles["Q4_K_M"]
+    missing = next(d for d in ("fp16", "int8", "fp32") if d not in Bundle.open(bundle).manifest.vision.variants)
+    result = edgevlm("run", str(bundle), "-p", "hi", "--vision-dtype", missing)
+    assert result.returncode == 2 and f"export the bundle again with `--vision-dtype {missing}`" in result.stderr

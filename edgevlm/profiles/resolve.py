@@ -61,7 +61,7 @@ class LlamaSettings:
     mlock: bool = False  # keep the weights in RAM (needs the memlock ulimit)
     # llama.cpp's extra CPU buffer types (repacked weights for the CPU's SIMD, AMX tiles). None: on, except on CPUs
     # with AMX: built by GCC 12, llama.cpp's AMX kernels segfault on multi-token batches; built with -fno-dse, they
-    # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (README, Known limits).
+    # run but compute wrong results once onnxruntime's int8 kernels (AMX too) have run (docs/limits.md).
     repack_weights: bool | None = None
     # Each request decodes with n_threads minus the tasks of other processes running when it starts (at least 1):
     # llama.cpp's threads wait for each other at every step, so one of them waiting for a busy core stalls all.
@@ -177,7 +177,7 @@ def _available_providers(profile: Profile, host: HostInfo, notes: _Notes) -> lis
         notes.fallback(
             f"profile {profile.name!r} asks for {', '.join(PROVIDER_NAMES[p] for p in missing)}, which this onnxruntime "
             f"lacks (it has {', '.join(host.onnxruntime_providers)}): the vision graph runs on {', '.join(PROVIDER_NAMES[p] for p in kept)}. "
-            "For a GPU install onnxruntime-gpu (Jetson: the JetPack wheel; see the README)."
+            "For a GPU install onnxruntime-gpu (Jetson: the JetPack wheel; see docs/profiles.md)."
         )  # fmt: skip
     return kept
 
@@ -241,7 +241,7 @@ def resolve_settings(
         n_gpu_layers = llm.n_gpu_layers
         if n_gpu_layers != 0 and not host.llama_gpu_offload:
             notes.fallback(f"profile {profile.name!r} offloads LLM layers to a GPU, but this llama-cpp-python was built "
-                           "without GPU support: all layers run on the CPU. Reinstall it with CUDA (see the README).")  # fmt: skip
+                           "without GPU support: all layers run on the CPU. Reinstall it with CUDA (see docs/profiles.md).")  # fmt: skip
             n_gpu_layers = 0
     n_ctx = overrides.n_ctx or llm.n_ctx
     if bundle is not None and n_ctx > bundle.manifest.llm.n_ctx_train:

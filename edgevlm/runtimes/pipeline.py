@@ -88,7 +88,8 @@ class EdgeVLM:
         planner = Planner.for_settings(manifest, self.settings, cli_limits)  # contradicting limits fail before loading
         if vision_dtype not in manifest.vision.variants:
             raise BundleError(f"bundle {bundle.path} has no {vision_dtype} vision graph; it has "
-                              f"{', '.join(sorted(manifest.vision.variants))}.")  # fmt: skip
+                              f"{', '.join(sorted(manifest.vision.variants))}. Load one of those, or export the bundle "
+                              f"again with `--vision-dtype {vision_dtype}` (repeat the flag to keep the others).")  # fmt: skip
         self.vision_dtype = vision_dtype
         self.vision = VisionEncoder(
             bundle.file(manifest.vision.variants[vision_dtype].file),
@@ -344,7 +345,8 @@ class EdgeVLM:
             yield GenerationStep("", None, "cancelled", Timings(queue_ms=(time.perf_counter() - t_queue) * 1000))
             return
         try:
-            timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000)
+            timings = Timings(queue_ms=(time.perf_counter() - t_queue) * 1000, profile=self.profile.name,
+                              vision_dtype=self.vision_dtype)  # fmt: skip
             t_begin = time.perf_counter()
             with self._using():
                 self._adapt_threads(timings)
