@@ -86,8 +86,8 @@ def export(
     architecture = _architecture(model_dir)
     family = family_for(architecture)
 
-    with stage(f"loading {source}"):
-        loaded = family.load(model_dir)
+    with stage(f"loading {source} (vision tower and projector; the language model is streamed)"):
+        loaded = family.load(model_dir, vision_only=True)
     budget = _bundle_budget(loaded.preprocessing, max_image_tokens)  # checked before the long export steps
     with BundleWriter(out_dir, force=force) as writer:
         with stage(f"exporting the vision encoder ({', '.join(vision_dtypes)})"):
@@ -127,8 +127,9 @@ def export(
             from ..llama_backend import deliver_interrupts
             from .verify import verify_bundle
 
+            del loaded  # the reference loads the whole model
             with stage("verifying the bundle against transformers"), deliver_interrupts():  # Ctrl-C in llama.cpp
-                report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, loaded)
+                report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, family.load(model_dir))
             manifest = dataclasses.replace(manifest, validation={**manifest.validation, "end_to_end": report})
         return writer.commit(manifest)
 

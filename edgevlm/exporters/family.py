@@ -30,6 +30,7 @@ class Loaded:
 
     model_dir: Path
     model: Any  # the transformers model in eval mode: vision tower (+ projector) fp32, language model as checkpointed
+    # (or on the meta device: `Family.load(..., vision_only=True)`)
     tokenizer: Any
     preprocessing: Preprocessing
     chat_template: str | None
@@ -49,8 +50,10 @@ class Family(Protocol):
         """Write a tiny random-weight model directory of this family to `out_dir`: what tests export and check."""
 
     @abstractmethod
-    def load(self, model_dir: Path) -> Loaded:
-        """Load a checkpoint for export; refuses one whose settings the bundle would not reproduce."""
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
+        """Load a checkpoint for export; refuses one whose settings the bundle would not reproduce. With
+        `vision_only`, only the vision tower and projector get weights (the language model stays on the meta device
+        and `export_llm` streams it from the shards): enough to export, not to run the reference."""
 
     @abstractmethod
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:

@@ -20,6 +20,7 @@ from ..contract.kinds.positions import MRope3D
 from ..contract.kinds.preprocessing import DynamicPatches
 from ..contract.manifest import TokenSpec, VisionSpec
 from ..images import load_image
+from .checkpoint import checkpoint_weights, load_model
 from .family import Family, Loaded, find_chat_template
 from .onnx_export import vision_variants
 from .qwen2vl_gguf import QWEN2VL_FORMAT, SPECIAL_TOKENS, QwenLLMFormat, special_token_ids, write_qwen2_vl_llm_gguf
@@ -33,18 +34,14 @@ class QwenVLFamily(Family):
 
     llm_format: QwenLLMFormat = QWEN2VL_FORMAT
 
-    def load(self, model_dir: Path) -> Loaded:
-        import torch
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         import transformers
         from transformers import AutoTokenizer
 
-        from .qwen_vit import find_visual
-
-        # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
-        # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
+        # The language model stays in the checkpoint's dtype (or unloaded) and is converted tensor by tensor while
+        # writing the GGUF; the vision tower is exported and validated in fp32.
         model_class = getattr(transformers, self.architectures[0])
-        model = model_class.from_pretrained(model_dir, dtype="auto").eval()
-        find_visual(model).to(torch.float32)
+        model = load_model(model_class, model_dir, ("model.visual",), vision_only=vision_only)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
@@ -91,7 +88,8 @@ class QwenVLFamily(Family):
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
-        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template, llm_format=self.llm_format)  # fmt: skip
+        weights = checkpoint_weights(loaded.model, loaded.model_dir)
+        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template, llm_format=self.llm_format, weights=weights)  # fmt: skip
 
     def tokens(self, loaded: Loaded) -> TokenSpec:
         special_token_ids(loaded.tokenizer)  # the tokenizer has the family's special tokens, or a clear error
@@ -108,7 +106,10 @@ class QwenVLFamily(Family):
 
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = loaded.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template  # fmt: skip
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=False,
+            chat_template=loaded.chat_template,  # fmt: skip
         )
         inputs: dict = {}
         if images:

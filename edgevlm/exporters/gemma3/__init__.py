@@ -23,12 +23,14 @@ from ...contract.kinds.preprocessing import FixedResize
 from ...contract.manifest import TokenSpec, VisionSpec
 from ...errors import UnsupportedModelError
 from ...images import load_image
+from ..checkpoint import checkpoint_weights, load_model
 from ..family import Family, Loaded, find_chat_template
 from ..onnx_export import vision_variants
 
 logger = logging.getLogger(__name__)
 
 SENTENCEPIECE_MODEL = "tokenizer.model"
+VISION_PARTS = ("model.vision_tower", "model.multi_modal_projector")  # what export runs in PyTorch
 PLACEHOLDER, BOI, EOI = "<start_of_image>", "<start_of_image>", "<end_of_image>"
 BILINEAR = 2  # PIL's (and transformers' PILImageResampling) number for BILINEAR
 PAN_AND_SCAN_KEYS = {"pan_and_scan_min_crop_size": "pan_and_scan_min_crop_size",
@@ -67,18 +69,15 @@ class Gemma3Family(Family):
     architectures = ("Gemma3ForConditionalGeneration",)
     aliases = MappingProxyType({"gemma-3-4b": "google/gemma-3-4b-it"})
 
-    def load(self, model_dir: Path) -> Loaded:
-        import torch
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
         from .llm import gemma3_hparams
 
         if not (model_dir / SENTENCEPIECE_MODEL).is_file():
             raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
-        model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
+        model = load_model(Gemma3ForConditionalGeneration, model_dir, VISION_PARTS, vision_only=vision_only)
         gemma3_hparams(model.config.text_config)  # refuses settings llama.cpp would compute differently, first
-        model.model.vision_tower.to(torch.float32)
-        model.model.multi_modal_projector.to(torch.float32)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
         preprocessing = preprocessing_from_config(config, model.config.vision_config, model.config.mm_tokens_per_image)
@@ -104,7 +103,7 @@ class Gemma3Family(Family):
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         from .llm import write_gemma3_llm_gguf
 
-        return write_gemma3_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
+        return write_gemma3_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template, weights=checkpoint_weights(loaded.model, loaded.model_dir))  # fmt: skip
 
     def tokens(self, loaded: Loaded) -> TokenSpec:
         config, tokenizer = loaded.model.config, loaded.tokenizer
