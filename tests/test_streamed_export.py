@@ -50,3 +50,21 @@ def test_a_checkpoint_without_safetensors_is_refused_by_name(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="model.safetensors"):
         Checkpoint(Path(tmp_path))
+
+
+def test_a_model_written_tensor_by_tensor_loads_whole_in_transformers(tmp_path):
+    """The 7B benchmark model's builder (never built with weights) writes shards transformers loads completely."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from edgevlm.exporters.qwen2_5_vl.synthetic import build_qwen2_5_vl
+    from edgevlm.exporters.qwen_synthetic import write_random_shards
+
+    model_dir = build_qwen2_5_vl(tmp_path / "model", streamed=True, dtype="bfloat16")
+    model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert model.dtype == torch.bfloat16 and len(list(model_dir.glob("model-*-of-*.safetensors"))) == 1
+    assert torch.all(model.model.language_model.norm.weight == 1) and model.lm_head.weight.float().std() > 0.04
+    with torch.device("meta"):
+        meta = Qwen2_5_VLForConditionalGeneration(model.config)
+    write_random_shards(meta, tmp_path, seed=0, init_std=0.05, dtype=torch.bfloat16, shard_bytes=2**20)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2  # shards split at shard_bytes

@@ -114,6 +114,19 @@ def load_model(model_class: Any, model_dir: Path, vision_parts: tuple[str, ...],
     return model.eval()
 
 
+def vision_release(model: Any, vision_parts: tuple[str, ...], *, vision_only: bool) -> Callable[[], None] | None:
+    """For a model loaded for export only (`vision_only`), what moves its vision parts to the meta device, freeing
+    their weights once the graphs are exported; None for a full load (the reference keeps its weights)."""
+    if not vision_only:
+        return None
+
+    def release() -> None:
+        for path in vision_parts:
+            model.get_submodule(path).to("meta")
+
+    return release
+
+
 def empty_model(model_class: Any, model_dir: Path) -> Any:
     """`model_class` built from `model_dir`'s config on the meta device (no weights allocated), in the dtype
     `from_pretrained(dtype="auto")` would give it, its embeddings tied as the config says."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -34,6 +34,8 @@ class Loaded:
     tokenizer: Any
     preprocessing: Preprocessing
     chat_template: str | None
+    # frees the vision tower's weights once its graphs are exported (loads for export only: `vision_only`)
+    release_vision: Callable[[], None] | None = None
 
 
 class Family(Protocol):
@@ -44,6 +46,7 @@ class Family(Protocol):
     name: str  # the manifest's `family`; tests/test_<name>.py is the family's parity suite
     architectures: tuple[str, ...]  # config.json "architectures" entries the family exports
     aliases: Mapping[str, str]  # short names users type -> hub ids
+    vision_parts: tuple[str, ...]  # module paths export runs in PyTorch (tower, projector); the rest is the LLM
 
     @abstractmethod
     def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:

@@ -20,7 +20,7 @@ from ..contract.kinds.positions import MRope3D
 from ..contract.kinds.preprocessing import DynamicPatches
 from ..contract.manifest import TokenSpec, VisionSpec
 from ..images import load_image
-from .checkpoint import checkpoint_weights, load_model
+from .checkpoint import checkpoint_weights, load_model, vision_release
 from .family import Family, Loaded, find_chat_template
 from .onnx_export import vision_variants
 from .qwen2vl_gguf import QWEN2VL_FORMAT, SPECIAL_TOKENS, QwenLLMFormat, special_token_ids, write_qwen2_vl_llm_gguf
@@ -33,6 +33,7 @@ class QwenVLFamily(Family):
     transformers class that loads a checkpoint) and sizes its tower."""
 
     llm_format: QwenLLMFormat = QWEN2VL_FORMAT
+    vision_parts = ("model.visual",)  # the tower and its merger
 
     def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         import transformers
@@ -41,7 +42,7 @@ class QwenVLFamily(Family):
         # The language model stays in the checkpoint's dtype (or unloaded) and is converted tensor by tensor while
         # writing the GGUF; the vision tower is exported and validated in fp32.
         model_class = getattr(transformers, self.architectures[0])
-        model = load_model(model_class, model_dir, ("model.visual",), vision_only=vision_only)
+        model = load_model(model_class, model_dir, self.vision_parts, vision_only=vision_only)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
@@ -51,6 +52,7 @@ class QwenVLFamily(Family):
             tokenizer=tokenizer,
             preprocessing=DynamicPatches.from_preprocessor_config(config),
             chat_template=find_chat_template(tokenizer, model_dir),
+            release_vision=vision_release(model, self.vision_parts, vision_only=vision_only),
         )
 
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
@@ -59,7 +61,7 @@ class QwenVLFamily(Family):
         vision_config = loaded.model.config.vision_config
         grids = self.validation_grids(vision_config)
         wrapper = self.vision_wrapper()
-        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids, wrapper=wrapper)
+        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids, wrapper=wrapper, release_torch=loaded.release_vision)  # fmt: skip
         # DeepStack (Qwen3-VL): each image row also carries one feature set per tapped tower layer
         deepstack_layers = len(getattr(vision_config, "deepstack_visual_indexes", None) or ())
         return VisionSpec(

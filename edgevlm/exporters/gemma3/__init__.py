@@ -23,14 +23,13 @@ from ...contract.kinds.preprocessing import FixedResize
 from ...contract.manifest import TokenSpec, VisionSpec
 from ...errors import UnsupportedModelError
 from ...images import load_image
-from ..checkpoint import checkpoint_weights, load_model
+from ..checkpoint import checkpoint_weights, load_model, vision_release
 from ..family import Family, Loaded, find_chat_template
 from ..onnx_export import vision_variants
 
 logger = logging.getLogger(__name__)
 
 SENTENCEPIECE_MODEL = "tokenizer.model"
-VISION_PARTS = ("model.vision_tower", "model.multi_modal_projector")  # what export runs in PyTorch
 PLACEHOLDER, BOI, EOI = "<start_of_image>", "<start_of_image>", "<end_of_image>"
 BILINEAR = 2  # PIL's (and transformers' PILImageResampling) number for BILINEAR
 PAN_AND_SCAN_KEYS = {"pan_and_scan_min_crop_size": "pan_and_scan_min_crop_size",
@@ -68,6 +67,7 @@ class Gemma3Family(Family):
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     aliases = MappingProxyType({"gemma-3-4b": "google/gemma-3-4b-it"})
+    vision_parts = ("model.vision_tower", "model.multi_modal_projector")
 
     def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
@@ -76,18 +76,19 @@ class Gemma3Family(Family):
 
         if not (model_dir / SENTENCEPIECE_MODEL).is_file():
             raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
-        model = load_model(Gemma3ForConditionalGeneration, model_dir, VISION_PARTS, vision_only=vision_only)
+        model = load_model(Gemma3ForConditionalGeneration, model_dir, self.vision_parts, vision_only=vision_only)
         gemma3_hparams(model.config.text_config)  # refuses settings llama.cpp would compute differently, first
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
         preprocessing = preprocessing_from_config(config, model.config.vision_config, model.config.mm_tokens_per_image)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
+        release = vision_release(model, self.vision_parts, vision_only=vision_only)
+        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir), release)
 
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
         from .vision import export_gemma3_vision
 
-        report = export_gemma3_vision(loaded.model, out_dir, dtypes=dtypes)
+        report = export_gemma3_vision(loaded.model, out_dir, dtypes=dtypes, release_torch=loaded.release_vision)
         vision_config = loaded.model.config.vision_config
         return VisionSpec(
             variants=vision_variants(report),
