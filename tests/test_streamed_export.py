@@ -63,8 +63,49 @@ def test_a_model_written_tensor_by_tensor_loads_whole_in_transformers(tmp_path):
     model, info = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert model.dtype == torch.bfloat16 and len(list(model_dir.glob("model-*-of-*.safetensors"))) == 1
+    assert model.config.architectures == ["Qwen2_5_VLForConditionalGeneration"]  # what export picks the family by
     assert torch.all(model.model.language_model.norm.weight == 1) and model.lm_head.weight.float().std() > 0.04
     with torch.device("meta"):
         meta = Qwen2_5_VLForConditionalGeneration(model.config)
     write_random_shards(meta, tmp_path, seed=0, init_std=0.05, dtype=torch.bfloat16, shard_bytes=2**20)
     assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 2  # shards split at shard_bytes
+
+
+def test_dry_run_prints_the_plan_without_loading_or_writing(tiny, tmp_path):
+    import subprocess
+    import sys
+
+    family, model_dir = tiny
+    out = tmp_path / "bundle"
+    flags = ["-o", str(out), "--vision-dtype", "fp32", "--vision-dtype", "int8", "--dry-run"]
+    command = [sys.executable, "-m", "edgevlm.cli", "export", str(model_dir), *flags]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert run.returncode == 0, run.stderr
+    for expected in ("vision.onnx", "vision-int8.onnx", "llm-Q4_K_M.gguf", "memory at the peak", "disk at the peak", family.name):  # fmt: skip
+        assert expected in run.stdout
+    assert not out.exists()
+
+
+def test_export_refuses_a_disk_too_small_before_loading(tiny, tmp_path, monkeypatch):
+    from edgevlm.exporters import bundle_export
+    from edgevlm.exporters.estimate import HostResources, InsufficientResourcesError
+
+    family, model_dir = tiny
+    monkeypatch.setattr(bundle_export, "host_resources", lambda out_dir: HostResources(disk_free=10**6, memory_available=None))  # fmt: skip
+    monkeypatch.setattr(type(family), "load", lambda *a, **k: pytest.fail("loaded the model before checking the disk"))  # fmt: skip
+    with pytest.raises(InsufficientResourcesError, match=r"needs about .* GB on the disk .* 0\.0 GB is free"):
+        bundle_export.export(str(model_dir), tmp_path / "bundle")
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_estimate_matches_the_checkpoint_sizes(tiny):
+    """The estimate counts parameters from the config alone: the same counts as the checkpoint's tensors."""
+    from edgevlm.exporters.checkpoint import Checkpoint
+    from edgevlm.exporters.estimate import estimate_export
+
+    family, model_dir = tiny
+    estimate = estimate_export(family, model_dir, "F16", ("fp32",))
+    checkpoint = Checkpoint(model_dir)
+    stored = sum(checkpoint.tensor(name).numel() for name in checkpoint.files)
+    assert estimate.n_vision_params + estimate.n_llm_params == stored
+    assert estimate.files["llm-F16.gguf"] == 2 * estimate.n_llm_params and estimate.disk_peak >= sum(estimate.files.values())  # fmt: skip

@@ -351,7 +351,7 @@ def export_vision_variants(
             if dtype == "fp16":
                 convert_fp16(fp32_path, path)
             else:
-                quantize_int8(fused_path, path)
+                in_child_process(quantize_int8, fused_path, path)
                 remove_onnx(fused_path)
             release_memory()
             report[dtype] = _variant_report(path, fp32_path, input_sets, VARIANT_COSINE_FLOORS[dtype])
@@ -374,6 +374,17 @@ def _variant_report(path: Path, fp32_path: Path, input_sets: Sequence[tuple], co
     }
     logger.info("%s: %s", path.name, report)
     return report
+
+
+def in_child_process(function: Callable, *args: object) -> object:
+    """`function(*args)` in a fresh Python process (its exceptions re-raised here): onnxruntime's quantizer holds
+    several copies of the graph at once (5 GB for a 1.6 GB tower), which then leave with the process instead of
+    adding to the export's own peak."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
 
 
 def release_memory() -> None:
@@ -415,6 +426,7 @@ __all__ = [
     "convert_fp16",
     "export_onnx",
     "export_vision_variants",
+    "in_child_process",
     "onnx_data_path",
     "onnx_file_bytes",
     "quantize_int8",

@@ -157,6 +157,7 @@ def write_model_dir(
         with torch.device("meta"):
             model = model_class(config)
         config.dtype = getattr(torch, dtype)
+        config.architectures = [model_class.__name__]  # what save_pretrained of the model would record
         config.save_pretrained(out_dir)
         write_random_shards(model, out_dir, seed=seed, init_std=init_std, dtype=getattr(torch, dtype))
     else:
