@@ -88,7 +88,7 @@ def plan_export(
     max_image_tokens: int | None = None,
 ) -> ExportPlan:
     """Check the arguments and estimate the export (`edgevlm export --dry-run`): what it will write, its peak memory
-    and disk, and the host's; from the config and the checkpoint's headers only."""
+    and disk, and the host's; from the config alone (the model is built on the meta device)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     bad = [d for d in vision_dtypes if d not in VISION_DTYPES]
