@@ -20,6 +20,7 @@ from ..progress import stage
 from .discovery import PACKAGED_MODELS, aliases, family_for
 from .estimate import ExportEstimate, HostResources, check_disk, estimate_export, host_resources, shortfalls
 from .gguf import quantize_gguf
+from .onnx_export import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ def export(
             staging = writer.path("llm-F16.gguf.staging")
             with stage("writing the language model as F16 GGUF"):
                 llm_info = family.export_llm(loaded, staging, "f16")
+            release_memory()  # the converted tensors' heap, while llama.cpp's quantizer runs beside this process
             with stage(f"quantizing the language model to {quantization} (llama.cpp)"):
                 quantize_gguf(staging, writer.path(llm_file), quantization)
             staging.unlink()

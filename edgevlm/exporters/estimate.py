@@ -1,9 +1,10 @@
 """What an export will write and need, estimated from the config and the checkpoint's headers before any weight loads:
 `edgevlm export --dry-run` prints it, and `export` refuses to start without the disk space.
 
-The figures are calibrated on Qwen3-VL-2B and Qwen2.5-VL-7B shapes exported on a 2-core host (see the README's
-Export section): memory is what the export process holds at its peak (the vision stage: the tower in fp32 and the
-graph the ONNX exporter builds from it); the language model is streamed, so only its largest tensor adds.
+The figures are calibrated on Qwen3-VL-2B and Qwen2.5-VL-7B shapes exported on a 2-core host: memory is the peak
+of the largest process (the export's own or onnxruntime's int8 quantizer in its child process), about three copies
+of the fp32 tower (the tower and onnxruntime's session while validating, the quantizer's graph copies) or of the
+largest language-model tensor in float32 (read, converted, written), over what Python and the libraries hold.
 """
 
 from __future__ import annotations
@@ -21,10 +22,11 @@ from .onnx_export import VISION_FILES
 GGUF_BYTES_PER_WEIGHT = {"F32": 4.0, "F16": 2.0, "Q8_0": 34 / 32, "Q4_K_M": 0.65}
 # Bytes per vision weight of each graph: int8 keeps convolutions, norms and biases in float.
 ONNX_BYTES_PER_WEIGHT = {"fp32": 4.0, "fp16": 2.0, "int8": 1.05}
-# Peak memory of the vision stage per fp32 vision weight byte (the tower, the exported program and onnxruntime's
-# validation session), and what Python, torch and onnxruntime take before any weight.
-VISION_STAGE_FACTOR = 2.6
-BASE_BYTES = int(0.8 * 2**30)
+# Copies of the fp32 tower, or of the largest LLM tensor in fp32, a process holds at its peak (measured: 2B tower
+# 3.72 GiB validating = 0.46 + 2 x 1.63 GB; 7B int8 quantizer ~8.5 GB for a 2.71 GB tower; 7B GGUF writing
+# 8.56 GiB with 2.18 GB token embeddings), and what Python, torch and onnxruntime hold besides.
+COPIES_AT_PEAK = 3
+BASE_BYTES = 2**30
 
 
 class InsufficientResourcesError(EdgeVLMError):
@@ -78,7 +80,7 @@ def estimate_export(family: Any, model_dir: Path, quantization: str, vision_dtyp
         n_llm_params=n_llm,
         files=files,
         disk_peak=max(vision_stage, vision_files + staging + files[llm_file]),
-        memory_peak=BASE_BYTES + int(VISION_STAGE_FACTOR * 4 * n_vision) + 3 * 4 * largest,
+        memory_peak=BASE_BYTES + COPIES_AT_PEAK * 4 * max(n_vision, largest),
         largest_llm_tensor=4 * largest,
     )
 
