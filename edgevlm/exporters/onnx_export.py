@@ -214,8 +214,9 @@ def check_agreement(agreement: OnnxAgreement, cosine_floor: float, what: str) ->
         raise CosineValidationError(what, agreement.mean_cosine, cosine_floor, agreement.max_abs_diff)
 
 
-def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
+def quantize_int8(fp32_path: str | Path, out_path: str | Path, external_data: bool | None = None) -> None:
     """Dynamic int8 quantization of the weight MatMuls (per output channel); everything else stays float.
+    `external_data`: weights in `<out>.data` (default: when a quarter of the fp32 graph is over the threshold).
 
     Only MatMuls with a constant weight are quantized: attention's activation-by-activation MatMuls and the patch
     embedding on raw pixels stay float, which keeps the accuracy loss to the weights' rounding. Activations are
@@ -233,7 +234,7 @@ def quantize_int8(fp32_path: str | Path, out_path: str | Path) -> None:
             fp32_path, out_path, op_types_to_quantize=["MatMul"], per_channel=True,
             weight_type=quantization.QuantType.QInt8,
             # int8 weights are a quarter of fp32 ones; only a huge graph still needs external data.
-            use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES,
+            use_external_data_format=onnx_file_bytes(fp32_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES if external_data is None else external_data,
             extra_options={"MatMulConstBOnly": True}, nodes_to_exclude=float_matmuls,
         )  # fmt: skip
     logger.info("quantized %s -> %s (%.1f MB)", fp32_path, out_path, onnx_file_bytes(out_path) / 1e6)
@@ -355,7 +356,10 @@ def export_vision_variants(
             if dtype == "fp16":
                 convert_fp16(fp32_path, path)
             else:
-                in_child_process(quantize_int8, fused_path, path)
+                external = (
+                    onnx_file_bytes(fused_path) / 4 > EXTERNAL_DATA_THRESHOLD_BYTES
+                )  # decided here, not in the child
+                in_child_process(quantize_int8, fused_path, path, external)
                 remove_onnx(fused_path)
             release_memory()
             report[dtype] = _variant_report(path, fp32_path, input_sets, VARIANT_COSINE_FLOORS[dtype])
