@@ -1,11 +1,13 @@
-"""Build a random-weight model directory with a 2B model's published sizes (Qwen2-VL, Qwen3-VL), for benchmarks.
+"""Build a random-weight model directory with a published model's sizes (Qwen2-VL-2B, Qwen3-VL-2B, Qwen2.5-VL-7B).
 
     python benchmarks/make_2b.py /work/bench/qwen2-vl-2b-random
     python benchmarks/make_2b.py /work/bench/qwen3-vl-2b-random --model qwen3-vl-2b
+    python benchmarks/make_2b.py /work/bench/qwen2.5-vl-7b-random --model qwen2.5-vl-7b
 
 Weights are stored in bfloat16, as in the published checkpoint: the directory then has the real model's size on
 disk (~4.4 GB) and an export reads, and upcasts, what it would read from the real one. The builder initialises in
-float32 before casting, so building needs ~9 GB of RAM whichever dtype is stored.
+float32 before casting, so building needs ~9 GB of RAM whichever dtype is stored; the 7B is never built with
+weights: each tensor is drawn and written alone (~5 GB of RAM at most, for the token embeddings).
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ import sys
 import time
 from pathlib import Path
 
-# model -> (module, builder, shape) of the family's synthetic builder
+# model -> (module, builder, shape, keyword arguments naming module constants or values) of the family's builder
 MODELS = {
-    "qwen2-vl-2b": ("edgevlm.exporters.qwen2_vl.synthetic", "build_qwen2_vl", "QWEN2_VL_2B"),
-    "qwen3-vl-2b": ("edgevlm.exporters.qwen3_vl.synthetic", "build_qwen3_vl", "QWEN3_VL_2B"),
+    "qwen2-vl-2b": ("edgevlm.exporters.qwen2_vl.synthetic", "build_qwen2_vl", "QWEN2_VL_2B", {}),
+    "qwen3-vl-2b": ("edgevlm.exporters.qwen3_vl.synthetic", "build_qwen3_vl", "QWEN3_VL_2B", {}),
+    # 16.6 GB in bf16: written tensor by tensor, never built with weights. Weights of std 0.02 (the tiny model's 0.05
+    # grows activations through 32 tower blocks until fp32 rounding alone exceeds the graph's 1e-4 check: 1.05e-3)
+    "qwen2.5-vl-7b": (
+        "edgevlm.exporters.qwen2_5_vl.synthetic",
+        "build_qwen2_5_vl",
+        "QWEN2_5_VL_7B",
+        {"windows": "QWEN2_5_VL_WINDOWS", "streamed": True, "init_std": 0.02},
+    ),
 }
 
 
@@ -37,10 +47,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.output.exists() and (not args.output.is_dir() or any(args.output.iterdir())):
         parser.error(f"{args.output} exists and is not an empty directory; remove it or choose another path")
 
-    module, builder, shape = MODELS[args.model]
+    module, builder, shape, options = MODELS[args.model]
     synthetic = importlib.import_module(module)
+    kwargs = {k: getattr(synthetic, v) if isinstance(v, str) else v for k, v in options.items()}
     start = time.perf_counter()
-    getattr(synthetic, builder)(args.output, getattr(synthetic, shape), seed=args.seed, dtype="bfloat16")
+    getattr(synthetic, builder)(args.output, getattr(synthetic, shape), seed=args.seed, dtype="bfloat16", **kwargs)
     elapsed = time.perf_counter() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
     print(

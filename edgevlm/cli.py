@@ -47,6 +47,8 @@ def _export(args: argparse.Namespace) -> int:
     from .exporters import export
 
     quantization = next((q for flag, q in QUANT_FLAGS.items() if getattr(args, flag)), "Q4_K_M")
+    if args.dry_run:
+        return _export_dry_run(args, quantization)
     with _sigterm_interrupts():  # SIGINT raises KeyboardInterrupt already; either removes the partial bundle
         out = export(
             args.model,
@@ -59,6 +61,28 @@ def _export(args: argparse.Namespace) -> int:
         )
     print(f"bundle written to {out}")
     return 0
+
+
+def _export_dry_run(args: argparse.Namespace, quantization: str) -> int:
+    from .exporters.bundle_export import plan_export
+
+    plan = plan_export(
+        args.model, args.output, quantization=quantization, force=args.force, max_image_tokens=args.max_image_tokens,
+        vision_dtypes=_export_vision_dtypes(args.vision_dtype or [], args.profile or []),
+    )  # fmt: skip
+    estimate, host, gb, gib = plan.estimate, plan.host, 1e9, 2**30
+    print(f"{plan.source} ({plan.architecture}, family {plan.family_name}) -> {plan.out_dir}")
+    print(f"  vision tower + projector: {estimate.n_vision_params / 1e6:.0f}M parameters; language model: {estimate.n_llm_params / 1e6:.0f}M")  # fmt: skip
+    for name, size in estimate.files.items():
+        print(f"  {name:<24} ~{size / gb:7.2f} GB")
+    print(f"  disk at the peak (with staging files): ~{estimate.disk_peak / gb:.1f} GB; free: {host.disk_free / gb:.1f} GB")  # fmt: skip
+    available = "unknown" if host.memory_available is None else f"{host.memory_available / gib:.1f} GiB"
+    print(f"  memory at the peak: ~{estimate.memory_peak / gib:.1f} GiB; available now: {available}")
+    problems = plan.shortfalls()
+    for problem in problems:
+        print(f"  will not fit: {problem}")
+    print("  nothing was loaded or written (--dry-run)" if not problems else "  nothing was loaded or written")
+    return 1 if problems else 0
 
 
 def _export_vision_dtypes(flags: list[str], profile_names: list[str]) -> tuple[str, ...]:
@@ -567,6 +591,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vision graph precision; repeat to ship several (default: fp32)")  # fmt: skip
     p.add_argument("--force", action="store_true", help="replace a non-empty output directory")
     p.add_argument("--verify", action="store_true", help="compare the bundle's logits with transformers after export")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print what would be written and the estimated peak memory and disk, checked against this "
+                        "machine, without loading the model (exit status 1 if it would not fit)")  # fmt: skip
     p.add_argument("--max-image-tokens", type=POSITIVE, metavar="N",
                    help="the bundle's default cap of visual tokens per image (default: 1024)")  # fmt: skip
     p.add_argument("--profile", action="append", metavar="NAME|PATH",

@@ -338,7 +338,7 @@ def test_write_gguf_leaves_nothing_on_failure(tmp_path):
 
     passes = []
 
-    def tensors():  # fine for the header pass, fails while data is being written
+    def tensors(shapes_only: bool):  # fine for the header pass, fails while data is being written
         passes.append(1)
         yield "token_embd.weight", np.zeros((2, 4), np.float32)
         yield "output_norm.weight", np.zeros(4, np.float32)
@@ -357,7 +357,7 @@ def test_read_gguf_metadata_types(tmp_path):
     path = write_gguf(
         tmp_path / "x.gguf", arch="qwen2vl", tokenizer=tokenizer, dtype="f16",
         metadata={"x.u32": 7, "x.f32": 0.5, "x.flag": True, "x.name": "ü", "x.sections": [1, 2, 0, 0]},
-        tensors=lambda: iter([("token_embd.weight", np.ones((2, 4), np.float32)), ("n.weight", np.ones(4))]),
+        tensors=lambda _shapes_only: iter([("token_embd.weight", np.ones((2, 4), np.float32)), ("n.weight", np.ones(4))]),
     )  # fmt: skip
     md = read_gguf_metadata(path)
     values = (md["x.u32"], md["x.f32"], md["x.flag"], md["x.name"], md["x.sections"])

@@ -7,6 +7,7 @@ import importlib
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
@@ -17,7 +18,9 @@ from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..progress import stage
 from .discovery import PACKAGED_MODELS, aliases, family_for
+from .estimate import ExportEstimate, HostResources, check_disk, estimate_export, host_resources, shortfalls
 from .gguf import quantize_gguf
+from .onnx_export import release_memory
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +59,37 @@ def default_output(source: str, quantization: str) -> Path:
     return Path.cwd() / f"{Path(source).name.lower()}-{quantization}"
 
 
-def export(
+@dataclass(frozen=True)
+class ExportPlan:
+    """What an export will read and write, and whether the host can take it: known before any weight loads."""
+
+    model_dir: Path
+    source: str
+    revision: str | None
+    out_dir: Path
+    architecture: str
+    family_name: str
+    quantization: str
+    vision_dtypes: tuple[str, ...]
+    estimate: ExportEstimate
+    host: HostResources
+
+    def shortfalls(self) -> list[str]:
+        """What the host lacks, one sentence each; empty when the export fits."""
+        return shortfalls(self.estimate, self.host, self.out_dir)
+
+
+def plan_export(
     model: str,
     output: str | os.PathLike | None = None,
     *,
     quantization: str = "Q4_K_M",
     vision_dtypes: tuple[str, ...] = ("fp32",),
     force: bool = False,
-    verify: bool = False,
     max_image_tokens: int | None = None,
-) -> Path:
-    """Export `model` to a bundle directory and return its path. Arguments are checked before anything loads.
-
-    `max_image_tokens` is the bundle's default cap per image (its manifest `budget` section); None writes
-    `DEFAULT_MAX_IMAGE_TOKENS`, or the model's own maximum if that is lower.
-    """
+) -> ExportPlan:
+    """Check the arguments and estimate the export (`edgevlm export --dry-run`): what it will write, its peak memory
+    and disk, and the host's; from the config alone (the model is built on the meta device)."""
     if quantization not in QUANTIZATIONS:
         raise ValueError(f"quantization {quantization!r} is not one of {', '.join(QUANTIZATIONS)}")
     bad = [d for d in vision_dtypes if d not in VISION_DTYPES]
@@ -85,9 +104,35 @@ def export(
     check_output_dir(out_dir, force)
     architecture = _architecture(model_dir)
     family = family_for(architecture)
+    estimate = estimate_export(family, model_dir, quantization, vision_dtypes)
+    return ExportPlan(model_dir, source, revision, out_dir, architecture, family.name, quantization, vision_dtypes, estimate, host_resources(out_dir))  # fmt: skip
 
-    with stage(f"loading {source}"):
-        loaded = family.load(model_dir)
+
+def export(
+    model: str,
+    output: str | os.PathLike | None = None,
+    *,
+    quantization: str = "Q4_K_M",
+    vision_dtypes: tuple[str, ...] = ("fp32",),
+    force: bool = False,
+    verify: bool = False,
+    max_image_tokens: int | None = None,
+) -> Path:
+    """Export `model` to a bundle directory and return its path. Arguments, and the free disk space against the
+    export's estimate, are checked before anything loads.
+
+    `max_image_tokens` is the bundle's default cap per image (its manifest `budget` section); None writes
+    `DEFAULT_MAX_IMAGE_TOKENS`, or the model's own maximum if that is lower.
+    """
+    plan = plan_export(model, output, quantization=quantization, vision_dtypes=vision_dtypes, force=force, max_image_tokens=max_image_tokens)  # fmt: skip
+    check_disk(plan.estimate, plan.host, plan.out_dir)
+    for problem in plan.shortfalls():
+        logger.warning("%s", problem)
+    model_dir, source, revision, out_dir, architecture = plan.model_dir, plan.source, plan.revision, plan.out_dir, plan.architecture  # fmt: skip
+    family = family_for(architecture)
+
+    with stage(f"loading {source} (vision tower and projector; the language model is streamed)"):
+        loaded = family.load(model_dir, vision_only=True)
     budget = _bundle_budget(loaded.preprocessing, max_image_tokens)  # checked before the long export steps
     with BundleWriter(out_dir, force=force) as writer:
         with stage(f"exporting the vision encoder ({', '.join(vision_dtypes)})"):
@@ -100,6 +145,7 @@ def export(
             staging = writer.path("llm-F16.gguf.staging")
             with stage("writing the language model as F16 GGUF"):
                 llm_info = family.export_llm(loaded, staging, "f16")
+            release_memory()  # the converted tensors' heap, while llama.cpp's quantizer runs beside this process
             with stage(f"quantizing the language model to {quantization} (llama.cpp)"):
                 quantize_gguf(staging, writer.path(llm_file), quantization)
             staging.unlink()
@@ -127,8 +173,9 @@ def export(
             from ..llama_backend import deliver_interrupts
             from .verify import verify_bundle
 
+            del loaded  # the reference loads the whole model
             with stage("verifying the bundle against transformers"), deliver_interrupts():  # Ctrl-C in llama.cpp
-                report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, loaded)
+                report = verify_bundle(Bundle(writer.tmp_dir, manifest), family, family.load(model_dir))
             manifest = dataclasses.replace(manifest, validation={**manifest.validation, "end_to_end": report})
         return writer.commit(manifest)
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -30,9 +30,12 @@ class Loaded:
 
     model_dir: Path
     model: Any  # the transformers model in eval mode: vision tower (+ projector) fp32, language model as checkpointed
+    # (or on the meta device: `Family.load(..., vision_only=True)`)
     tokenizer: Any
     preprocessing: Preprocessing
     chat_template: str | None
+    # frees the vision tower's weights once its graphs are exported (loads for export only: `vision_only`)
+    release_vision: Callable[[], None] | None = None
 
 
 class Family(Protocol):
@@ -43,14 +46,17 @@ class Family(Protocol):
     name: str  # the manifest's `family`; tests/test_<name>.py is the family's parity suite
     architectures: tuple[str, ...]  # config.json "architectures" entries the family exports
     aliases: Mapping[str, str]  # short names users type -> hub ids
+    vision_parts: tuple[str, ...]  # module paths export runs in PyTorch (tower, projector); the rest is the LLM
 
     @abstractmethod
     def build_tiny(self, out_dir: str | Path, *, seed: int = 0) -> Path:
         """Write a tiny random-weight model directory of this family to `out_dir`: what tests export and check."""
 
     @abstractmethod
-    def load(self, model_dir: Path) -> Loaded:
-        """Load a checkpoint for export; refuses one whose settings the bundle would not reproduce."""
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
+        """Load a checkpoint for export; refuses one whose settings the bundle would not reproduce. With
+        `vision_only`, only the vision tower and projector get weights (the language model stays on the meta device
+        and `export_llm` streams it from the shards): enough to export, not to run the reference."""
 
     @abstractmethod
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:

@@ -26,10 +26,11 @@ from .quantize_process import run_quantizer
 
 logger = logging.getLogger(__name__)
 
-# A zero-argument callable returning a fresh iterator of (gguf_tensor_name, array). The writer walks it twice:
-# once for names, shapes and types (the header precedes the data), once for the data. Arrays should be views of
-# weights already in memory (`torch_tensor.numpy()`) or small per-tensor conversions, never a copy of the model.
-TensorSource = Callable[[], Iterable[tuple[str, np.ndarray]]]
+# A callable returning a fresh iterator of (gguf_tensor_name, array): a numpy array or a CPU torch tensor. The
+# writer walks it twice: with shapes_only=True for names and shapes (the header precedes the data; arrays may then be
+# meta tensors, nothing is read), then with False for the data, one tensor in memory at a time. Arrays should be
+# views of weights in memory or tensors read from the checkpoint one by one, never a copy of the model.
+TensorSource = Callable[[bool], Iterable[tuple[str, Any]]]
 
 # Output precisions of `write_gguf`, as (numpy dtype of 2-D+ tensors, general.file_type).
 WRITE_DTYPES = {"f32": (np.float32, 0), "f16": (np.float16, 1)}  # LlamaFileType.ALL_F32 / MOSTLY_F16
@@ -276,7 +277,7 @@ def write_gguf(
 
     # Pass 1: names, shapes and stored types only (the header comes before any data).
     plan: list[tuple[str, tuple[int, ...], type]] = []
-    for tensor_name, array in tensors():
+    for tensor_name, array in tensors(True):
         stored = np.float32 if array.ndim <= 1 else matrix_dtype
         plan.append((tensor_name, tuple(array.shape), stored))
     if not plan:
@@ -301,7 +302,7 @@ def write_gguf(
 
         # Pass 2: the data, one tensor in memory at a time.
         n_written = 0
-        for (tensor_name, array), (planned_name, shape, stored) in zip(tensors(), plan, strict=True):
+        for (tensor_name, array), (planned_name, shape, stored) in zip(tensors(False), plan, strict=True):
             if tensor_name != planned_name or tuple(array.shape) != shape:
                 raise ValueError(
                     f"the tensor source changed between passes: got {tensor_name} {tuple(array.shape)}, "

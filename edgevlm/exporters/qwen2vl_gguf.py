@@ -14,12 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.checkpoint import WeightSource, model_weights
 from edgevlm.exporters.family import find_chat_template
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
+    TensorSource,
     decoder_hparams,
     decoder_summary,
     decoder_tensor_name,
@@ -134,19 +134,21 @@ def special_token_ids(tokenizer: Any) -> dict[str, int]:
 
 def _tied(hf_model: Any) -> bool:
     output, embed = hf_model.get_output_embeddings(), hf_model.get_input_embeddings()
-    return output is None or output.weight is embed.weight or output.weight.data_ptr() == embed.weight.data_ptr()
+    if output is None or output.weight is embed.weight:
+        return True
+    return not output.weight.is_meta and output.weight.data_ptr() == embed.weight.data_ptr()  # meta: no storage
 
 
-def _tensor_source(hf_model: Any, tied: bool, llm_format: QwenLLMFormat) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:  # fmt: skip
+def _tensor_source(weights: WeightSource, tied: bool, llm_format: QwenLLMFormat) -> TensorSource:
     import torch
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for hf_name, tensor in hf_model.state_dict().items():
+    def tensors(shapes_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        for hf_name, tensor in weights(shapes_only):
             name = gguf_tensor_name(hf_name, llm_format.tensor_map, llm_format.arch)
             if name is None or (tied and name == "output.weight"):
                 continue
             # f32 weights give a view (no copy); bf16/f16 ones a per-tensor f32 copy, dropped after writing.
-            yield name, tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+            yield name, tensor.detach().to(dtype=torch.float32)
 
     return tensors
 
@@ -160,9 +162,13 @@ def write_qwen2_vl_llm_gguf(
     chat_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
     llm_format: QwenLLMFormat = QWEN2VL_FORMAT,
+    weights: WeightSource | None = None,
 ) -> dict[str, Any]:
     """Write the language model of a `Qwen2VLForConditionalGeneration` (or a successor's, by `llm_format`) as a
     `qwen2vl` (`llm_format.arch`) GGUF with its tokenizer.
+
+    `weights` are the model's tensors (default: its state_dict; `checkpoint.checkpoint_weights` streams them from
+    the shards of a model whose weights were never loaded).
 
     `chat_template` defaults to the tokenizer's or the model directory's. Returns the manifest's LLM section
     (JSON-able): arch, n_ctx_train, embedding_length, n_vocab, rope sections, special token ids.
@@ -191,7 +197,7 @@ def write_qwen2_vl_llm_gguf(
         out_path,
         arch=arch,
         metadata=hparams,
-        tensors=_tensor_source(hf_model, tied, llm_format),
+        tensors=_tensor_source(weights or model_weights(hf_model), tied, llm_format),
         tokenizer=gguf_tokenizer,
         dtype=dtype,
         name=Path(str(getattr(hf_model, "name_or_path", "") or "qwen2-vl")).name or "qwen2-vl",

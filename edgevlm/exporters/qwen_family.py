@@ -20,6 +20,7 @@ from ..contract.kinds.positions import MRope3D
 from ..contract.kinds.preprocessing import DynamicPatches
 from ..contract.manifest import TokenSpec, VisionSpec
 from ..images import load_image
+from .checkpoint import checkpoint_weights, load_model, vision_release
 from .family import Family, Loaded, find_chat_template
 from .onnx_export import vision_variants
 from .qwen2vl_gguf import QWEN2VL_FORMAT, SPECIAL_TOKENS, QwenLLMFormat, special_token_ids, write_qwen2_vl_llm_gguf
@@ -32,19 +33,16 @@ class QwenVLFamily(Family):
     transformers class that loads a checkpoint) and sizes its tower."""
 
     llm_format: QwenLLMFormat = QWEN2VL_FORMAT
+    vision_parts = ("model.visual",)  # the tower and its merger
 
-    def load(self, model_dir: Path) -> Loaded:
-        import torch
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         import transformers
         from transformers import AutoTokenizer
 
-        from .qwen_vit import find_visual
-
-        # The language model stays in the checkpoint's dtype (bf16 for published ones: half the memory of fp32) and
-        # is converted tensor by tensor while writing the GGUF; the vision tower is exported and validated in fp32.
+        # The language model stays in the checkpoint's dtype (or unloaded) and is converted tensor by tensor while
+        # writing the GGUF; the vision tower is exported and validated in fp32.
         model_class = getattr(transformers, self.architectures[0])
-        model = model_class.from_pretrained(model_dir, dtype="auto").eval()
-        find_visual(model).to(torch.float32)
+        model = load_model(model_class, model_dir, self.vision_parts, vision_only=vision_only)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
@@ -54,6 +52,7 @@ class QwenVLFamily(Family):
             tokenizer=tokenizer,
             preprocessing=DynamicPatches.from_preprocessor_config(config),
             chat_template=find_chat_template(tokenizer, model_dir),
+            release_vision=vision_release(model, self.vision_parts, vision_only=vision_only),
         )
 
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
@@ -62,7 +61,7 @@ class QwenVLFamily(Family):
         vision_config = loaded.model.config.vision_config
         grids = self.validation_grids(vision_config)
         wrapper = self.vision_wrapper()
-        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids, wrapper=wrapper)
+        report = export_qwen2_vl_vision(loaded.model, out_dir, dtypes=dtypes, grids=grids, wrapper=wrapper, release_torch=loaded.release_vision)  # fmt: skip
         # DeepStack (Qwen3-VL): each image row also carries one feature set per tapped tower layer
         deepstack_layers = len(getattr(vision_config, "deepstack_visual_indexes", None) or ())
         return VisionSpec(
@@ -91,7 +90,8 @@ class QwenVLFamily(Family):
         """The vision tower's sizes for `edgevlm plan`'s time and memory estimates (`VisionSpec` fields)."""
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
-        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template, llm_format=self.llm_format)  # fmt: skip
+        weights = checkpoint_weights(loaded.model, loaded.model_dir)
+        return write_qwen2_vl_llm_gguf(loaded.model, loaded.tokenizer, path, dtype=dtype, chat_template=loaded.chat_template, llm_format=self.llm_format, weights=weights)  # fmt: skip
 
     def tokens(self, loaded: Loaded) -> TokenSpec:
         special_token_ids(loaded.tokenizer)  # the tokenizer has the family's special tokens, or a clear error
@@ -108,7 +108,10 @@ class QwenVLFamily(Family):
 
         content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
         text = loaded.tokenizer.apply_chat_template(
-            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False, chat_template=loaded.chat_template  # fmt: skip
+            [{"role": "user", "content": content}],
+            add_generation_prompt=True,
+            tokenize=False,
+            chat_template=loaded.chat_template,  # fmt: skip
         )
         inputs: dict = {}
         if images:

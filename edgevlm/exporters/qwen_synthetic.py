@@ -140,10 +140,11 @@ def qwen2_text_config(shape: Qwen2VLShape) -> dict:
 
 def write_model_dir(
     out_dir: str | Path, model_class, config, tokenizer, *, seed: int, init_std: float, dtype: str, processor_kwargs: dict | None,
-    chat_template: str = QWEN2_VL_CHAT_TEMPLATE,
+    chat_template: str = QWEN2_VL_CHAT_TEMPLATE, streamed: bool = False,
 ) -> Path:  # fmt: skip
     """Save a `model_class(config)` with weights of standard deviation `init_std`, `tokenizer`, Qwen2-VL's image
-    processor (`processor_kwargs`) and `chat_template` to `out_dir`."""
+    processor (`processor_kwargs`) and `chat_template` to `out_dir`. `streamed` never builds the model with weights:
+    each tensor is drawn and written to the shards alone (`write_random_shards`), for models larger than memory."""
     import torch
     from transformers import Qwen2VLImageProcessorPil
 
@@ -152,9 +153,17 @@ def write_model_dir(
     config.vision_config.initializer_range = init_std
     config.initializer_range = init_std
     torch.manual_seed(seed)
-    with torch.device("cpu"):
-        model = model_class(config).to(getattr(torch, dtype)).eval()
-    model.save_pretrained(out_dir)
+    if streamed:
+        with torch.device("meta"):
+            model = model_class(config)
+        config.dtype = getattr(torch, dtype)
+        config.architectures = [model_class.__name__]  # what save_pretrained of the model would record
+        config.save_pretrained(out_dir)
+        write_random_shards(model, out_dir, seed=seed, init_std=init_std, dtype=getattr(torch, dtype))
+    else:
+        with torch.device("cpu"):
+            model = model_class(config).to(getattr(torch, dtype)).eval()
+        model.save_pretrained(out_dir)
     tokenizer.chat_template = chat_template
     tokenizer.save_pretrained(out_dir)
     # The image processor alone (the Qwen-VL families share Qwen2-VL's): the processors also want a video
@@ -163,3 +172,62 @@ def write_model_dir(
     (out_dir / "chat_template.jinja").write_text(chat_template)
     logger.info("wrote %s (%.1fM parameters)", out_dir, sum(p.numel() for p in model.parameters()) / 1e6)
     return out_dir
+
+
+SHARD_BYTES = 4 * 2**30
+_SAFETENSORS_DTYPE_NAMES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+
+
+def write_random_shards(model, out_dir: Path, *, seed: int, init_std: float, dtype, shard_bytes: int = SHARD_BYTES) -> None:  # fmt: skip
+    """Write random weights for `model` (on the meta device: names and shapes only) as safetensors shards of at most
+    `shard_bytes` plus their index, one tensor in memory at a time: norms' weights 1, biases 0, the rest drawn from
+    N(0, init_std) by a generator seeded with `seed` and the tensor's position."""
+    import json
+    import struct
+
+    import torch
+
+    named = [(f"{module_name}.{name}" if module_name else name, module, tensor)
+             for module_name, module in model.named_modules() for name, tensor in module.named_parameters(recurse=False)]  # fmt: skip
+    shards: list[list[tuple[str, object, object]]] = [[]]
+    size = 0
+    for entry in named:
+        nbytes = entry[2].numel() * dtype.itemsize
+        if shards[-1] and size + nbytes > shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(entry)
+        size += nbytes
+    weight_map, total, index = {}, 0, 0
+    for i, shard in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        header, offset = {"__metadata__": {"format": "pt"}}, 0
+        for key, _, tensor in shard:
+            nbytes = tensor.numel() * dtype.itemsize
+            header[key] = {"dtype": _SAFETENSORS_DTYPE_NAMES[str(dtype).removeprefix("torch.")], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}  # fmt: skip
+            offset += nbytes
+        encoded = json.dumps(header, separators=(",", ":")).encode()
+        encoded += b" " * (-len(encoded) % 8)  # data aligned to 8 bytes, as safetensors writes it
+        with open(out_dir / file, "wb") as f:
+            f.write(struct.pack("<Q", len(encoded)) + encoded)
+            for key, module, tensor in shard:
+                f.write(
+                    _random_tensor(module, key, tensor.shape, seed + index, init_std, dtype).view(torch.uint8).numpy()
+                )
+                weight_map[key] = file
+                index += 1
+        total += offset
+        logger.info("wrote %s (%.2f GB)", file, offset / 1e9)
+    index_file = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out_dir / "model.safetensors.index.json").write_text(json.dumps(index_file, indent=2) + "\n")
+
+
+def _random_tensor(module, key: str, shape, seed: int, init_std: float, dtype):
+    import torch
+
+    if "Norm" in type(module).__name__:
+        return (torch.ones if key.endswith("weight") else torch.zeros)(shape, dtype=dtype)
+    if key.endswith("bias"):
+        return torch.zeros(shape, dtype=dtype)
+    generator = torch.Generator().manual_seed(seed)
+    return torch.empty(shape, dtype=torch.float32).normal_(0.0, init_std, generator=generator).to(dtype)

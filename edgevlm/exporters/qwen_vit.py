@@ -247,6 +247,7 @@ def export_qwen2_vl_vision(
     dtypes: Sequence[str] = ("fp32",),
     grids: Sequence[tuple[int, int, int]] = DEFAULT_GRIDS,
     progress: Callable[[str], None] | None = None,
+    release_torch: Callable[[], None] | None = None,
     wrapper: type[Qwen2VLVisionForExport] = Qwen2VLVisionForExport,
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) to `out_dir`, validated.
@@ -261,7 +262,7 @@ def export_qwen2_vl_vision(
     return export_vision_variants(
         lambda fused: wrapper(visual, fused_attention=fused).eval(), VISION_EXPORT_SPEC,
         _HFVisionReference(visual), input_sets, out_dir, dtypes,
-        fp32_report={"grids": [list(grid) for grid in grids]}, progress=progress,
+        fp32_report={"grids": [list(grid) for grid in grids]}, progress=progress, release_torch=release_torch,
     )  # fmt: skip
 
 

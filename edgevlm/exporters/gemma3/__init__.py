@@ -23,6 +23,7 @@ from ...contract.kinds.preprocessing import FixedResize
 from ...contract.manifest import TokenSpec, VisionSpec
 from ...errors import UnsupportedModelError
 from ...images import load_image
+from ..checkpoint import checkpoint_weights, load_model, vision_release
 from ..family import Family, Loaded, find_chat_template
 from ..onnx_export import vision_variants
 
@@ -66,29 +67,28 @@ class Gemma3Family(Family):
     name = "gemma3"
     architectures = ("Gemma3ForConditionalGeneration",)
     aliases = MappingProxyType({"gemma-3-4b": "google/gemma-3-4b-it"})
+    vision_parts = ("model.vision_tower", "model.multi_modal_projector")
 
-    def load(self, model_dir: Path) -> Loaded:
-        import torch
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         from transformers import AutoTokenizer, Gemma3ForConditionalGeneration
 
         from .llm import gemma3_hparams
 
         if not (model_dir / SENTENCEPIECE_MODEL).is_file():
             raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
-        model = Gemma3ForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
+        model = load_model(Gemma3ForConditionalGeneration, model_dir, self.vision_parts, vision_only=vision_only)
         gemma3_hparams(model.config.text_config)  # refuses settings llama.cpp would compute differently, first
-        model.model.vision_tower.to(torch.float32)
-        model.model.multi_modal_projector.to(torch.float32)
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
         preprocessing = preprocessing_from_config(config, model.config.vision_config, model.config.mm_tokens_per_image)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
+        release = vision_release(model, self.vision_parts, vision_only=vision_only)
+        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir), release)
 
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
         from .vision import export_gemma3_vision
 
-        report = export_gemma3_vision(loaded.model, out_dir, dtypes=dtypes)
+        report = export_gemma3_vision(loaded.model, out_dir, dtypes=dtypes, release_torch=loaded.release_vision)
         vision_config = loaded.model.config.vision_config
         return VisionSpec(
             variants=vision_variants(report),
@@ -104,7 +104,7 @@ class Gemma3Family(Family):
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         from .llm import write_gemma3_llm_gguf
 
-        return write_gemma3_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
+        return write_gemma3_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template, weights=checkpoint_weights(loaded.model, loaded.model_dir))  # fmt: skip
 
     def tokens(self, loaded: Loaded) -> TokenSpec:
         config, tokenizer = loaded.model.config, loaded.tokenizer

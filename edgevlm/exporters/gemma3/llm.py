@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.checkpoint import WeightSource, model_weights
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
+    TensorSource,
     decoder_hparams,
     decoder_summary,
     decoder_tensor_name,
@@ -105,15 +105,15 @@ def _check_attention_scale(text_config: Any) -> None:
         )
 
 
-def _tensor_source(hf_model: Any) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:
+def _tensor_source(weights: WeightSource) -> TensorSource:
     import torch
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for hf_name, tensor in hf_model.state_dict().items():
+    def tensors(shapes_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        for hf_name, tensor in weights(shapes_only):
             name = gguf_tensor_name(hf_name)
             if name is None:
                 continue
-            array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+            array = tensor.detach().to(dtype=torch.float32)
             yield name, array + 1.0 if hf_name.endswith("norm.weight") else array  # Gemma3RMSNorm: x * (1 + w)
 
     return tensors
@@ -128,10 +128,11 @@ def write_gemma3_llm_gguf(
     dtype: str = "f16",
     chat_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: WeightSource | None = None,
 ) -> dict[str, Any]:
     """Write the language model of a `Gemma3ForConditionalGeneration` as a `gemma3` GGUF with its SentencePiece
-    tokenizer (`sentencepiece_model`: the checkpoint's `tokenizer.model`) plus the tokens added to it. Returns the
-    manifest's LLM section (JSON-able)."""
+    tokenizer (`sentencepiece_model`: the checkpoint's `tokenizer.model`) plus the tokens added to it. `weights`: as `write_qwen2_vl_llm_gguf`'s.
+    Returns the manifest's LLM section (JSON-able)."""
     text_config = hf_model.config.text_config
     hparams = gemma3_hparams(text_config)  # validates the config before any tensor is touched
     if not text_config.tie_word_embeddings:
@@ -141,7 +142,7 @@ def write_gemma3_llm_gguf(
         logger.warning("no chat template found; the GGUF will carry none (fine for a base model)")
     gguf_tokenizer, special_ids = sentencepiece_tokenizer_of(tokenizer, sentencepiece_model, vocab_size, chat_template)
     write_gguf(
-        out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(hf_model), tokenizer=gguf_tokenizer,
+        out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(weights or model_weights(hf_model)), tokenizer=gguf_tokenizer,
         dtype=dtype, name=Path(str(getattr(hf_model, "name_or_path", "") or ARCH)).name or ARCH, progress=progress,
     )  # fmt: skip
     return {**decoder_summary(ARCH, dtype, text_config, vocab_size, chat_template), "special_tokens": special_ids,

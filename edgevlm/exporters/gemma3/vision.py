@@ -91,6 +91,7 @@ def export_gemma3_vision(
     *,
     dtypes: Sequence[str] = ("fp32",),
     progress: Callable[[str], None] | None = None,
+    release_torch: Callable[[], None] | None = None,
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) of a
     `Gemma3ForConditionalGeneration` to `out_dir`, validated as `onnx_export.export_vision_variants` does it: fp32
@@ -107,7 +108,7 @@ def export_gemma3_vision(
     return export_vision_variants(
         lambda fused: Gemma3VisionForExport(tower, projector, grid, kernel, fused_attention=fused).eval(),
         VISION_EXPORT_SPEC, _HFVisionReference(hf_model), input_sets, out_dir, dtypes,
-        fp32_report={"images": N_VALIDATION_SETS}, progress=progress,
+        fp32_report={"images": N_VALIDATION_SETS}, progress=progress, release_torch=release_torch,
     )  # fmt: skip
 
 

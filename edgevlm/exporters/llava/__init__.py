@@ -21,6 +21,7 @@ from ...contract.kinds.preprocessing import FixedResize
 from ...contract.manifest import TokenSpec, VisionSpec
 from ...errors import UnsupportedModelError
 from ...images import load_image
+from ..checkpoint import checkpoint_weights, load_model, vision_release
 from ..family import Family, Loaded, find_chat_template
 from ..onnx_export import vision_variants
 from .llm import IMAGE_TOKEN, write_llava_llm_gguf
@@ -34,19 +35,17 @@ class LlavaFamily(Family):
     name = "llava"
     architectures = ("LlavaForConditionalGeneration",)
     aliases = MappingProxyType({"llava-1.5-7b": "llava-hf/llava-1.5-7b-hf"})
+    vision_parts = ("model.vision_tower", "model.multi_modal_projector")
 
-    def load(self, model_dir: Path) -> Loaded:
-        import torch
+    def load(self, model_dir: Path, *, vision_only: bool = False) -> Loaded:
         from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
         from .vision import feature_layer_count
 
         if not (model_dir / SENTENCEPIECE_MODEL).is_file():
             raise UnsupportedModelError(f"{model_dir} has no {SENTENCEPIECE_MODEL}: the GGUF's SentencePiece tokenizer is built from it")  # fmt: skip
-        model = LlavaForConditionalGeneration.from_pretrained(model_dir, dtype="auto").eval()
+        model = load_model(LlavaForConditionalGeneration, model_dir, self.vision_parts, vision_only=vision_only)
         feature_layer_count(model.config)  # refuses feature settings the graph does not reproduce, before exporting
-        model.model.vision_tower.to(torch.float32)
-        model.model.multi_modal_projector.to(torch.float32)
         vision_config = model.config.vision_config
         preprocessor_config = model_dir / "preprocessor_config.json"
         config = json.loads(preprocessor_config.read_text()) if preprocessor_config.is_file() else {}
@@ -54,12 +53,13 @@ class LlavaFamily(Family):
         if preprocessing.crop_size != vision_config.image_size:
             raise UnsupportedModelError(f"the processor crops {preprocessing.crop_size} px images, the vision tower takes {vision_config.image_size} px")  # fmt: skip
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir))
+        release = vision_release(model, self.vision_parts, vision_only=vision_only)
+        return Loaded(model_dir, model, tokenizer, preprocessing, find_chat_template(tokenizer, model_dir), release)
 
     def export_vision(self, loaded: Loaded, out_dir: Path, dtypes: tuple[str, ...]) -> VisionSpec:
         from .vision import export_llava_vision, feature_layer_count
 
-        report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes)
+        report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes, release_torch=loaded.release_vision)
         vision_config = loaded.model.config.vision_config
         return VisionSpec(
             variants=vision_variants(report),
@@ -73,7 +73,7 @@ class LlavaFamily(Family):
         )
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
-        return write_llava_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template)  # fmt: skip
+        return write_llava_llm_gguf(loaded.model, loaded.tokenizer, loaded.model_dir / SENTENCEPIECE_MODEL, path, dtype=dtype, chat_template=loaded.chat_template, weights=checkpoint_weights(loaded.model, loaded.model_dir))  # fmt: skip
 
     def tokens(self, loaded: Loaded) -> TokenSpec:
         image_id = int(loaded.model.config.image_token_id)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any
 
 from edgevlm.errors import UnsupportedModelError
+from edgevlm.exporters.checkpoint import WeightSource, model_weights
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
+    TensorSource,
     decoder_hparams,
     decoder_summary,
     decoder_tensor_name,
@@ -25,13 +25,15 @@ from edgevlm.exporters.gguf import (
     write_gguf,
 )
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger(__name__)
 
 ARCH = "llama"
 IMAGE_TOKEN = "<image>"
 LLM_PREFIX = "model.language_model."  # transformers >= 4.52 (older llava-hf checkpoints are renamed on load)
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
-
 
 
 def gguf_tensor_name(hf_name: str) -> str | None:
@@ -63,23 +65,23 @@ def llama_hparams(text_config: Any) -> dict[str, Any]:
     return {**decoder_hparams(ARCH, text_config, rope_theta), dimensions: head_dim(text_config)}
 
 
-def interleave_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
+def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """q_proj/k_proj rows from transformers' rotate-half layout (per head: first halves, then second halves) to
     llama.cpp's interleaved pairs; the same permutation as llama.cpp's `LlamaModel.permute`."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)  # fmt: skip
+    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)  # fmt: skip
 
 
-def _tensor_source(hf_model: Any, text_config: Any) -> Callable[[], Iterator[tuple[str, np.ndarray]]]:
+def _tensor_source(weights: WeightSource, text_config: Any) -> TensorSource:
     import torch
 
     heads = {"attn_q": text_config.num_attention_heads, "attn_k": text_config.num_key_value_heads}
 
-    def tensors() -> Iterator[tuple[str, np.ndarray]]:
-        for hf_name, tensor in hf_model.state_dict().items():
+    def tensors(shapes_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
+        for hf_name, tensor in weights(shapes_only):
             name = gguf_tensor_name(hf_name)
             if name is None:
                 continue
-            array = tensor.detach().to(device="cpu", dtype=torch.float32).numpy()
+            array = tensor.detach().to(dtype=torch.float32)
             role = name.split(".")[2] if name.startswith("blk.") else None
             yield name, interleave_rotary_rows(array, heads[role]) if role in heads else array
 
@@ -107,6 +109,7 @@ def write_llava_llm_gguf(
     dtype: str = "f16",
     chat_template: str | None = None,
     progress: Callable[[int, int], None] | None = None,
+    weights: WeightSource | None = None,
 ) -> dict[str, Any]:
     """Write the language model of a `LlavaForConditionalGeneration` as a `llama` GGUF with its SentencePiece
     tokenizer (`sentencepiece_model`: the checkpoint's `tokenizer.model`) plus the tokens added to it (`<image>`).
@@ -121,7 +124,7 @@ def write_llava_llm_gguf(
     _warn_if_transformers_drops_the_space(tokenizer)
     gguf_tokenizer, special_ids = sentencepiece_tokenizer_of(tokenizer, sentencepiece_model, vocab_size, chat_template)
     write_gguf(
-        out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(hf_model, text_config), tokenizer=gguf_tokenizer,
+        out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(weights or model_weights(hf_model), text_config), tokenizer=gguf_tokenizer,
         dtype=dtype, name=Path(str(getattr(hf_model, "name_or_path", "") or "llava")).name or "llava", progress=progress,
     )  # fmt: skip
     return {**decoder_summary(ARCH, dtype, text_config, vocab_size, chat_template), "special_tokens": special_ids}

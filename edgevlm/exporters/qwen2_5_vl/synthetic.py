@@ -26,6 +26,12 @@ class Qwen2_5_VLWindows:
 
 # Qwen2.5-VL-3B/7B-Instruct's vision tower.
 QWEN2_5_VL_WINDOWS = Qwen2_5_VLWindows(vision_intermediate_size=3420, window_size=112, fullatt_block_indexes=(7, 15, 23, 31))  # fmt: skip
+# Qwen2.5-VL-7B-Instruct's published sizes (for benchmarks: built with `streamed=True`, it never fits in memory whole).
+QWEN2_5_VL_7B = Qwen2VLShape(
+    vision_depth=32, vision_embed_dim=1280, vision_heads=16, hidden_size=3584, intermediate_size=18944,
+    layers=28, heads=28, kv_heads=4, mrope_section=[16, 24, 24], vocab_size=152064, max_position_embeddings=128000,
+    tie_word_embeddings=False,
+)  # fmt: skip
 # Tiny: windows of 2 x 2 merged tokens (56 px), so the test images span many windows, some cut by the image
 # edge; window attention in blocks 0 and 2, full attention in blocks 1 and 3.
 QWEN2_5_VL_TINY = replace(QWEN2_VL_TINY, vision_depth=4)
@@ -63,14 +69,15 @@ def build_qwen2_5_vl(
     init_std: float = 0.05,
     dtype: str = "float32",
     processor_kwargs: dict | None = None,
+    streamed: bool = False,
 ) -> Path:
     """Write a random-weight Qwen2.5-VL model directory (config, safetensors, tokenizer, processor) to `out_dir`;
     as `build_qwen2_vl`, loads with `Qwen2_5_VLForConditionalGeneration.from_pretrained(out_dir)`.
 
     `init_std` 0.05: at 0.02 the tiny model's greedy continuation of the one-image parity case meets a near tie
-    (llama.cpp and transformers part at token 14 with logits 0.003 apart)."""
+    (llama.cpp and transformers part at token 14 with logits 0.003 apart). `streamed`: see `write_model_dir`."""
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     config = qwen2_5_vl_config(shape, windows)
     tokenizer = qwen2_tokenizer(extra_tokens=QWEN2_5_EXTRA_TOKENS)
-    return write_model_dir(out_dir, Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed=seed, init_std=init_std, dtype=dtype, processor_kwargs=processor_kwargs)  # fmt: skip
+    return write_model_dir(out_dir, Qwen2_5_VLForConditionalGeneration, config, tokenizer, seed=seed, init_std=init_std, dtype=dtype, processor_kwargs=processor_kwargs, streamed=streamed)  # fmt: skip
