@@ -59,8 +59,28 @@ def _export(args: argparse.Namespace) -> int:
             verify=args.verify,
             max_image_tokens=args.max_image_tokens,
         )
-    print(f"bundle written to {out}")
+    print(_export_summary(out))
     return 0
+
+
+def _export_summary(out: str | os.PathLike) -> str:
+    """What an export leaves the user: the files and their sizes, how each vision graph validated, how to run it."""
+    from .bundle import Bundle
+
+    manifest = Bundle.open(out).manifest
+    lines = [f"bundle written to {out}:"]
+    lines += [f"  {name:<24} {entry.size / 1e6:>9.1f} MB" for name, entry in manifest.files.items()]
+    for dtype, variant in manifest.vision.variants.items():
+        check = variant.validation
+        if "max_abs_diff" in check:
+            lines.append(f"  vision {dtype}: max abs diff {check['max_abs_diff']:.1e} vs PyTorch (limit {check['atol']:g})")
+        elif "min_cosine_vs_fp32" in check:
+            lines.append(f"  vision {dtype}: cosine vs fp32 mean {check['cosine_vs_fp32']:.5f}, worst token "
+                         f"{check['min_cosine_vs_fp32']:.5f}")  # fmt: skip
+    if "end_to_end" in manifest.validation:
+        lines.append(f"  --verify against transformers: {', '.join(manifest.validation['end_to_end'])} (edgevlm.json's validation)")  # fmt: skip
+    lines.append(f'run it: edgevlm run {out} --image photo.jpg -p "What is in this picture?"')
+    return "\n".join(lines)
 
 
 def _export_dry_run(args: argparse.Namespace, quantization: str) -> int:
@@ -86,11 +106,12 @@ def _export_dry_run(args: argparse.Namespace, quantization: str) -> int:
 
 
 def _export_vision_dtypes(flags: list[str], profile_names: list[str]) -> tuple[str, ...]:
-    """--vision-dtype flags first, then the precision each --profile loads (the first it prefers); fp32 if none."""
+    """--vision-dtype flags first, then the precision each --profile loads (the first it prefers); without either,
+    fp32 and the int8 graph the `cpu` profile prefers."""
     from .profiles.schema import load_profile
 
     loaded = [load_profile(name).vision.precision[:1] for name in profile_names]
-    return tuple(dict.fromkeys([*flags, *(p for precision in loaded for p in precision)])) or ("fp32",)
+    return tuple(dict.fromkeys([*flags, *(p for precision in loaded for p in precision)])) or ("fp32", "int8")
 
 
 def _run(args: argparse.Namespace) -> int:

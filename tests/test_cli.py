@@ -51,6 +51,12 @@ def test_export_cli_writes_a_bundle_and_refuses_to_overwrite(tiny_qwen2vl_dir, t
     manifest = json.loads((out / "edgevlm.json").read_text())
     assert manifest["llm"]["quantization"] == "F16" and "llm-F16.gguf" in manifest["files"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging or partial directories left
+    # by default the int8 graph the cpu profile loads ships beside fp32; the summary shows files, checks and the command
+    assert set(manifest["vision"]["variants"]) == {"fp32", "int8"}
+    summary = result.stdout
+    assert f"bundle written to {out}:" in summary and "vision-int8.onnx" in summary and "llm-F16.gguf" in summary
+    assert "vision fp32: max abs diff" in summary and "vision int8: cosine vs fp32 mean" in summary
+    assert f"run it: edgevlm run {out} --image" in summary
 
     again = edgevlm("export", str(tiny_qwen2vl_dir), "-o", str(out), "--f16")
     assert again.returncode == 2 and "not empty; pass --force" in again.stderr
