@@ -73,7 +73,9 @@ def _export_summary(out: str | os.PathLike) -> str:
     for dtype, variant in manifest.vision.variants.items():
         check = variant.validation
         if "max_abs_diff" in check:
-            lines.append(f"  vision {dtype}: max abs diff {check['max_abs_diff']:.1e} vs PyTorch (limit {check['atol']:g})")
+            lines.append(
+                f"  vision {dtype}: max abs diff {check['max_abs_diff']:.1e} vs PyTorch (limit {check['atol']:g})"
+            )
         elif "min_cosine_vs_fp32" in check:
             lines.append(f"  vision {dtype}: cosine vs fp32 mean {check['cosine_vs_fp32']:.5f}, worst token "
                          f"{check['min_cosine_vs_fp32']:.5f}")  # fmt: skip
