@@ -55,6 +55,14 @@ def pixel_values_from_patches(pixel_patches: torch.Tensor, image_size: int, patc
     return pixel_patches.reshape(grid, grid, 3, patch_size, patch_size).permute(2, 0, 3, 1, 4).reshape(1, 3, image_size, image_size)  # fmt: skip
 
 
+def require_float32(*modules: nn.Module) -> None:
+    """Refuse modules whose weights are not float32: the graph is exported, and validated, in float32."""
+    for module in modules:
+        dtype = next(module.parameters()).dtype
+        if dtype != torch.float32:
+            raise ValueError(f"{type(module).__name__} has {dtype} weights; export needs float32")
+
+
 def sample_patches(image_size: int, patch_size: int, seed: int) -> tuple[torch.Tensor]:
     """Random normalized pixel patches of one image, as the graph's input."""
     n_patches = (image_size // patch_size) ** 2

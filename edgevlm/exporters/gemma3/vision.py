@@ -19,7 +19,13 @@ from torch import nn
 
 from edgevlm.contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.exporters.fixed_vit import embed_patches, pixel_values_from_patches, run_encoder_layers, sample_patches
+from edgevlm.exporters.fixed_vit import (
+    embed_patches,
+    pixel_values_from_patches,
+    require_float32,
+    run_encoder_layers,
+    sample_patches,
+)
 from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 
 logger = logging.getLogger(__name__)
@@ -99,10 +105,7 @@ def export_gemma3_vision(
     check_vision_dtypes(dtypes)
     grid, kernel = pooling(hf_model.config.vision_config, hf_model.config.mm_tokens_per_image)
     tower, projector = hf_model.model.vision_tower, hf_model.model.multi_modal_projector
-    for module in (tower, projector):
-        dtype = next(module.parameters()).dtype
-        if dtype != torch.float32:
-            raise ValueError(f"{type(module).__name__} has {dtype} weights; export needs float32")
+    require_float32(tower, projector)
     vision = tower.config
     input_sets = [sample_patches(vision.image_size, vision.patch_size, seed) for seed in range(N_VALIDATION_SETS)]
     return export_vision_variants(

@@ -19,7 +19,13 @@ from torch import nn
 
 from edgevlm.contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
 from edgevlm.errors import UnsupportedModelError
-from edgevlm.exporters.fixed_vit import embed_patches, pixel_values_from_patches, run_encoder_layers, sample_patches
+from edgevlm.exporters.fixed_vit import (
+    embed_patches,
+    pixel_values_from_patches,
+    require_float32,
+    run_encoder_layers,
+    sample_patches,
+)
 from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 
 logger = logging.getLogger(__name__)
@@ -100,10 +106,7 @@ def export_llava_vision(
     check_vision_dtypes(dtypes)
     n_layers = feature_layer_count(hf_model.config)
     tower, projector = hf_model.model.vision_tower, hf_model.model.multi_modal_projector
-    for module in (tower, projector):
-        dtype = next(module.parameters()).dtype
-        if dtype != torch.float32:
-            raise ValueError(f"{type(module).__name__} has {dtype} weights; export needs float32")
+    require_float32(tower, projector)
     input_sets = [sample_patches(tower.config.image_size, tower.config.patch_size, seed) for seed in range(N_VALIDATION_SETS)]  # fmt: skip
     return export_vision_variants(
         lambda fused: LlavaVisionForExport(tower, projector, n_layers, fused_attention=fused).eval(),
