@@ -3,16 +3,25 @@
 Both take one image's `pixel_patches` (n_patches, 3*P*P), row-major as `FixedResize` lays them out, embed them with a
 MatMul (the patch Conv2d's kernel is one whole patch; int8 quantization covers a MatMul) and run pre-norm encoder
 layers of the same shape (layer_norm1, q/k/v/out projections, layer_norm2, MLP) over a batch axis of 1, so every
-Linear exports as MatMul, not Gemm.
+Linear exports as MatMul, not Gemm. Both are exported and validated the same way (`export_fixed_vision`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from edgevlm.contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
+from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
+
+VISION_EXPORT_SPEC = OnnxExportSpec(
+    input_names=(PIXEL_PATCHES,), output_names=(IMAGE_EMBEDS,), dynamic_axes={}, opset=18, atol=1e-4
+)
+N_VALIDATION_SETS = 3  # random images the fp32 graph is checked on (one size: the graph takes one)
 
 
 def embed_patches(pixel_patches: torch.Tensor, patch_embedding: nn.Conv2d) -> torch.Tensor:
@@ -68,3 +77,27 @@ def sample_patches(image_size: int, patch_size: int, seed: int) -> tuple[torch.T
     n_patches = (image_size // patch_size) ** 2
     generator = torch.Generator().manual_seed(seed)
     return (torch.randn(n_patches, 3 * patch_size**2, generator=generator),)
+
+
+def export_fixed_vision(
+    hf_model: nn.Module,
+    make_module: Callable[[bool], nn.Module],
+    reference: Callable[[torch.Tensor], torch.Tensor],
+    out_dir: str | Path,
+    dtypes: Sequence[str],
+    *,
+    progress: Callable[[str], None] | None = None,
+    release_torch: Callable[[], None] | None = None,
+) -> dict:
+    """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) of a fixed-size tower
+    (`hf_model.model.vision_tower` + `multi_modal_projector`, float32) to `out_dir`: `make_module(fused_attention)`
+    is the export forward, validated as `onnx_export.export_vision_variants` does it, fp32 against `reference`
+    (transformers' own features) on random images. Returns the manifest entry per dtype."""
+    check_vision_dtypes(dtypes)
+    tower = hf_model.model.vision_tower
+    require_float32(tower, hf_model.model.multi_modal_projector)
+    input_sets = [sample_patches(tower.config.image_size, tower.config.patch_size, seed) for seed in range(N_VALIDATION_SETS)]  # fmt: skip
+    return export_vision_variants(
+        make_module, VISION_EXPORT_SPEC, reference, input_sets, out_dir, dtypes,
+        fp32_report={"images": N_VALIDATION_SETS}, progress=progress, release_torch=release_torch,
+    )  # fmt: skip

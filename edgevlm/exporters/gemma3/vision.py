@@ -17,23 +17,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgevlm.contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.exporters.fixed_vit import (
     embed_patches,
+    export_fixed_vision,
     pixel_values_from_patches,
-    require_float32,
     run_encoder_layers,
-    sample_patches,
 )
-from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
 
 logger = logging.getLogger(__name__)
-
-VISION_EXPORT_SPEC = OnnxExportSpec(
-    input_names=(PIXEL_PATCHES,), output_names=(IMAGE_EMBEDS,), dynamic_axes={}, opset=18, atol=1e-4
-)
-N_VALIDATION_SETS = 3  # random images the fp32 graph is checked on (one size: the graph takes one)
 
 
 def pooling(vision, mm_tokens_per_image: int) -> tuple[int, int]:
@@ -100,19 +92,14 @@ def export_gemma3_vision(
     release_torch: Callable[[], None] | None = None,
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) of a
-    `Gemma3ForConditionalGeneration` to `out_dir`, validated as `onnx_export.export_vision_variants` does it: fp32
-    against transformers' `get_image_features` on random images. Returns the manifest entry per dtype."""
-    check_vision_dtypes(dtypes)
+    `Gemma3ForConditionalGeneration` to `out_dir`, validated as `fixed_vit.export_fixed_vision` does it: fp32 against
+    transformers' `get_image_features` on random images. Returns the manifest entry per dtype."""
     grid, kernel = pooling(hf_model.config.vision_config, hf_model.config.mm_tokens_per_image)
     tower, projector = hf_model.model.vision_tower, hf_model.model.multi_modal_projector
-    require_float32(tower, projector)
-    vision = tower.config
-    input_sets = [sample_patches(vision.image_size, vision.patch_size, seed) for seed in range(N_VALIDATION_SETS)]
-    return export_vision_variants(
-        lambda fused: Gemma3VisionForExport(tower, projector, grid, kernel, fused_attention=fused).eval(),
-        VISION_EXPORT_SPEC, _HFVisionReference(hf_model), input_sets, out_dir, dtypes,
-        fp32_report={"images": N_VALIDATION_SETS}, progress=progress, release_torch=release_torch,
+    return export_fixed_vision(
+        hf_model, lambda fused: Gemma3VisionForExport(tower, projector, grid, kernel, fused_attention=fused).eval(),
+        _HFVisionReference(hf_model), out_dir, dtypes, progress=progress, release_torch=release_torch,
     )  # fmt: skip
 
 
-__all__ = ["VISION_EXPORT_SPEC", "Gemma3VisionForExport", "export_gemma3_vision", "pooling"]
+__all__ = ["Gemma3VisionForExport", "export_gemma3_vision", "pooling"]

@@ -10,30 +10,19 @@ patch layout is shared with Qwen2-VL) and adds the learned position embeddings o
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from edgevlm.contract.graph import IMAGE_EMBEDS, PIXEL_PATCHES
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.exporters.fixed_vit import (
     embed_patches,
+    export_fixed_vision,
     pixel_values_from_patches,
-    require_float32,
     run_encoder_layers,
-    sample_patches,
 )
-from edgevlm.exporters.onnx_export import OnnxExportSpec, check_vision_dtypes, export_vision_variants
-
-logger = logging.getLogger(__name__)
-
-VISION_EXPORT_SPEC = OnnxExportSpec(
-    input_names=(PIXEL_PATCHES,), output_names=(IMAGE_EMBEDS,), dynamic_axes={}, opset=18, atol=1e-4
-)
-N_VALIDATION_SETS = 3  # random images the fp32 graph is checked on (one size: the graph takes one)
 
 
 def feature_layer_count(config) -> int:
@@ -101,18 +90,14 @@ def export_llava_vision(
     release_torch: Callable[[], None] | None = None,
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) of a
-    `LlavaForConditionalGeneration` to `out_dir`, validated as `onnx_export.export_vision_variants` does it: fp32
-    against transformers' `get_image_features` on random images. Returns the manifest entry per dtype."""
-    check_vision_dtypes(dtypes)
+    `LlavaForConditionalGeneration` to `out_dir`, validated as `fixed_vit.export_fixed_vision` does it: fp32 against
+    transformers' `get_image_features` on random images. Returns the manifest entry per dtype."""
     n_layers = feature_layer_count(hf_model.config)
     tower, projector = hf_model.model.vision_tower, hf_model.model.multi_modal_projector
-    require_float32(tower, projector)
-    input_sets = [sample_patches(tower.config.image_size, tower.config.patch_size, seed) for seed in range(N_VALIDATION_SETS)]  # fmt: skip
-    return export_vision_variants(
-        lambda fused: LlavaVisionForExport(tower, projector, n_layers, fused_attention=fused).eval(),
-        VISION_EXPORT_SPEC, _HFVisionReference(hf_model), input_sets, out_dir, dtypes,
-        fp32_report={"images": N_VALIDATION_SETS}, progress=progress, release_torch=release_torch,
+    return export_fixed_vision(
+        hf_model, lambda fused: LlavaVisionForExport(tower, projector, n_layers, fused_attention=fused).eval(),
+        _HFVisionReference(hf_model), out_dir, dtypes, progress=progress, release_torch=release_torch,
     )  # fmt: skip
 
 
-__all__ = ["VISION_EXPORT_SPEC", "LlavaVisionForExport", "export_llava_vision", "feature_layer_count"]
+__all__ = ["LlavaVisionForExport", "export_llava_vision", "feature_layer_count"]
