@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BudgetError, ContextOverflowError
 
 if TYPE_CHECKING:  # the contract reads the budget section: the strategies it reads come after it
-    from .contract.kinds.preprocessing import Preprocessing
+    from .contract.kinds.tiling import Preprocessing
 
 LIMIT_LAYERS = ("request", "cli", "profile", "bundle")  # highest precedence first
 DEFAULT_LAYERS = ("profile", "bundle")  # limits written for any model: moved into a model's own range, not refused

@@ -28,7 +28,7 @@ from .budget import (  # fmt: skip
 )
 
 if TYPE_CHECKING:
-    from .contract.kinds.preprocessing import Preprocessing
+    from .contract.kinds.tiling import Preprocessing
     from .contract.manifest import Manifest
     from .profiles import RuntimeSettings
 

@@ -23,8 +23,8 @@ from .graph import PATCH_POSITIONS, PIXEL_PATCHES
 from .kinds import strategy_class
 from .kinds.patch_positions import PatchPositions
 from .kinds.positions import Positions
-from .kinds.preprocessing import Preprocessing
 from .kinds.registry import OMIT_DEFAULT, omitted
+from .kinds.tiling import Preprocessing
 
 MANIFEST_NAME = "edgevlm.json"
 FORMAT_VERSION = 2

@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, check_output_dir
-from ..contract.kinds.preprocessing import Preprocessing
+from ..contract.kinds.tiling import Preprocessing
 from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..progress import stage

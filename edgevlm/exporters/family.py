@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
 
     from ..contract.kinds.positions import Positions
-    from ..contract.kinds.preprocessing import Preprocessing
+    from ..contract.kinds.tiling import Preprocessing
     from ..contract.manifest import TokenSpec, VisionSpec
 
 

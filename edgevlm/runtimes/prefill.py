@@ -20,7 +20,6 @@ from .spans import Span
 from .token_embeddings import TokenEmbeddings
 from .vision import VisionEncoder
 
-
 # The most float32 text rows one embeddings batch takes; longer text goes in token batches. A row is the model's input
 # width: 64 KiB a token for Qwen3-VL-8B's DeepStack rows, so a long prompt's rows would cost more memory (held about
 # three times while the batch is built) than streaming the weights once saves.

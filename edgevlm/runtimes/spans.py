@@ -9,7 +9,8 @@ from dataclasses import dataclass
 from PIL import Image
 
 from ..budget import BudgetPlan, Crop, ImageRequest
-from ..contract.kinds.preprocessing import PreparedImage, Preprocessing, preprocess
+from ..contract.kinds.preprocessing import PreparedImage, preprocess
+from ..contract.kinds.tiling import Preprocessing
 from ..images import CheckedImages
 from .reuse import Unit, image_key
 from .vision import return_freed_memory

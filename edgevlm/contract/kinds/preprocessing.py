@@ -227,7 +227,8 @@ class FixedResize(Section):
         return cls(**values, **_normalization_values(cfg))
 
 
-Preprocessing = DynamicPatches | FixedResize
+# The kinds whose image spans are each one resize of a region (the tiling kinds are in `tiling`).
+SingleViewPreprocessing = DynamicPatches | FixedResize
 
 
 def _check_normalization(spec: Any) -> None:
@@ -343,7 +344,7 @@ class PreparedImage:
         return grid_t * grid_h * grid_w // self.merge_size**2
 
 
-def preprocess(image: Image.Image, spec: Preprocessing, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:  # fmt: skip
+def preprocess(image: Image.Image, spec: SingleViewPreprocessing, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:  # fmt: skip
     """Resize, normalize and patchify `image` exactly like transformers' image processor of `spec`'s kind.
 
     `resized_size` = (height, width) replaces the model's own choice (the token-budget planner passes it): for
