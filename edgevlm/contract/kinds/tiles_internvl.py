@@ -70,11 +70,6 @@ class TilesInternVL(TiledPreprocessing):
         return (self.tile_size // self.factor) ** 2
 
     @property
-    def patch_dim(self) -> int:
-        """Values per row of `PreparedImage.pixel_patches`: channels * patch_size²."""
-        return 3 * self.patch_size**2
-
-    @property
     def default_max_tiles(self) -> int:
         return self.max_patches
 
