@@ -111,6 +111,9 @@ def test_internvl3_1b_preprocessing_is_256_tokens_per_448_px_tile():
     assert TilesInternVL.from_dict(spec.to_dict()) == spec
     with pytest.raises(ValueError, match="resample"):
         TilesInternVL.from_preprocessor_config({**config, "resample": 2}, patch_size=14, merge_size=2)
+    for bad in ({"max_patches": 10_000}, {"min_patches": 13}, {"tile_size": 450}, {"image_start": ""}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            TilesInternVL.from_dict({**spec.to_dict(), **bad})
 
 
 # ------------------------------------------------------------------------------------------------- vision graph

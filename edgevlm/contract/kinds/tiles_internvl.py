@@ -34,6 +34,7 @@ from .tiling import TiledPreprocessing, TileGrid, TileView
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+MAX_PATCHES = 64  # InternVL3 ships 12 (some evaluations use 40); a bundle asking for more is not a model's processor
 
 
 @register("preprocessing", "tiles-internvl")
@@ -57,6 +58,8 @@ class TilesInternVL(TiledPreprocessing):
         if self.tile_size % self.factor:
             raise ValueError(f"preprocessing tile_size={self.tile_size} is not a multiple of patch_size * merge_size = "
                              f"{self.patch_size} * {self.merge_size}")  # fmt: skip
+        if self.max_patches > MAX_PATCHES:
+            raise ValueError(f"preprocessing max_patches={self.max_patches}: expected at most {MAX_PATCHES}")
         if self.min_patches > self.max_patches:
             raise ValueError(f"preprocessing min_patches={self.min_patches} is above max_patches={self.max_patches}")
         for key in ("image_start", "image_end"):
@@ -78,9 +81,9 @@ class TilesInternVL(TiledPreprocessing):
         `TileGrid(0, 0)`: the image resized to one view."""
         if width <= 0 or height <= 0:
             raise ImageError(f"Image size {width}x{height} (width x height) has no pixels; pass a non-empty image.")
-        cap = self.max_patches if max_tiles is None else min(max_tiles, self.max_patches)
-        if isinstance(cap, bool) or not isinstance(cap, int) or cap < 0:
+        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0):
             raise ValueError(f"max_tiles={max_tiles!r}: expected a non-negative integer or None")
+        cap = self.max_patches if max_tiles is None else min(max_tiles, self.max_patches)
         if cap <= 1:  # the processor does not crop at all
             return TileGrid(0, 0)
         cols, rows = optimal_grid(width, height, self.tile_size, self.min_patches, cap)
@@ -96,13 +99,14 @@ class TilesInternVL(TiledPreprocessing):
     def prepare_views(self, image: Image.Image, grid: TileGrid) -> list[PreparedImage]:
         rgb = to_rgb(image)
         side = self.tile_size
-        thumbnail = [rgb.resize((side, side), Image.Resampling.BICUBIC)]
         if grid.n_tiles == 0:
-            return [self._patches(thumbnail[0])]
+            return [self._patches(rgb.resize((side, side), Image.Resampling.BICUBIC))]
         resized = rgb.resize((grid.cols * side, grid.rows * side), Image.Resampling.BICUBIC)
         boxes = [(c * side, r * side, (c + 1) * side, (r + 1) * side) for r in range(grid.rows) for c in range(grid.cols)]  # fmt: skip
-        views = [resized.crop(box) for box in boxes] + (thumbnail if grid.n_tiles > 1 else [])
-        return [self._patches(view) for view in views]
+        views = [self._patches(resized.crop(box)) for box in boxes]
+        if grid.n_tiles > 1:  # the thumbnail: the whole image at one tile's size
+            views.append(self._patches(rgb.resize((side, side), Image.Resampling.BICUBIC)))
+        return views
 
     def layout(self, grid: TileGrid, width: int, height: int) -> list[str | int]:
         return [self.image_start, *range(len(self.views(grid, width, height))), self.image_end]
