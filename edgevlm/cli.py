@@ -194,7 +194,7 @@ def _answer_record(text: str, last, load_s: float) -> dict:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest
+    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, SpanPlan
     from .bundle import Bundle
     from .images import image_size
     from .planner import Planner
@@ -215,7 +215,12 @@ def _plan(args: argparse.Namespace) -> int:
     plan = planner.plan(requests, n_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_tokens)
 
     gib = 2**30
-    header = f"{'view':<11} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"
+
+    def label(span: SpanPlan) -> str:
+        return span.view if span.tile is None or span.tile.row is None else f"tile {span.tile.row + 1},{span.tile.col + 1}"  # fmt: skip
+
+    width_view = max([7, *(len(label(span)) + 1 for span in plan.spans)])
+    header = f"{'view':<{width_view}} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"  # fmt: skip
     print(header + (f" {'est. memory':>11} {'est. encode':>11}" if tower else ""))
     for index, (path, (width, height)) in enumerate(zip(args.image, sizes, strict=True)):
         spans = [s for s in plan.spans if s.image_index == index]
@@ -225,9 +230,8 @@ def _plan(args: argparse.Namespace) -> int:
         for span in spans:
             region = "whole image" if span.box == (0, 0, width, height) else ",".join(map(str, span.box))
             resized = f"{span.resized_size[1]}x{span.resized_size[0]}"
-            view = span.view if span.tile is None or span.tile.row is None else f"tile {span.tile.row + 1},{span.tile.col + 1}"  # fmt: skip
-            crops = f"{span.grid[0]}x" if span.grid[0] > 1 else ""
-            line = (f"{view:<11} {region:<22} {resized:>10} {crops + f'{span.grid[1]}x{span.grid[2]}':>8} {span.n_tokens:>7}  "
+            grid = f"{span.grid[1]:>3}x{span.grid[2]:<4}" if span.grid[0] == 1 else f"{span.grid[0]}x{span.grid[1]}x{span.grid[2]}"  # fmt: skip
+            line = (f"{label(span):<{width_view}} {region:<22} {resized:>10} {grid:>8} {span.n_tokens:>7}  "
                     f"{span.limited_by or '-':<17}")  # fmt: skip
             if tower:
                 encode_s = span.encode_flops / (gflops * 1e9)

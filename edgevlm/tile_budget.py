@@ -5,7 +5,8 @@ A tiling model encodes every tile at one size, so an image's tokens are set by i
 - Each image starts at the grid transformers' processor picks (`spec.grid` with no cap), or with at most
   `max_tiles` tiles (the limits' `max_tiles`, or a request's `tiles` = K, whichever is smaller).
 - `max_image_tokens` bounds each image's tokens (its views together): the image gets the largest tile cap whose grid
-  fits. `image_budget` and the context (n_ctx - prompt tokens - max_new_tokens, the text between an image's views
+  fits (a profile's or bundle's default that even the smallest grid exceeds gives the smallest grid; one the caller
+  set is refused). `image_budget` and the context (n_ctx - prompt tokens - max_new_tokens, the text between an image's views
   counted too) bound all images together: while they do not fit, the image costing the most tokens steps down to its
   next smaller grid. `min_image_tokens` is a floor on that shrinking: an image is not shrunk below the smallest grid
   with at least that many tokens.
@@ -21,6 +22,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from .budget import (
+    DEFAULT_LAYERS,
     Box,
     BudgetPlan,
     ImageRequest,
@@ -117,12 +119,15 @@ def _options(index: int, request: ImageRequest, spec: TiledPreprocessing, limits
 
 
 def _within_image_limit(image: _Image, limits: ResolvedLimits) -> int:
-    """The first (largest) option within `max_image_tokens`; BudgetError when even the smallest is above it."""
+    """The first (largest) option within `max_image_tokens`; when even the smallest is above it, the smallest for a
+    profile's or bundle's default, BudgetError for a limit the caller set."""
     if limits.max_image_tokens is None:
         return 0
     for i, (_, _, n_tokens, _) in enumerate(image.options):
         if n_tokens <= limits.max_image_tokens:
             return i
+    if dict(limits.sources).get("max_image_tokens") in DEFAULT_LAYERS:
+        return len(image.options) - 1
     smallest = image.options[-1][2]
     width, height = image.size
     raise BudgetError(f"image {image.index + 1} ({width}x{height}) needs at least {smallest} tokens with this model "

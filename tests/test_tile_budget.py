@@ -91,6 +91,8 @@ def test_max_image_tokens_picks_the_largest_grid_that_fits():
     assert result.spans[0].tiling.n_tiles == 2 and result.spans[0].limited_by == "max_image_tokens"
     with pytest.raises(BudgetError, match="needs at least 4 tokens"):
         plan([ImageRequest(100, 60)], limits=BudgetLimits(max_image_tokens=3))
+    default = plan_tiled([ImageRequest(100, 60)], SCHEME, resolve_limits(bundle=BudgetLimits(max_image_tokens=3)))
+    assert default.spans[0].tiling == TileGrid(0, 0)  # a default limit below the smallest grid: the smallest grid
 
 
 def test_max_tiles_and_request_tiles_cap_the_grid():
