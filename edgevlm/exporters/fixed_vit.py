@@ -1,9 +1,11 @@
-"""What the fixed-size vision towers (LLaVA's CLIP, Gemma 3's SigLIP) share in their ONNX export forwards.
+"""What the fixed-size vision towers (LLaVA's CLIP, Gemma 3's SigLIP, InternVL's InternViT) share in their ONNX
+export forwards.
 
-Both take one image's `pixel_patches` (n_patches, 3*P*P), row-major as `FixedResize` lays them out, embed them with a
+They take one image's `pixel_patches` (n_patches, 3*P*P), row-major as `FixedResize` lays them out, embed them with a
 MatMul (the patch Conv2d's kernel is one whole patch; int8 quantization covers a MatMul) and run pre-norm encoder
-layers of the same shape (layer_norm1, q/k/v/out projections, layer_norm2, MLP) over a batch axis of 1, so every
-Linear exports as MatMul, not Gemm. Both are exported and validated the same way (`export_fixed_vision`).
+layers over a batch axis of 1, so every Linear exports as MatMul, not Gemm: CLIP's and SigLIP's of the same shape
+(`run_encoder_layers`), InternViT's its own way around the same `attention`. All are exported and validated the same
+way (`export_fixed_vision`).
 """
 
 from __future__ import annotations
@@ -37,10 +39,16 @@ def run_encoder_layers(hidden: torch.Tensor, layers: Iterable[nn.Module], *, fus
         attn = layer.self_attn
         normed = layer.layer_norm1(hidden)
         query, key, value = attn.q_proj(normed), attn.k_proj(normed), attn.v_proj(normed)  # each (1, N, d)
-        out = _fused_attention(attn, query, key, value) if fused_attention else _attention(attn, query, key, value)
+        out = attention(attn, query, key, value, fused_attention=fused_attention)
         hidden = hidden + attn.out_proj(out)
         hidden = hidden + layer.mlp(layer.layer_norm2(hidden))
     return hidden
+
+
+def attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *, fused_attention: bool) -> torch.Tensor:  # fmt: skip
+    """Multi-head attention of projected (1, N, d) queries, keys and values (`attn` gives num_heads, head_dim and
+    scale) -> (1, N, d); `fused_attention` as in `run_encoder_layers`."""
+    return _fused_attention(attn, query, key, value) if fused_attention else _attention(attn, query, key, value)
 
 
 def _attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
@@ -72,6 +80,16 @@ def require_float32(*modules: nn.Module) -> None:
             raise ValueError(f"{type(module).__name__} has {dtype} weights; export needs float32")
 
 
+def square_side(size: int | Sequence[int]) -> int:
+    """A config's image or patch size, an int or a square (height, width) as InternViT's config keeps it."""
+    if isinstance(size, int):
+        return size
+    height, width = size
+    if height != width:
+        raise ValueError(f"size {tuple(size)}: the fixed-size vision graphs take squares only")
+    return int(height)
+
+
 def sample_patches(image_size: int, patch_size: int, seed: int) -> tuple[torch.Tensor]:
     """Random normalized pixel patches of one image, as the graph's input."""
     n_patches = (image_size // patch_size) ** 2
@@ -96,7 +114,8 @@ def export_fixed_vision(
     check_vision_dtypes(dtypes)
     tower = hf_model.model.vision_tower
     require_float32(tower, hf_model.model.multi_modal_projector)
-    input_sets = [sample_patches(tower.config.image_size, tower.config.patch_size, seed) for seed in range(N_VALIDATION_SETS)]  # fmt: skip
+    image_size, patch_size = square_side(tower.config.image_size), square_side(tower.config.patch_size)
+    input_sets = [sample_patches(image_size, patch_size, seed) for seed in range(N_VALIDATION_SETS)]
     return export_vision_variants(
         make_module, VISION_EXPORT_SPEC, reference, input_sets, out_dir, dtypes,
         fp32_report={"images": N_VALIDATION_SETS}, progress=progress, release_torch=release_torch,
