@@ -207,6 +207,19 @@ def test_bilinear_downsampling_matters(f32_vlm, tiny_onevision_loaded, monkeypat
     assert good <= LOGIT_ATOL["F32"] < bad
 
 
+def test_follow_up_reuses_the_cache_and_matches_a_fresh_decode(tiny_onevision_bundles, f32_vlm):
+    """KV reuse and the embedding cache (keyed by the view's pixels and its packing) give what a cold start gives."""
+    image = _image(200, 150)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(np.asarray(image))}},
+                                             {"type": "text", "text": "Describe it."}]}]  # fmt: skip
+    first = f32_vlm.chat(messages, max_tokens=6)
+    follow = [*messages, {"role": "assistant", "content": first.text}, {"role": "user", "content": "And the colours?"}]
+    warm = f32_vlm.chat(follow, max_tokens=8)
+    assert warm.timings.n_reused_tokens > 156 and warm.timings.n_encoded_image_tokens == 0  # the image stayed
+    with edgevlm.load(tiny_onevision_bundles["F32"], n_ctx=2048, n_threads=1) as cold_vlm:
+        assert cold_vlm.chat(follow, max_tokens=8).text == warm.text
+
+
 @pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
 def test_quantized_bundles_generate_and_agree(tiny_onevision_bundles, tiny_onevision_loaded, quant):
     path = tiny_onevision_bundles[quant]
