@@ -29,8 +29,9 @@ pytest.importorskip("transformers")
 # floors; quantization flips a random model's top-1 where its margins are small).
 TOP1_FLOOR = {"Q8_0": 0.9, "Q4_K_M": 0.6}
 IMAGE_ID = 151646
-# (width, height): squarish (downsampled by anyres_max_9), very wide, very tall, tiny, one tile's worth, large
-SIZES = [(200, 150), (2000, 150), (150, 2000), (31, 17), (64, 64), (1000, 999), (90, 200)]
+# (width, height): squarish (downsampled by anyres_max_9), very wide, very tall, tiny, one tile's worth, large, and a
+# strip so thin that unpadding leaves no row of tile features
+SIZES = [(200, 150), (2000, 150), (150, 2000), (31, 17), (64, 64), (1000, 999), (90, 200), (3000, 7)]
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import numpy as np
@@ -50,8 +50,14 @@ TAPS = 4  # rows of the feature table per output token (bilinear: 2 x 2)
 class ResampledImage(PreparedImage):
     """A `PreparedImage` whose graph packs its features into `token_sources.shape[0]` tokens (see the module doc)."""
 
-    token_sources: np.ndarray = field(default_factory=lambda: np.zeros((0, TAPS), np.int64))  # (n_tokens, 4) int64
-    token_weights: np.ndarray = field(default_factory=lambda: np.zeros((0, TAPS), np.float32))  # (n_tokens, 4) f32
+    token_sources: np.ndarray  # (n_tokens, 4) int64: rows of [the view's patch features; image_newline]
+    token_weights: np.ndarray  # (n_tokens, 4) float32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        shape = self.token_sources.shape
+        if len(shape) != 2 or shape[1] != TAPS or self.token_weights.shape != shape:
+            raise ValueError(f"token_sources {shape} and token_weights {self.token_weights.shape}: expected both (n_tokens, {TAPS})")  # fmt: skip
 
     @property
     def n_tokens(self) -> int:
