@@ -70,7 +70,8 @@ def plan_tiled(
     count_text: CountText | None = None,
 ) -> BudgetPlan:
     """Plan the views of every image (see the module docstring); spans in prompt order, each view its own span."""
-    images = [_options(i, request, spec, limits, count_text) for i, request in enumerate(requests)]
+    lone = len(requests) == 1 or not spec.tiles_lone_image_only
+    images = [_options(i, request, spec, limits, count_text, tiled=lone) for i, request in enumerate(requests)]
     chosen = [_within_image_limit(image, limits) for image in images]
     reasons: list[str | None] = [None if c == 0 else "max_image_tokens" for c in chosen]
     floors = [_floor(image, limits) for image in images]
@@ -99,8 +100,9 @@ def plan_tiled(
 
 
 def _options(index: int, request: ImageRequest, spec: TiledPreprocessing, limits: ResolvedLimits,
-             count_text: CountText | None) -> _Image:  # fmt: skip
-    """The distinct grids an image can take, from its largest allowed tile cap down to one tile."""
+             count_text: CountText | None, *, tiled: bool = True) -> _Image:  # fmt: skip
+    """The distinct grids an image can take, from its largest allowed tile cap down to one tile; not `tiled`: its
+    untiled view alone (`grid(..., 0)`)."""
     box = request.crop.pixel_box(request.width, request.height) if request.crop else (0, 0, request.width, request.height)  # fmt: skip
     width, height = box[2] - box[0], box[3] - box[1]
     cap = spec.default_max_tiles
@@ -108,7 +110,7 @@ def _options(index: int, request: ImageRequest, spec: TiledPreprocessing, limits
         if limit is not None:
             cap = min(cap, limit)
     options: list[tuple[int, TileGrid, int, int]] = []
-    for k in range(cap, 0, -1):
+    for k in range(cap, 0, -1) if tiled else (0,):
         grid = spec.grid(width, height, k)
         if options and grid == options[-1][1]:
             continue

@@ -202,4 +202,28 @@ def tiny_internvl_bundles(tiny_internvl_dir, tmp_path_factory) -> dict[str, Path
         "F32": export(str(tiny_internvl_dir), root / "f32", quantization="F32"),
         "Q8_0": export(str(tiny_internvl_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
         "Q4_K_M": export(str(tiny_internvl_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
+def tiny_onevision_dir(tmp_path_factory) -> Path:
+    """A tiny random LLaVA-OneVision model directory (32 px tiles, the real Qwen2 vocabulary)."""
+    from edgevlm.exporters.llava_onevision import FAMILY
+
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-onevision"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_loaded(tiny_onevision_dir):
+    from edgevlm.exporters.llava_onevision import FAMILY
+
+    return FAMILY.load(tiny_onevision_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_onevision_bundles(tiny_onevision_dir, tmp_path_factory) -> dict[str, Path]:
+    """Bundles of the tiny LLaVA-OneVision: F32 + fp32 vision, Q8_0 and Q4_K_M LLMs with fp32 and int8 vision."""
+    from edgevlm.exporters import export
+
+    root = tmp_path_factory.mktemp("onevision-bundles")
+    return {
+        "F32": export(str(tiny_onevision_dir), root / "f32", quantization="F32"),
+        "Q8_0": export(str(tiny_onevision_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
+        "Q4_K_M": export(str(tiny_onevision_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
     }

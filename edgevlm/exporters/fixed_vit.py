@@ -33,7 +33,7 @@ def embed_patches(pixel_patches: torch.Tensor, patch_embedding: nn.Conv2d) -> to
 
 
 def run_encoder_layers(hidden: torch.Tensor, layers: Iterable[nn.Module], *, fused_attention: bool) -> torch.Tensor:
-    """CLIP/SigLIP encoder layers on (1, N, d); `fused_attention`: onnxruntime's `com.microsoft.MultiHeadAttention`
+    """CLIP/SigLIP encoder layers on (images, N, d); `fused_attention`: onnxruntime's `com.microsoft.MultiHeadAttention`
     (one kernel, onnxruntime only) instead of standard ONNX ops."""
     for layer in layers:
         attn = layer.self_attn
@@ -52,10 +52,10 @@ def attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: to
 
 
 def _attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    n = query.shape[1]
-    heads = [x.reshape(1, n, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (query, key, value)]
+    batch, n = query.shape[:2]  # images attend within themselves
+    heads = [x.reshape(batch, n, attn.num_heads, attn.head_dim).transpose(1, 2) for x in (query, key, value)]
     out = F.scaled_dot_product_attention(*heads, scale=attn.scale)
-    return out.transpose(1, 2).reshape(1, n, attn.num_heads * attn.head_dim)
+    return out.transpose(1, 2).reshape(batch, n, attn.num_heads * attn.head_dim)
 
 
 def _fused_attention(attn: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -79,20 +79,21 @@ QWEN2_VL_TINY = Qwen2VLShape(
 )  # fmt: skip
 
 
-def qwen2_vl_tokenizer(backend, *, model_max_length: int, extra_tokens: Sequence[str] = ()):
-    """A `PreTrainedTokenizerFast` around a byte-level BPE `tokenizers.Tokenizer`, with Qwen2-VL's special tokens
-    (added right after the BPE vocabulary, in Qwen2's order), then `extra_tokens` (not special), and chat template."""
+def qwen2_vl_tokenizer(backend, *, model_max_length: int, extra_tokens: Sequence[str] = (), special_tokens: Sequence[str] = QWEN2_VL_SPECIAL_TOKENS):  # fmt: skip
+    """A `PreTrainedTokenizerFast` around a byte-level BPE `tokenizers.Tokenizer`, with `special_tokens` (Qwen2-VL's
+    by default; added right after the BPE vocabulary, in that order), then `extra_tokens` (not special), and Qwen2-VL's
+    chat template."""
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
 
     # Added in id order first, so that they take consecutive ids whatever the tokenizer wrapper adds later.
-    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in QWEN2_VL_SPECIAL_TOKENS])
+    backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special_tokens])
     backend.add_tokens([AddedToken(t, special=False, normalized=False) for t in extra_tokens])
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token="<|im_end|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=QWEN2_VL_SPECIAL_TOKENS,
+        additional_special_tokens=list(special_tokens),
         clean_up_tokenization_spaces=False,
         model_max_length=model_max_length,
     )
@@ -100,9 +101,10 @@ def qwen2_vl_tokenizer(backend, *, model_max_length: int, extra_tokens: Sequence
     return tokenizer
 
 
-def qwen2_tokenizer(extra_tokens: Sequence[str] = ()):
-    """Qwen2's tokenizer (a `PreTrainedTokenizerFast`) rebuilt from dashscope's `qwen.tiktoken`, with Qwen2-VL's
-    special tokens and then `extra_tokens` (those a successor's tokenizer adds)."""
+def qwen2_tokenizer(extra_tokens: Sequence[str] = (), special_tokens: Sequence[str] = QWEN2_VL_SPECIAL_TOKENS):
+    """Qwen2's tokenizer (a `PreTrainedTokenizerFast`) rebuilt from dashscope's `qwen.tiktoken`, with `special_tokens`
+    from id 151643 (Qwen2-VL's by default; they must start with `<|endoftext|>`) and then `extra_tokens` (those a
+    successor's tokenizer adds)."""
     try:
         import dashscope
     except ImportError as e:
@@ -113,7 +115,7 @@ def qwen2_tokenizer(extra_tokens: Sequence[str] = ()):
     vocab_file = Path(dashscope.__file__).parent / "resources" / "qwen.tiktoken"
     backend = TikTokenConverter(vocab_file=str(vocab_file), pattern=QWEN2_SPLIT_PATTERN).converted()
     backend.normalizer = normalizers.NFC()
-    tokenizer = qwen2_vl_tokenizer(backend, model_max_length=32768, extra_tokens=extra_tokens)
+    tokenizer = qwen2_vl_tokenizer(backend, model_max_length=32768, extra_tokens=extra_tokens, special_tokens=special_tokens)  # fmt: skip
     first_special = tokenizer.convert_tokens_to_ids(QWEN2_VL_SPECIAL_TOKENS[0])
     if first_special != 151643:
         raise RuntimeError(f"qwen.tiktoken gave <|endoftext|> id {first_special}, expected Qwen2's 151643")

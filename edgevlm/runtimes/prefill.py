@@ -95,8 +95,8 @@ class Prefill:
                 rows.append(self.llm.decode_tokens(span.tokens, text_positions(position, len(span.tokens)), logits="all"))  # fmt: skip
                 position += len(span.tokens)
             else:
-                embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
-                positions, position = self.positions.image_positions(position, span.image.grid)
+                embeds = self.vision.encode(span.image.pixel_patches, span.image.grid, span.image.graph_inputs)
+                positions, position = self.positions.image_positions(position, span.image.position_grid)
                 rows.append(self.llm.decode_embeddings(embeds, positions, logits="all", bidirectional=self.bidirectional_images))  # fmt: skip
         return np.concatenate(rows)
 
@@ -172,7 +172,7 @@ class Prefill:
     def _record_image(self, span: Span, n_embeds: int, position: int) -> tuple[np.ndarray, int]:
         """Note an image in the KV record from `position` on; returns its embeddings' positions and the position
         after it (a failed decode makes `prefill` forget the whole record)."""
-        positions, next_position = self.positions.image_positions(position, span.image.grid)
+        positions, next_position = self.positions.image_positions(position, span.image.position_grid)
         self.kv.append(span.key, position, n_embeds, next_position)
         return positions, next_position
 
@@ -182,7 +182,7 @@ class Prefill:
         if embeds is not None:
             timings.n_cached_image_tokens += len(embeds)
             return embeds
-        embeds = self.vision.encode(span.image.pixel_patches, span.image.grid)
+        embeds = self.vision.encode(span.image.pixel_patches, span.image.grid, span.image.graph_inputs)
         if len(embeds) != span.image.n_tokens:
             raise RuntimeError(f"the vision graph returned {len(embeds)} embeddings for an image the "
                                f"preprocessor planned as {span.image.n_tokens} tokens")  # fmt: skip

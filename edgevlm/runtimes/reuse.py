@@ -24,6 +24,8 @@ def image_key(image: PreparedImage, vision_dtype: str) -> str:
     """Content key of a preprocessed image: its patches, grid and the vision precision that would encode it."""
     digest = hashlib.sha256(np.ascontiguousarray(image.pixel_patches, dtype=np.float32).data)
     digest.update(repr((image.grid, image.merge_size, vision_dtype)).encode())
+    for name, value in sorted(image.graph_inputs.items()):  # what packs its tokens (AnyRes), if anything
+        digest.update(name.encode() + np.ascontiguousarray(value).tobytes())
     return "image:" + digest.hexdigest()
 
 

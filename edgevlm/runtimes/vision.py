@@ -10,6 +10,7 @@ import ctypes
 import functools
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -139,8 +140,10 @@ class VisionEncoder:
         """Execution providers the session really runs on (onnxruntime drops ones it cannot use)."""
         return self._providers
 
-    def encode(self, pixel_patches: np.ndarray, grid: tuple[int, int, int]) -> np.ndarray:
-        """Embeddings (t*h*w / merge², hidden) float32 of one image's (or video's) patches on grid (t, h, w).
+    def encode(self, pixel_patches: np.ndarray, grid: tuple[int, int, int], image_inputs: Mapping[str, np.ndarray] | None = None) -> np.ndarray:  # fmt: skip
+        """Embeddings (t*h*w / merge², hidden) float32 of one image's (or video's) patches on grid (t, h, w);
+        `image_inputs`: the graph's inputs the image brings (`PreparedImage.graph_inputs`; AnyRes packs its tokens
+        by them, so the rows are as many as they say).
 
         Frames of a video attend only within themselves (as in Qwen2-VL), so they are encoded one by one.
         """
@@ -158,7 +161,7 @@ class VisionEncoder:
                 " (channels * temporal_patch_size * patch_size²); was the image preprocessed for another model?"
             )
         pixel_patches = np.ascontiguousarray(pixel_patches, dtype=np.float32)
-        extra = self.patch_positions.extra_inputs((1, h, w), self.merge_size)
+        extra = {**self.patch_positions.extra_inputs((1, h, w), self.merge_size), **(image_inputs or {})}
         frames = np.split(pixel_patches, t) if t > 1 else [pixel_patches]
         embeds = [self.vision_session.run([IMAGE_EMBEDS], {PIXEL_PATCHES: frame, **extra})[0] for frame in frames]
         return embeds[0] if t == 1 else np.concatenate(embeds, axis=0)

@@ -12,7 +12,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from ..graph import PATCH_POSITIONS, PIXEL_PATCHES
+from ..graph import PATCH_POSITIONS, PIXEL_PATCHES, TOKEN_SOURCES, TOKEN_WEIGHTS
 from .registry import register
 
 
@@ -67,4 +67,17 @@ class NoPatchPositions:
         return {}
 
 
-PatchPositions = Grid2D | NoPatchPositions
+@register("patch_positions", "packed-tokens")
+@dataclass(frozen=True)
+class PackedTokens:
+    """The graph takes the patches of one view's images and packs their features into the view's tokens by
+    `token_sources` / `token_weights`, which the view brings (`PreparedImage.graph_inputs`; AnyRes)."""
+
+    kind: ClassVar[str]
+    graph_inputs: ClassVar[tuple[str, ...]] = (PIXEL_PATCHES, TOKEN_SOURCES, TOKEN_WEIGHTS)
+
+    def extra_inputs(self, frame_grid: tuple[int, int, int], merge_size: int) -> dict[str, np.ndarray]:
+        return {}
+
+
+PatchPositions = Grid2D | NoPatchPositions | PackedTokens

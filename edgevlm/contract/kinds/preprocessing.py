@@ -343,6 +343,18 @@ class PreparedImage:
         grid_t, grid_h, grid_w = self.grid
         return grid_t * grid_h * grid_w // self.merge_size**2
 
+    @property
+    def graph_inputs(self) -> dict[str, np.ndarray]:
+        """What the vision graph takes for this image besides its pixels and the `patch_positions` kind's inputs
+        (a kind whose graph packs its features by the image's size, as AnyRes, brings them here)."""
+        return {}
+
+    @property
+    def position_grid(self) -> tuple[int, int, int]:
+        """The grid the `positions` kind lays this image's tokens out on: the patch grid, unless the graph packs
+        the tokens otherwise (AnyRes: a row of `n_tokens`)."""
+        return self.grid
+
 
 def preprocess(image: Image.Image, spec: SingleViewPreprocessing, *, resized_size: tuple[int, int] | None = None) -> PreparedImage:  # fmt: skip
     """Resize, normalize and patchify `image` exactly like transformers' image processor of `spec`'s kind.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
+from typing import ClassVar
 
 from PIL import Image
 
@@ -59,6 +60,9 @@ class TiledPreprocessing(Section):
     tile_size: int  # pixels per tile side
     patch_size: int
     merge_size: int  # patches per token side (a pixel shuffle of 2 makes 2x2 patches one token)
+    # True: the model's processor tiles an image only when it is the prompt's only one, and encodes each image of a
+    # multi-image prompt untiled (`grid(..., max_tiles=0)`; LLaVA-OneVision)
+    tiles_lone_image_only: ClassVar[bool] = False
 
     @property
     def factor(self) -> int:
