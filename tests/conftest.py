@@ -202,6 +202,10 @@ def tiny_internvl_bundles(tiny_internvl_dir, tmp_path_factory) -> dict[str, Path
         "F32": export(str(tiny_internvl_dir), root / "f32", quantization="F32"),
         "Q8_0": export(str(tiny_internvl_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
         "Q4_K_M": export(str(tiny_internvl_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
+    }
+
+
+@pytest.fixture(scope="session")
 def tiny_onevision_dir(tmp_path_factory) -> Path:
     """A tiny random LLaVA-OneVision model directory (32 px tiles, the real Qwen2 vocabulary)."""
     from edgevlm.exporters.llava_onevision import FAMILY
