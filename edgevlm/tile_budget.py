@@ -5,8 +5,10 @@ A tiling model encodes every tile at one size, so an image's tokens are set by i
 - Each image starts at the grid transformers' processor picks (`spec.grid` with no cap), or with at most
   `max_tiles` tiles (the limits' `max_tiles`, or a request's `tiles` = K, whichever is smaller).
 - `max_image_tokens` bounds each image's tokens (its views together): the image gets the largest tile cap whose grid
-  fits (a profile's or bundle's default that even the smallest grid exceeds gives the smallest grid; one the caller
-  set is refused). `image_budget` and the context (n_ctx - prompt tokens - max_new_tokens, the text between an image's views
+  fits (a bundle's that even the smallest grid exceeds gives the smallest grid; one the caller set is refused). A
+  hardware profile's `max_image_tokens` does not bind: profiles write it against the quadratic memory of one resized
+  span, while a tiling model's memory follows one tile whatever the grid; profiles bound tiling models with
+  `max_tiles` and `image_budget` instead. `image_budget` and the context (n_ctx - prompt tokens - max_new_tokens, the text between an image's views
   counted too) bound all images together: while they do not fit, the image costing the most tokens steps down to its
   next smaller grid. `min_image_tokens` is a floor on that shrinking: an image is not shrunk below the smallest grid
   with at least that many tokens.
@@ -122,8 +124,8 @@ def _options(index: int, request: ImageRequest, spec: TiledPreprocessing, limits
 
 def _within_image_limit(image: _Image, limits: ResolvedLimits) -> int:
     """The first (largest) option within `max_image_tokens`; when even the smallest is above it, the smallest for a
-    profile's or bundle's default, BudgetError for a limit the caller set."""
-    if limits.max_image_tokens is None:
+    bundle's default, BudgetError for a limit the caller set. A profile's does not bind (see the module docstring)."""
+    if limits.max_image_tokens is None or dict(limits.sources).get("max_image_tokens") == "profile":
         return 0
     for i, (_, _, n_tokens, _) in enumerate(image.options):
         if n_tokens <= limits.max_image_tokens:
@@ -150,12 +152,12 @@ def _spans(image: _Image, grid: TileGrid, spec: TiledPreprocessing, limited_by: 
     side = spec.tile_size // spec.patch_size
     out = []
     for view in spec.views(grid, *image.size):
-        n_patches = view.n_crops * side * side
+        crops = view.n_crops  # each attends within itself: memory and attention cost grow with crops, not crops²
         out.append(SpanPlan(
             image_index=image.index, view=view.view, box=image.box, resized_size=(spec.tile_size, spec.tile_size),
-            grid=(view.n_crops, side, side), n_tokens=view.n_tokens, limited_by=limited_by,
-            activation_bytes=estimate_activation_bytes(n_patches, tower) if tower else None,
-            encode_flops=estimate_encode_flops(n_patches, tower) if tower else None, tiling=grid, tile=view,
+            grid=(crops, side, side), n_tokens=view.n_tokens, limited_by=limited_by,
+            activation_bytes=crops * estimate_activation_bytes(side * side, tower) if tower else None,
+            encode_flops=crops * estimate_encode_flops(side * side, tower) if tower else None, tiling=grid, tile=view,
         ))  # fmt: skip
     return out
 

@@ -92,7 +92,9 @@ def test_max_image_tokens_picks_the_largest_grid_that_fits():
     with pytest.raises(BudgetError, match="needs at least 4 tokens"):
         plan([ImageRequest(100, 60)], limits=BudgetLimits(max_image_tokens=3))
     default = plan_tiled([ImageRequest(100, 60)], SCHEME, resolve_limits(bundle=BudgetLimits(max_image_tokens=3)))
-    assert default.spans[0].tiling == TileGrid(0, 0)  # a default limit below the smallest grid: the smallest grid
+    assert default.spans[0].tiling == TileGrid(0, 0)  # a bundle's limit below the smallest grid: the smallest grid
+    profile = plan_tiled([ImageRequest(100, 60)], SCHEME, resolve_limits(profile=BudgetLimits(max_image_tokens=3)))
+    assert profile.spans[0].tiling == TileGrid(2, 4)  # a profile's does not bind a tiling model (max_tiles does)
 
 
 def test_max_tiles_and_request_tiles_cap_the_grid():

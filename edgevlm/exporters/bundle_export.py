@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import __version__
 from ..budget import DEFAULT_MAX_IMAGE_TOKENS, BudgetLimits, model_token_range
 from ..bundle import Bundle, BundleWriter, check_output_dir
-from ..contract.kinds.tiling import Preprocessing
+from ..contract.kinds.tiling import Preprocessing, TiledPreprocessing
 from ..contract.manifest import VISION_DTYPES, LLMSpec, Manifest
 from ..errors import BudgetError, EdgeVLMError, UnsupportedModelError
 from ..progress import stage
@@ -182,6 +182,8 @@ def export(
 
 def _bundle_budget(preprocessing: Preprocessing, max_image_tokens: int | None) -> BudgetLimits:
     model_min, model_max = model_token_range(preprocessing)
+    if max_image_tokens is None and isinstance(preprocessing, TiledPreprocessing):
+        return BudgetLimits()  # the processor's own grid; tiles cost memory one at a time
     if max_image_tokens is None:
         return BudgetLimits(max_image_tokens=min(DEFAULT_MAX_IMAGE_TOKENS, model_max))
     if max_image_tokens < model_min:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..budget import estimate_activation_bytes, vision_tower_size
+from ..contract.kinds.tiling import TiledPreprocessing
 from ..bundle import Bundle
 from ..errors import BundleError
 from ..gguf_header import read_gguf_header
@@ -98,7 +99,10 @@ def estimate_memory(
         values_per_token = kv_values_per_token(bundle.file(manifest.llm.file), manifest.llm.arch)
     tower = vision_tower_size(manifest, vision_dtype)
     activations = None
-    if tower is not None and max_image_tokens is not None:
+    spec = manifest.preprocessing
+    if tower is not None and isinstance(spec, TiledPreprocessing):  # one view at a time, its crops one by one
+        activations = spec.max_crops_per_view * estimate_activation_bytes(spec.crop_patches, tower)
+    elif tower is not None and max_image_tokens is not None:
         activations = estimate_activation_bytes(max_image_tokens * tower.merge_size**2, tower)
     return MemoryEstimate(
         llm_file=manifest.llm.file, llm_file_bytes=bundle.file(manifest.llm.file).stat().st_size, vision_file=vision_file,

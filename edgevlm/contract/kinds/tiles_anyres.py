@@ -106,6 +106,10 @@ class AnyResTiles(TiledPreprocessing):
     def default_max_tiles(self) -> int:
         return max(h * w for h, w in self.grid_pinpoints) // self.tile_size**2
 
+    @property
+    def max_crops_per_view(self) -> int:
+        return 1 + self.default_max_tiles
+
     def grid(self, width: int, height: int, max_tiles: int | None = None) -> TileGrid:
         """The processor's grid (`select_best_resolution` over the pinpoints). With a smaller cap: its choice among
         the pinpoints of at most that many tiles that cost no more tokens than the grid of the next larger cap (the

@@ -98,6 +98,16 @@ class TiledPreprocessing(Section):
     def layout(self, grid: TileGrid, width: int, height: int) -> list[str | int]:
         """The image's prompt in its placeholder's place: text and, as ints, indices into `views`, in order."""
 
+    @property
+    def crop_patches(self) -> int:
+        """Patches of one tile-size crop: the vision graph attends within a crop, so its memory follows one crop."""
+        return (self.tile_size // self.patch_size) ** 2
+
+    @property
+    def max_crops_per_view(self) -> int:
+        """The most tile-size crops one view holds (1: a view is one tile; AnyRes' view: the base and every tile)."""
+        return 1
+
     def n_tokens(self, grid: TileGrid, width: int, height: int) -> int:
         """Embedding rows of the image (text between views not counted)."""
         return sum(view.n_tokens for view in self.views(grid, width, height))
