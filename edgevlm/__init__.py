@@ -58,7 +58,7 @@ def load(
     `verify` checks every bundle file's sha256 before loading, the first time this device sees the file; later
     loads only compare sizes and times with the record of verified files (`edgevlm.integrity`). A file that fails
     raises BundleError. Overrides beat the profile: n_ctx, n_threads, n_gpu_layers, vision_dtype, providers
-    (onnxruntime names or (name, options) pairs), max_image_tokens, min_image_tokens, image_budget.
+    (onnxruntime names or (name, options) pairs), max_image_tokens, min_image_tokens, image_budget, max_tiles.
     """
     from .runtimes.pipeline import EdgeVLM
 

@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Any
 from .errors import BudgetError, ContextOverflowError
 
 if TYPE_CHECKING:  # the contract reads the budget section: the strategies it reads come after it
-    from .contract.kinds.tiling import Preprocessing
+    from .contract.kinds.tiling import Preprocessing, TileGrid, TileView
 
 LIMIT_LAYERS = ("request", "cli", "profile", "bundle")  # highest precedence first
 DEFAULT_LAYERS = ("profile", "bundle")  # limits written for any model: moved into a model's own range, not refused
@@ -64,13 +64,17 @@ Box = tuple[int, int, int, int]  # (left, top, right, bottom) in source pixels, 
 class BudgetLimits:
     """Token limits for the images of one request; None leaves a limit to a lower-precedence layer.
 
-    `max_image_tokens`/`min_image_tokens` bound each image span; `image_budget` bounds the sum over all spans of a
-    request (tiles and the global view included).
+    `max_image_tokens`/`min_image_tokens` bound each image span (a tiling model's image: all its views);
+    `image_budget` bounds the sum over all spans of a request (tiles and the global view included); `max_tiles` caps
+    the tiles of an image (a tiling model's grid, or a request's `tiles`).
     """
 
     max_image_tokens: int | None = None
     min_image_tokens: int | None = None
     image_budget: int | None = None
+    # added after bundles were written: left out of their JSON when None (as the manifest's OMIT_DEFAULT fields), so
+    # their budget sections stay as they were
+    max_tiles: int | None = dataclasses.field(default=None, metadata={"unit": "tiles", "omit_default": True})
 
     def __post_init__(self) -> None:
         for field in fields(BudgetLimits):
@@ -78,7 +82,8 @@ class BudgetLimits:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-                raise BudgetError(f"{field.name}={value!r}: expected a positive whole number of tokens, or none")
+                unit = field.metadata.get("unit", "tokens")
+                raise BudgetError(f"{field.name}={value!r}: expected a positive whole number of {unit}, or none")
             object.__setattr__(self, field.name, int(value))
         if self.min_image_tokens and self.max_image_tokens and self.min_image_tokens > self.max_image_tokens:
             raise BudgetError(
@@ -87,7 +92,8 @@ class BudgetLimits:
             )
 
     def to_dict(self) -> dict[str, int | None]:
-        return {field.name: getattr(self, field.name) for field in fields(BudgetLimits)}
+        return {field.name: getattr(self, field.name) for field in fields(BudgetLimits)
+                if getattr(self, field.name) is not None or not field.metadata.get("omit_default")}  # fmt: skip
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None, where: str = "budget") -> BudgetLimits:
@@ -452,6 +458,8 @@ class SpanPlan:
     #                         "image_budget" or "context"
     activation_bytes: int | None = None  # estimate; None when the bundle does not record the tower's size
     encode_flops: float | None = None
+    tiling: TileGrid | None = None  # a tiling model's grid for this image (`edgevlm.tile_budget`)
+    tile: TileView | None = None  # which of its views this span is
 
     @property
     def n_patches(self) -> int:

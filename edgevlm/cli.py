@@ -194,7 +194,7 @@ def _answer_record(text: str, last, load_s: float) -> dict:
 
 def _plan(args: argparse.Namespace) -> int:
     """Print the token plan of `run` with the same flags, from image headers: no model is loaded."""
-    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest
+    from .budget import DEFAULT_VISION_GFLOPS, BudgetLimits, Crop, ImageRequest, SpanPlan
     from .bundle import Bundle
     from .images import image_size
     from .planner import Planner
@@ -202,7 +202,7 @@ def _plan(args: argparse.Namespace) -> int:
 
     bundle = Bundle.open(args.bundle)
     manifest = bundle.manifest
-    cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget)
+    cli_limits = BudgetLimits(args.max_image_tokens, args.min_image_tokens, args.image_budget, args.max_tiles)
     crop = Crop.parse(args.crop) if args.crop else None
     settings = resolve_settings(args.profile, bundle, Overrides(n_ctx=args.n_ctx, vision_dtype=args.vision_dtype, limits=cli_limits))  # fmt: skip
     n_ctx = settings.llama.n_ctx
@@ -215,14 +215,23 @@ def _plan(args: argparse.Namespace) -> int:
     plan = planner.plan(requests, n_prompt_tokens=args.prompt_tokens, max_new_tokens=args.max_tokens)
 
     gib = 2**30
-    header = f"{'view':<7} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"
+
+    def label(span: SpanPlan) -> str:
+        return span.view if span.tile is None or span.tile.row is None else f"tile {span.tile.row + 1},{span.tile.col + 1}"  # fmt: skip
+
+    width_view = max([7, *(len(label(span)) + 1 for span in plan.spans)])
+    header = f"{'view':<{width_view}} {'region (l,t,r,b)':<22} {'resized':>10} {'grid':>8} {'tokens':>7}  {'limited by':<17}"  # fmt: skip
     print(header + (f" {'est. memory':>11} {'est. encode':>11}" if tower else ""))
     for index, (path, (width, height)) in enumerate(zip(args.image, sizes, strict=True)):
-        print(f"{path}: {width}x{height}")
-        for span in (s for s in plan.spans if s.image_index == index):
+        spans = [s for s in plan.spans if s.image_index == index]
+        tiling = spans[0].tiling if spans else None
+        grid_note = "" if tiling is None else f", {tiling.rows}x{tiling.cols} tiles" if tiling.n_tiles else ", not split"  # fmt: skip
+        print(f"{path}: {width}x{height}{grid_note}")
+        for span in spans:
             region = "whole image" if span.box == (0, 0, width, height) else ",".join(map(str, span.box))
             resized = f"{span.resized_size[1]}x{span.resized_size[0]}"
-            line = (f"{span.view:<7} {region:<22} {resized:>10} {span.grid[1]:>3}x{span.grid[2]:<4} {span.n_tokens:>7}  "
+            grid = f"{span.grid[1]:>3}x{span.grid[2]:<4}" if span.grid[0] == 1 else f"{span.grid[0]}x{span.grid[1]}x{span.grid[2]}"  # fmt: skip
+            line = (f"{label(span):<{width_view}} {region:<22} {resized:>10} {grid:>8} {span.n_tokens:>7}  "
                     f"{span.limited_by or '-':<17}")  # fmt: skip
             if tower:
                 encode_s = span.encode_flops / (gflops * 1e9)
@@ -275,6 +284,8 @@ def _add_budget_flags(p: argparse.ArgumentParser, *, per_request: bool = True) -
     p.add_argument("--max-image-tokens", type=POSITIVE, metavar="N", help="most visual tokens per image span (default: the bundle's)")  # fmt: skip
     p.add_argument("--min-image-tokens", type=POSITIVE, metavar="N", help="fewest visual tokens per image span (default: the model's)")  # fmt: skip
     p.add_argument("--image-budget", type=POSITIVE, metavar="N", help="most visual tokens for all images together")
+    p.add_argument("--max-tiles", type=POSITIVE, metavar="K",
+                   help="most tiles per image: a tiling model's grid (SmolVLM2, InternVL3, LLaVA-OneVision), or --tiles")  # fmt: skip
     if per_request:
         p.add_argument("--tiles", type=TILES, metavar="K", help="encode a low-resolution global view plus up to K tiles")  # fmt: skip
         p.add_argument("--crop", metavar="L,T,R,B", help="encode only this region: pixels, or fractions if all in [0, 1]")  # fmt: skip
@@ -305,7 +316,7 @@ def _load(args: argparse.Namespace):
     return edgevlm.load(
         args.bundle, args.profile, n_ctx=args.n_ctx, n_threads=args.threads, vision_dtype=args.vision_dtype,
         max_image_tokens=args.max_image_tokens, min_image_tokens=args.min_image_tokens, image_budget=args.image_budget,
-        verify=not args.no_verify,
+        max_tiles=args.max_tiles, verify=not args.no_verify,
     )  # fmt: skip
 
 

@@ -27,6 +27,9 @@ from .budget import (  # fmt: skip
     within_model_range,
 )
 
+from .contract.kinds.tiling import TiledPreprocessing
+from .tile_budget import CountText, count_tiled_spans, plan_tiled
+
 if TYPE_CHECKING:
     from .contract.kinds.tiling import Preprocessing
     from .contract.manifest import Manifest
@@ -78,12 +81,23 @@ class Planner:
         high = min(in_force.max_image_tokens or model_max, model_max)
         return min(max(in_force.min_image_tokens or model_min, model_min), high), high
 
+    @property
+    def tiled(self) -> bool:
+        """Whether the model tiles images itself (a tiling kind: the limits choose each image's tile grid)."""
+        return isinstance(self.preprocessing, TiledPreprocessing)
+
     def count_spans(self, requests: Sequence[ImageRequest]) -> int:
-        """Image spans (global views and tiles) `requests` become: the prompt needs one placeholder for each."""
-        return count_spans(requests, self.preprocessing)
+        """Image placeholders the prompt needs for `requests`: one per image span (global views and tiles), or one
+        per image for a tiling model (the runtime writes the image's layout of views and text in its place)."""
+        return count_tiled_spans(requests) if self.tiled else count_spans(requests, self.preprocessing)
 
     def plan(self, requests: Sequence[ImageRequest], request: BudgetLimits | None = None, *,
-             n_prompt_tokens: int = 0, max_new_tokens: int = 0) -> BudgetPlan:  # fmt: skip
-        """The spans of one request's images (see `budget.plan_images`)."""
-        return plan_images(requests, self.preprocessing, self.limits(request), n_ctx=self.n_ctx,
+             n_prompt_tokens: int = 0, max_new_tokens: int = 0, count_text: CountText | None = None) -> BudgetPlan:  # fmt: skip
+        """The spans of one request's images (see `budget.plan_images`, `tile_budget.plan_tiled`); `count_text`
+        counts the tokens of the text a tiling model writes between views (None: not counted)."""
+        limits = self.limits(request)
+        if isinstance(self.preprocessing, TiledPreprocessing):
+            return plan_tiled(requests, self.preprocessing, limits, n_ctx=self.n_ctx, n_prompt_tokens=n_prompt_tokens,
+                              max_new_tokens=max_new_tokens, tower=self.tower, count_text=count_text)  # fmt: skip
+        return plan_images(requests, self.preprocessing, limits, n_ctx=self.n_ctx,
                            n_prompt_tokens=n_prompt_tokens, max_new_tokens=max_new_tokens, tower=self.tower)  # fmt: skip

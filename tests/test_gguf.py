@@ -365,3 +365,29 @@ def test_read_gguf_metadata_types(tmp_path):
     assert md["tokenizer.ggml.merges"] == ["a b"] and md["tokenizer.ggml.token_type"] == [1, 3]
     assert read_gguf_tensor_types(path) == {"token_embd.weight": "F16", "n.weight": "F32"}
     assert struct.unpack("<I", path.read_bytes()[4:8])[0] == 3  # GGUF v3
+
+
+def test_plain_qwen2_language_model(hf, tmp_path):
+    """`QWEN2_FORMAT` (the LLM of InternVL3 and LLaVA-OneVision): a Qwen2 decoder with 1-D RoPE, arch `qwen2`. Built
+    from the tiny Qwen2-VL's text weights as a `Qwen2ForCausalLM`: its logits in llama.cpp match transformers'."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from edgevlm.exporters.qwen2vl_gguf import QWEN2_FORMAT
+
+    vlm, tokenizer = hf
+    text = vlm.config.text_config
+    config = Qwen2Config(**{k: getattr(text, k) for k in ("vocab_size", "hidden_size", "intermediate_size",
+                            "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "rms_norm_eps",
+                            "max_position_embeddings")}, rope_theta=1e6, tie_word_embeddings=False)  # fmt: skip
+    model = Qwen2ForCausalLM(config).eval()
+    weights = {k.removeprefix("model.language_model."): v for k, v in vlm.state_dict().items() if "visual" not in k}
+    model.model.load_state_dict({k: v for k, v in weights.items() if k != "lm_head.weight"}, strict=True)
+    model.lm_head.weight.data.copy_(vlm.lm_head.weight)
+    path = tmp_path / "qwen2.gguf"
+    summary = write_qwen2_vl_llm_gguf(model, tokenizer, path, dtype="f32", llm_format=QWEN2_FORMAT)
+    assert summary["arch"] == "qwen2" and "rope_sections" not in summary
+    assert set(summary["special_tokens"]) == {"eos", "endoftext", "im_start", "im_end"}
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=512, n_threads=2, logits_all=True, verbose=False)
+    ids = hf_ids(tokenizer, PROMPTS[0])
+    diff = float(np.abs(llama_logits(llm, ids) - hf_logits(model, ids)).max())
+    assert diff <= LOGITS_ATOL, f"plain Qwen2 GGUF vs transformers: max abs logits diff {diff:.4g}"

@@ -186,7 +186,7 @@ EXPECTED = {  # on GPU_HOST (6 physical cores), without a bundle
     "cpu-lowmem": (
         [("CPUExecutionProvider", {})], "int8",
         LlamaSettings(n_ctx=2048, n_batch=256, n_ubatch=256, n_threads=6, n_threads_batch=6, n_gpu_layers=0, flash_attn=True, kv_cache_type="q8_0", mmap=None, mlock=False, adapt_threads=True),
-        BudgetLimits(max_image_tokens=512, image_budget=1024),
+        BudgetLimits(max_image_tokens=512, image_budget=1024, max_tiles=4),
     ),
     "cuda": (
         [("CUDAExecutionProvider", CUDA_OPTIONS), ("CPUExecutionProvider", {})], "fp16",

@@ -1,5 +1,6 @@
 """The language model of Qwen2-VL, and of successors that keep it, → GGUF (arch `qwen2vl`), with its tokenizer and
-chat template.
+chat template; and a plain Qwen2 language model (arch `qwen2`, `QWEN2_FORMAT`: the LLM of InternVL3 and
+LLaVA-OneVision).
 
 The result loads in stock llama.cpp (whose converter maps those architectures to `qwen2vl` too). Text positions are
 plain 1-D; image positions use the M-RoPE sections stored in `qwen2vl.rope.dimension_sections`. The vision tower
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,9 @@ TENSOR_MAP = {
     "lm_head.weight": "output.weight",  # absent from the GGUF when tied to embed_tokens
     **{f"layers.{{bid}}.self_attn.{p}_proj.bias": f"blk.{{bid}}.attn_{p}.bias" for p in "qkv"},
 }
+
+# Qwen2's chat tokens by role, which every Qwen2 language model has.
+QWEN2_CHAT_TOKENS = {"endoftext": "<|endoftext|>", "im_start": "<|im_start|>", "im_end": "<|im_end|>"}
 
 # Qwen2-VL's special tokens by role, looked up by text in the tokenizer (ids shown are Qwen2-VL's).
 SPECIAL_TOKENS = {
@@ -114,6 +118,8 @@ class QwenLLMFormat:
     arch: str
     tensor_map: Mapping[str, str]
     hparams: Callable[[Any], dict[str, Any]]
+    special_tokens: Mapping[str, str] = field(default_factory=lambda: SPECIAL_TOKENS)  # roles -> texts; the
+    # tokenizer must have them all (QWEN2_CHAT_TOKENS' roles at least)
 
 
 def _qwen2_vl_model_hparams(config: Any) -> dict[str, Any]:
@@ -123,13 +129,29 @@ def _qwen2_vl_model_hparams(config: Any) -> dict[str, Any]:
 QWEN2VL_FORMAT = QwenLLMFormat(ARCH, TENSOR_MAP, _qwen2_vl_model_hparams)
 
 
-def special_token_ids(tokenizer: Any) -> dict[str, int]:
-    """Ids of Qwen2-VL's special tokens by role; raises if the tokenizer lacks one."""
+def _qwen2_model_hparams(config: Any) -> dict[str, Any]:
+    """GGUF metadata of a plain Qwen2 decoder (1-D RoPE) from a model config (its text_config if nested)."""
+    text_config = getattr(config, "text_config", config)
+    rope, rope_theta = rope_settings(text_config)
+    if rope_theta is None:
+        raise UnsupportedModelError(f"Qwen2 text config lacks rope_theta (rope settings: {rope!r})")
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"Qwen2 rope_type={rope['rope_type']!r}: edgevlm writes the default RoPE only")
+    if getattr(text_config, "use_sliding_window", False):
+        raise UnsupportedModelError("Qwen2 with use_sliding_window=true is not supported")
+    return decoder_hparams("qwen2", text_config, rope_theta)
+
+
+QWEN2_FORMAT = QwenLLMFormat("qwen2", TENSOR_MAP, _qwen2_model_hparams, QWEN2_CHAT_TOKENS)
+
+
+def special_token_ids(tokenizer: Any, special_tokens: Mapping[str, str] = SPECIAL_TOKENS) -> dict[str, int]:
+    """Ids of a family's special tokens (`special_tokens`: roles -> texts) by role; raises if the tokenizer lacks one."""
     vocab = tokenizer.get_vocab()
-    missing = [text for text in SPECIAL_TOKENS.values() if text not in vocab]
+    missing = [text for text in special_tokens.values() if text not in vocab]
     if missing:
-        raise UnsupportedModelError(f"tokenizer lacks Qwen2-VL special tokens {missing}")
-    return {role: int(vocab[text]) for role, text in SPECIAL_TOKENS.items()}
+        raise UnsupportedModelError(f"tokenizer lacks the special tokens {missing}")
+    return {role: int(vocab[text]) for role, text in special_tokens.items()}
 
 
 def _tied(hf_model: Any) -> bool:
@@ -177,7 +199,7 @@ def write_qwen2_vl_llm_gguf(
     text_config = getattr(hf_model.config, "text_config", hf_model.config)
     hparams = llm_format.hparams(hf_model.config)  # validates the config before any tensor is touched
     vocab_size = int(text_config.vocab_size)
-    ids = special_token_ids(tokenizer)
+    ids = special_token_ids(tokenizer, llm_format.special_tokens)
     if chat_template is None:
         chat_template = find_chat_template(tokenizer, getattr(hf_model, "name_or_path", None))
     if chat_template is None:
@@ -206,7 +228,7 @@ def write_qwen2_vl_llm_gguf(
     return {
         **decoder_summary(arch, dtype, text_config, vocab_size, chat_template),
         "tied_embeddings": tied,
-        "rope_sections": hparams[f"{arch}.rope.dimension_sections"],
+        **({"rope_sections": hparams[sections]} if (sections := f"{arch}.rope.dimension_sections") in hparams else {}),
         "special_tokens": {"eos": ids["im_end"], **ids},
         "eos_token_ids": [ids["im_end"], ids["endoftext"]],
         # llama.cpp does not normalize; tokenizing normalize(form, text) gives transformers' ids.

@@ -73,10 +73,11 @@ class EdgeVLM:
         max_image_tokens: int | None = None,
         min_image_tokens: int | None = None,
         image_budget: int | None = None,
+        max_tiles: int | None = None,
     ):
         """Load `bundle` with a hardware profile ("auto", a shipped name, a TOML path or a `Profile`); every other
         argument given beats the profile's value (`edgevlm.profiles.resolve_settings`)."""
-        cli_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)  # checked before loading
+        cli_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget, max_tiles)  # checked before loading
         self.bundle = bundle
         manifest = bundle.manifest
         self.manifest = manifest
@@ -171,7 +172,9 @@ class EdgeVLM:
         """The image spans `generate` would encode with these arguments, from the images' sizes only (no decoding);
         images above the pixel caps are refused as `generate` refuses them."""
         max_tokens = _max_tokens(max_tokens, max_new_tokens, "plan")
-        requests = image_requests(list(check_images(as_image_list(images), image_limits).sizes), crop, tiles)
+        requests = image_requests(
+            list(check_images(as_image_list(images), image_limits).sizes), crop, self._tiles(tiles)
+        )
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
         return self._plan(lambda n: self._prompt_segments(prompt, n), requests, max_tokens, request_limits)[0]
 
@@ -185,8 +188,22 @@ class EdgeVLM:
                              f"(is {self.manifest.tokens.image_pad} in the prompt text?)")  # fmt: skip
         n_text = sum(map(len, pieces))
         reserve = self._answer_room(requests, request_limits, n_text, max_tokens)
-        plan = self.planner.plan(requests, request_limits, n_prompt_tokens=n_text, max_new_tokens=reserve)
+        plan = self.planner.plan(requests, request_limits, n_prompt_tokens=n_text, max_new_tokens=reserve,
+                                 count_text=self._count_layout_text)  # fmt: skip
         return plan, pieces
+
+    def _tiles(self, tiles: int | None) -> int | None:
+        """A request's `tiles`, capped by the `max_tiles` of the limits below it (cli, profile, bundle)."""
+        cap = self.planner.limits().max_tiles
+        return min(tiles, cap) if tiles and cap else tiles
+
+    def _layout_tokens(self, text: str) -> list[int]:
+        """Tokens of text a tiling model writes between an image's views (special tokens parsed)."""
+        with self._using():
+            return self.llm.tokenize(text, parse_special=True, add_special=False)
+
+    def _count_layout_text(self, texts: Sequence[str]) -> int:
+        return sum(len(self._layout_tokens(text)) for text in texts)
 
     def _answer_room(self, requests: list[ImageRequest], request_limits: BudgetLimits, n_text: int, max_tokens: int) -> int:  # fmt: skip
         """The tokens kept free for the answer while images are planned: `max_tokens`, or less when the context
@@ -206,9 +223,9 @@ class EdgeVLM:
     def _prepare(self, render: Callable[[int], list[Segment]], images: CheckedImages, max_tokens: int,
                  request_limits: BudgetLimits, crop: CropArg, tiles: int | None) -> list[Span]:  # fmt: skip
         """Plan the image spans from the checked sizes, then cut them from the images exactly as planned."""
-        requests = image_requests(list(images.sizes), crop, tiles)
+        requests = image_requests(list(images.sizes), crop, self._tiles(tiles))
         plan, pieces = self._plan(render, requests, max_tokens, request_limits)
-        return prepare_spans(pieces, images, plan, self.preprocessing, self.vision_dtype)
+        return prepare_spans(pieces, images, plan, self.preprocessing, self.vision_dtype, self._layout_tokens)
 
     # -- generation -----------------------------------------------------------------------------------------------
     def generate(
@@ -314,7 +331,9 @@ class EdgeVLM:
         stops = parse_stop(stop)
         policy = image_policy or ImagePolicy()  # images last: a remote one may take the fetch deadline
         images = check_images(resolve_images(sources, policy), policy.limits)  # headers only: decoding waits
-        spans_per_image = [self.planner.count_spans([r]) for r in image_requests(list(images.sizes), crop, tiles)]
+        spans_per_image = [
+            self.planner.count_spans([r]) for r in image_requests(list(images.sizes), crop, self._tiles(tiles))
+        ]
         segments = self.prompts.segments(_one_part_per_span(template_messages, spans_per_image))
         sampling = SamplingParams(temperature, top_k, top_p, 0xFFFFFFFF if seed is None else seed, grammar)
         request_limits = BudgetLimits(max_image_tokens, min_image_tokens, image_budget)
@@ -457,5 +476,10 @@ def _one_part_per_span(messages: list[dict[str, Any]], spans_per_image: list[int
     """Template messages with each image part repeated once per image span it becomes (a tiled image is a global
     view and its tiles, adjacent, as `generate` places them)."""
     counts = iter(spans_per_image)
-    return [{**m, "content": [p for part in m["content"] for p in [part] * (next(counts) if part["type"] == "image" else 1)]}  # fmt: skip
-            for m in messages]
+    return [
+        {
+            **m,
+            "content": [p for part in m["content"] for p in [part] * (next(counts) if part["type"] == "image" else 1)],
+        }  # fmt: skip
+        for m in messages
+    ]

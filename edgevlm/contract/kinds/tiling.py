@@ -49,6 +49,7 @@ class TileView:
     n_tokens: int  # embedding rows it becomes
     row: int | None = None
     col: int | None = None
+    n_crops: int = 1  # tile-size crops the graph takes for it (AnyRes' merged view: all its tiles)
 
 
 class TiledPreprocessing(Section):
@@ -63,6 +64,11 @@ class TiledPreprocessing(Section):
     def factor(self) -> int:
         """Pixels per token side."""
         return self.patch_size * self.merge_size
+
+    @property
+    def patch_dim(self) -> int:
+        """Values per row of a view's `PreparedImage.pixel_patches`: channels * patch_size²."""
+        return 3 * self.patch_size**2
 
     @property
     @abstractmethod
