@@ -6,24 +6,40 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import subprocess
+import sys
 
+import httpx
 import numpy as np
 import pytest
-from conftest import random_image
+from conftest import edgevlm_serve, png_data_url, random_frame, random_image
 
+import edgevlm
 from edgevlm.contract.kinds import strategy_from_dict
 from edgevlm.contract.kinds.patch_positions import NoPatchPositions
 from edgevlm.contract.kinds.tiles_idefics3 import Idefics3Tiles
 from edgevlm.contract.kinds.tiling import TileGrid
-from edgevlm.exporters.gguf import read_gguf_metadata
+from edgevlm.exporters.gguf import read_gguf_metadata, read_gguf_tensor_types
 from edgevlm.exporters.smolvlm import FAMILY, image_processor
-from edgevlm.exporters.verify import PARITY_CASES, compare_case  # noqa: F401  (test_families checks the suite uses it)
+from edgevlm.exporters.verify import LOGIT_ATOL, PARITY_CASES, compare_case
 
 pytest.importorskip("transformers")
+
+# Per-position top-1 agreement with transformers over the prompts of PARITY_CASES, fp32 vision; quantization flips a
+# random model's top-1 where its margins are small (the other families' floors).
+TOP1_FLOOR = {"Q8_0": 0.9, "Q4_K_M": 0.6}
 
 N_TOKENS = 4  # per view of the tiny model: 64 px tiles, 8 px patches, pixel shuffle 4
 # (height, width): landscape, portrait, square, tiny (upscaled to 4 x 4 tiles), very wide, very tall, a large photo
 SIZES = [(224, 308), (196, 140), (64, 64), (10, 12), (150, 2000), (2000, 150), (3024, 4032), (97, 333)]
+
+
+@pytest.fixture(scope="module")
+def f32_vlm(tiny_smolvlm_bundles):
+    vlm = edgevlm.load(tiny_smolvlm_bundles["F32"], n_ctx=2048, n_threads=1)
+    yield vlm
+    vlm.close()
 
 
 def _processor(spec: Idefics3Tiles):
@@ -72,7 +88,7 @@ def test_an_image_not_split_is_the_global_view_alone(size, tiny_smolvlm_loaded):
     image = random_image(*size, seed=3)
     out = _processor(spec)(tokenizer)(text="<image>", images=[image], add_special_tokens=False, return_tensors="np")
     grid = spec.grid(image.width, image.height)
-    assert grid == TileGrid(0, 0) and spec.default_max_tiles == 0
+    assert grid == TileGrid(0, 0) and spec.token_range() == (N_TOKENS, N_TOKENS)
     assert np.array_equal(_views_as_pixel_values(spec.prepare_views(image, grid), spec), out["pixel_values"][0])
     image_id = tiny_smolvlm_loaded.model.config.image_token_id
     assert _layout_ids(spec, grid, image.width, image.height, tokenizer, image_id) == out["input_ids"][0].tolist()
@@ -179,8 +195,6 @@ def test_tokenizer_in_the_gguf_equals_transformers(tiny_smolvlm_bundles, tiny_sm
 
 
 def read_gguf_tensor_names(path) -> list[str]:
-    from edgevlm.exporters.gguf import read_gguf_tensor_types
-
     return list(read_gguf_tensor_types(path))
 
 
@@ -193,3 +207,71 @@ def test_manifest_describes_the_family_as_data(tiny_smolvlm_bundles):
     assert manifest["positions"] == {"kind": "linear", "merge_size": 4}
     assert manifest["vision"]["patch_positions"] == "none"
     assert manifest["tokens"] == {"image_pad": "<image>"}
+
+
+@pytest.mark.parametrize("case", PARITY_CASES, ids=lambda c: c.name)
+def test_f32_bundle_matches_transformers(f32_vlm, tiny_smolvlm_loaded, case):
+    # one image of 3 x 4 tiles + the global view (52 image tokens), two images (4 x 3 and 2 x 4 tiles), text only
+    result = compare_case(f32_vlm, FAMILY, tiny_smolvlm_loaded, case, n_greedy=24)
+    print(case.name, result)
+    assert result["max_abs_logit_diff"] <= LOGIT_ATOL["F32"], result
+    assert result["greedy_equal"], result
+    assert result["greedy_tokens"] == 24
+    assert result["n_positions"] == FAMILY.reference_inputs(tiny_smolvlm_loaded, case.prompt, case.images())["input_ids"].shape[1]  # fmt: skip
+
+
+def test_the_text_between_views_matters(f32_vlm, tiny_smolvlm_loaded, monkeypatch):
+    """The layout's text (<fake_token_around_image>, <row_r_col_c>, "\\n", <global-img>) is part of the model's input:
+    an image written as its views alone gives another next-token distribution, far beyond the tolerance."""
+    case = PARITY_CASES[0]
+    reference = FAMILY.reference_logits(tiny_smolvlm_loaded, case.prompt, case.images())[-1]
+    ours = f32_vlm.prompt_logits(case.prompt, case.images())[-1]
+    layout = Idefics3Tiles.layout
+    monkeypatch.setattr(Idefics3Tiles, "layout", lambda self, *args: [i for i in layout(self, *args) if isinstance(i, int)])  # fmt: skip
+    views_only = f32_vlm.prompt_logits(case.prompt, case.images())[-1]
+    good, dropped = float(np.abs(ours - reference).max()), float(np.abs(views_only - reference).max())
+    print(
+        f"last-position max abs logit diff vs transformers: with the layout text {good:.4f}, views alone {dropped:.4f}"
+    )
+    assert good <= LOGIT_ATOL["F32"] < dropped / 5
+
+
+def test_a_tile_cap_reaches_the_runtime(f32_vlm):
+    image = PARITY_CASES[0].images()[0]  # 308 x 224: 3 x 4 tiles uncapped
+    plan = f32_vlm.plan("Hi", [image], tiles=4)
+    assert plan.n_image_tokens == 5 * N_TOKENS  # 2 x 2 tiles and the global view
+    steps = list(f32_vlm.generate("Hi", [image], tiles=1, max_tokens=2))
+    assert steps[-1].timings.n_image_tokens == N_TOKENS  # the global view alone
+
+
+@pytest.mark.parametrize("quant", ["Q8_0", "Q4_K_M"])
+def test_quantized_bundles_generate_and_agree(tiny_smolvlm_bundles, tiny_smolvlm_loaded, quant):
+    path = tiny_smolvlm_bundles[quant]
+    if quant == "Q4_K_M":
+        assert read_gguf_tensor_types(path / "llm-Q4_K_M.gguf")["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
+    with edgevlm.load(path, n_ctx=2048, n_threads=1, vision_dtype="fp32") as vlm:  # the LLM's quantization only
+        agreements = [compare_case(vlm, FAMILY, tiny_smolvlm_loaded, case, n_greedy=8)["top1_agreement"] for case in PARITY_CASES]  # fmt: skip
+        print(f"{quant} top-1 agreement with transformers per case: {[round(a, 3) for a in agreements]}")
+        assert min(agreements) >= TOP1_FLOOR[quant]
+    with edgevlm.load(path, n_ctx=1024, n_threads=1, vision_dtype="int8") as vlm:
+        steps = list(vlm.generate("Describe it.", images=PARITY_CASES[1].images(), max_tokens=4))
+        assert (
+            steps[-1].finish_reason in ("stop", "length") and steps[-1].timings.n_image_tokens == 22 * N_TOKENS
+        )  # (4 x 3 + 1) + (2 x 4 + 1) views
+
+
+def test_cli_export_run_and_server(tiny_smolvlm_dir, tiny_smolvlm_bundles, tmp_path):
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = tmp_path / "bundle"
+    subprocess.run([sys.executable, "-m", "edgevlm.cli", "export", str(tiny_smolvlm_dir), "-o", str(out), "--f16", "--verify"],
+                   check=True, env=env, timeout=300, capture_output=True)  # fmt: skip
+    image = tmp_path / "x.png"
+    random_image(200, 300).save(image)
+    run = subprocess.run([sys.executable, "-m", "edgevlm.cli", "run", str(out), "--image", str(image), "-p", "Hi",
+                          "--max-new-tokens", "3", "--n-ctx", "1024"], env=env, timeout=120, capture_output=True, text=True, check=False)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-2000:]
+    with edgevlm_serve(tiny_smolvlm_bundles["Q8_0"]) as (base, _):
+        body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": png_data_url(random_frame(3, (40, 70)))}},
+                                                          {"type": "text", "text": "What is it?"}]}], "max_tokens": 3}  # fmt: skip
+        reply = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["finish_reason"] in ("stop", "length"), reply

@@ -67,19 +67,21 @@ class Idefics3Tiles(TiledPreprocessing):
         _check_normalization(self)
 
     @property
-    def patch_dim(self) -> int:
-        """Values per row of `PreparedImage.pixel_patches`: channels * patch_size²."""
-        return 3 * self.patch_size**2
-
-    @property
     def tokens_per_view(self) -> int:
         return (self.tile_size // self.factor) ** 2
 
     @property
     def default_max_tiles(self) -> int:
+        """(ceil(longest edge / tile))²; without splitting 1, the cap whose grid is the global view alone (as a cap
+        of 1 is when splitting: the planner's smallest grid)."""
         if not self.do_image_splitting:
-            return 0
+            return 1
         return math.ceil(min(self.longest_edge, MAX_IMAGE_SIZE) / self.tile_size) ** 2
+
+    def token_range(self) -> tuple[int, int]:
+        if not self.do_image_splitting:
+            return self.tokens_per_view, self.tokens_per_view
+        return super().token_range()
 
     # -- grids -------------------------------------------------------------------------------------------------
     def grid(self, width: int, height: int, max_tiles: int | None = None) -> TileGrid:
