@@ -85,11 +85,11 @@ class Idefics3Tiles(TiledPreprocessing):
 
     # -- grids -------------------------------------------------------------------------------------------------
     def grid(self, width: int, height: int, max_tiles: int | None = None) -> TileGrid:
+        if max_tiles is not None and (isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0):
+            raise ValueError(f"max_tiles={max_tiles!r}: expected a non-negative integer or None")
         own = self._grid_at(width, height, self.longest_edge)
         if max_tiles is None or max_tiles >= own.n_tiles:
             return own
-        if isinstance(max_tiles, bool) or not isinstance(max_tiles, int) or max_tiles < 0:
-            raise ValueError(f"max_tiles={max_tiles!r}: expected a non-negative integer or None")
         for multiple in range(math.ceil(self.longest_edge / self.tile_size) - 1, 1, -1):
             grid = self._grid_at(width, height, multiple * self.tile_size)
             if grid.n_tiles <= max_tiles:
