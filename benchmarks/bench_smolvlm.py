@@ -11,9 +11,12 @@ and cuts 512 px tiles. Weights are random (bf16 on disk, as published) and the t
 of the test model padded to the vocabulary: timings and sizes are the real model's, the text is noise.
 
 The bundle is `edgevlm export DIR -o BUNDLE --int8` (Q8_0: SmolLM2's 576-wide rows are not multiples of 256, so
-K-quants would fall back). edgevlm runs with EDGEVLM_PROFILE=cpu (int8 vision graph, the profile's token limits pick
-the tile grid); mtmd runs `convert_hf_to_gguf.py --mmproj` (F16) and llama-cpp-python's `MTMDChatHandler` over the
-bundle's own GGUF, with its own tiling of the image. Each side: one process per image, 1 warm-up + `--runs`.
+K-quants would fall back). edgevlm runs twice per image, int8 vision graph: with the `cpu` profile (its
+max_image_tokens 256 picks the tile grid: for these images the global view alone) and with that profile raised to
+the processor's largest grid (17 views, 1088 tokens: tiled as transformers tiles). mtmd runs `convert_hf_to_gguf.py
+--mmproj` (F16) and llama-cpp-python's `MTMDChatHandler` over the bundle's own GGUF, with its own tiling of the image
+(its token count is not reported). Each side: one process per image, 1 warm-up + `--runs`. The model is built in a
+child process so that no measured child inherits its peak RSS.
 """
 
 from __future__ import annotations
@@ -29,12 +32,15 @@ from pathlib import Path
 from bench_export_run import bundle_files, edgevlm_revision, measure_generation, run_child
 from bench_mtmd_peer import make_mmproj, measure_peer
 
+import edgevlm.profiles as edgevlm_profiles
 from edgevlm.bench import host_record
 
+BUILD_WORKER = "--build-worker"  # first argument of the child process that builds the model
 LLAMA_CPP = Path("/work/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
 IMAGES = {"448x448": (448, 448), "4032x3024 photo": (3024, 4032)}  # (height, width)
 VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "image_size": 512, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}  # fmt: skip
+FULL_GRID_TOKENS = 17 * 64  # 4 x 4 tiles and the global view, 64 tokens each
 TEXT = {"vocab_size": 49280, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
         "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
@@ -42,7 +48,18 @@ TEXT = {"vocab_size": 49280, "hidden_size": 576, "intermediate_size": 1536, "num
 
 
 def build_model(out_dir: Path) -> dict:
-    """The SmolVLM2-256M-shaped model directory (see the module docstring); its parameter counts."""
+    """The SmolVLM2-256M-shaped model directory (see the module docstring), built in a child process: Linux children
+    inherit their parent's peak RSS across fork + exec, so a parent that held the model would inflate every measured
+    child's. Returns its parameter counts."""
+    return json.loads(run_child([sys.executable, __file__, BUILD_WORKER, str(out_dir)]).stdout)
+
+
+def build_worker(out_dir: str) -> int:
+    print(json.dumps(build_in_process(Path(out_dir))))
+    return 0
+
+
+def build_in_process(out_dir: Path) -> dict:
     import torch
     from transformers import LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessorPil
     from transformers.models.smolvlm import SmolVLMVisionConfig
@@ -87,8 +104,8 @@ def markdown(results: dict) -> str:
     lines += [f"| {name} | {size / 1e6:.1f} |" for name, size in results["bundle_files"].items()]
     lines += ["", "| image | side | image tokens | vision ms | prefill ms | TTFT ms | decode tok/s | peak RSS GiB |",
               "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
-    for label, sides in results["images"].items():
-        for side in ("edgevlm", "mtmd"):
+    for label, sides in results["images"].items():  # mtmd's own tiling: its token count is not reported
+        for side in sides:
             m, tokens = sides[side]["medians"], sides[side].get("n_image_tokens", "?")
             prefill = m.get("prefill_ms", m.get("image_prefill_ms", float("nan")))
             lines.append(f"| {label} | {side} | {tokens} | {m['vision_ms']:.0f} | {prefill:.0f} | "
@@ -96,14 +113,23 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def full_grid_profile(path: Path, max_image_tokens: int) -> Path:
+    """The `cpu` profile with the token cap raised to the processor's largest grid: images tiled as transformers does."""
+    cpu = (Path(edgevlm_profiles.__file__).parent / "cpu.toml").read_text()
+    path.write_text(cpu.replace("max_image_tokens = 256", f"max_image_tokens = {max_image_tokens}"))
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == [BUILD_WORKER]:
+        return build_worker(*argv[1:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("workdir", type=Path, help="where the model directory and the bundle go (reused if there)")
     parser.add_argument("--runs", type=int, default=1, help="measured generations per process (default: 1)")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--json", type=Path, help="write the results here as JSON")
     args = parser.parse_args(argv)
-    os.environ["EDGEVLM_PROFILE"] = "cpu"  # what `auto` means for the generation children
     model_dir, bundle = args.workdir / "smolvlm2-256m-random", args.workdir / "smolvlm2-256m-Q8_0"
     results: dict = {"edgevlm_revision": edgevlm_revision(), "host": host_record(), "cpu_count": os.cpu_count(),
                      "runs": args.runs, "max_new_tokens": args.max_new_tokens, "profile": "cpu"}  # fmt: skip
@@ -124,13 +150,16 @@ def main(argv: list[str] | None = None) -> int:
         for label, (height, width) in IMAGES.items():
             image = work / f"{width}x{height}.png"
             sample_image(height, width).save(image)
-            print(f"{label}: edgevlm …", file=sys.stderr, flush=True)
-            ours = measure_generation(bundle, "int8", image, args.max_new_tokens, args.runs)
-            ours["n_image_tokens"] = ours["runs"][0]["n_image_tokens"]
+            sides = {}
+            for side, profile in (("edgevlm cpu", "cpu"), ("edgevlm full grid", str(full_grid_profile(work / "full-grid.toml", FULL_GRID_TOKENS)))):  # fmt: skip
+                print(f"{label}: {side} …", file=sys.stderr, flush=True)
+                os.environ["EDGEVLM_PROFILE"] = profile  # what `auto` means for the generation child
+                sides[side] = measure_generation(bundle, "int8", image, args.max_new_tokens, args.runs)
+                sides[side]["n_image_tokens"] = sides[side]["runs"][0]["n_image_tokens"]
             print(f"{label}: mtmd …", file=sys.stderr, flush=True)
             peer = measure_peer(gguf, mmproj, image, args.max_new_tokens, args.runs)
             peer["medians"] = medians(peer["runs"], ("vision_ms", "image_prefill_ms", "time_to_first_token_ms", "decode_tokens_per_s"))  # fmt: skip
-            results["images"][label] = {"edgevlm": ours, "mtmd": peer}
+            results["images"][label] = {**sides, "mtmd": peer}
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(markdown(results))
