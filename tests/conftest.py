@@ -231,3 +231,31 @@ def tiny_onevision_bundles(tiny_onevision_dir, tmp_path_factory) -> dict[str, Pa
         "Q8_0": export(str(tiny_onevision_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
         "Q4_K_M": export(str(tiny_onevision_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_dir(tmp_path_factory) -> Path:
+    """A tiny random SmolVLM2 model directory with a byte-level BPE tokenizer trained offline (a few seconds)."""
+    from edgevlm.exporters.smolvlm import FAMILY
+
+    return FAMILY.build_tiny(tmp_path_factory.mktemp("tiny-smolvlm"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_loaded(tiny_smolvlm_dir):
+    from edgevlm.exporters.smolvlm import FAMILY
+
+    return FAMILY.load(tiny_smolvlm_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_smolvlm_bundles(tiny_smolvlm_dir, tmp_path_factory) -> dict[str, Path]:
+    """Bundles of the tiny SmolVLM2: F32 + fp32 vision, Q8_0 and Q4_K_M LLMs with fp32 and int8 vision."""
+    from edgevlm.exporters import export
+
+    root = tmp_path_factory.mktemp("smolvlm-bundles")
+    return {
+        "F32": export(str(tiny_smolvlm_dir), root / "f32", quantization="F32"),
+        "Q8_0": export(str(tiny_smolvlm_dir), root / "q8", quantization="Q8_0", vision_dtypes=("fp32", "int8")),
+        "Q4_K_M": export(str(tiny_smolvlm_dir), root / "q4", quantization="Q4_K_M", vision_dtypes=("fp32", "int8")),
+    }

@@ -106,14 +106,16 @@ def export_fixed_vision(
     *,
     progress: Callable[[str], None] | None = None,
     release_torch: Callable[[], None] | None = None,
+    parts: tuple[nn.Module, nn.Module] | None = None,
 ) -> dict:
     """Write `vision.onnx` (and `vision-int8.onnx` / `vision-fp16.onnx` when in `dtypes`) of a fixed-size tower
-    (`hf_model.model.vision_tower` + `multi_modal_projector`, float32) to `out_dir`: `make_module(fused_attention)`
-    is the export forward, validated as `onnx_export.export_vision_variants` does it, fp32 against `reference`
-    (transformers' own features) on random images. Returns the manifest entry per dtype."""
+    (`hf_model.model.vision_tower` + `multi_modal_projector`, or the (tower, projector) `parts` of a model that
+    names them otherwise; float32) to `out_dir`: `make_module(fused_attention)` is the export forward, validated as
+    `onnx_export.export_vision_variants` does it, fp32 against `reference` (transformers' own features) on random
+    images. Returns the manifest entry per dtype."""
     check_vision_dtypes(dtypes)
-    tower = hf_model.model.vision_tower
-    require_float32(tower, hf_model.model.multi_modal_projector)
+    tower, projector = parts or (hf_model.model.vision_tower, hf_model.model.multi_modal_projector)
+    require_float32(tower, projector)
     image_size, patch_size = square_side(tower.config.image_size), square_side(tower.config.patch_size)
     input_sets = [sample_patches(image_size, patch_size, seed) for seed in range(N_VALIDATION_SETS)]
     return export_vision_variants(

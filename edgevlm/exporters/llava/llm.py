@@ -8,29 +8,23 @@ projector are not in this file (they go to ONNX).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from edgevlm.errors import UnsupportedModelError
 from edgevlm.exporters.checkpoint import WeightSource, model_weights
 from edgevlm.exporters.gguf import (
     DECODER_TENSOR_MAP,
-    TensorSource,
-    decoder_hparams,
     decoder_summary,
     decoder_tensor_name,
-    rope_settings,
     sentencepiece_tokenizer_of,
     write_gguf,
 )
-
-if TYPE_CHECKING:
-    import torch
+from edgevlm.exporters.llama_gguf import ARCH, llama_hparams, llama_tensor_source
 
 logger = logging.getLogger(__name__)
 
-ARCH = "llama"
 IMAGE_TOKEN = "<image>"
 LLM_PREFIX = "model.language_model."  # transformers >= 4.52 (older llava-hf checkpoints are renamed on load)
 VISION_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
@@ -47,45 +41,6 @@ def gguf_tensor_name(hf_name: str) -> str | None:
     if name is None:
         raise ValueError(f"tensor {hf_name!r} has no GGUF name for arch {ARCH}; the checkpoint is not plain LLaVA")
     return name
-
-
-def head_dim(text_config: Any) -> int:
-    return int(getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads)
-
-
-def llama_hparams(text_config: Any) -> dict[str, Any]:
-    """GGUF metadata keys/values of the `llama` architecture from a Llama text config."""
-    import gguf
-
-    rope, rope_theta = rope_settings(text_config)
-    if rope.get("rope_type", "default") != "default" or rope_theta is None:
-        raise UnsupportedModelError(f"Llama rope settings {rope!r}: edgevlm exports plain rope (rope_type 'default') with rope_theta")  # fmt: skip
-
-    dimensions = gguf.Keys.Rope.DIMENSION_COUNT.format(arch=ARCH)
-    return {**decoder_hparams(ARCH, text_config, rope_theta), dimensions: head_dim(text_config)}
-
-
-def interleave_rotary_rows(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """q_proj/k_proj rows from transformers' rotate-half layout (per head: first halves, then second halves) to
-    llama.cpp's interleaved pairs; the same permutation as llama.cpp's `LlamaModel.permute`."""
-    return weight.reshape(n_heads, 2, weight.shape[0] // n_heads // 2, *weight.shape[1:]).transpose(1, 2).reshape(weight.shape)  # fmt: skip
-
-
-def _tensor_source(weights: WeightSource, text_config: Any) -> TensorSource:
-    import torch
-
-    heads = {"attn_q": text_config.num_attention_heads, "attn_k": text_config.num_key_value_heads}
-
-    def tensors(shapes_only: bool) -> Iterator[tuple[str, torch.Tensor]]:
-        for hf_name, tensor in weights(shapes_only):
-            name = gguf_tensor_name(hf_name)
-            if name is None:
-                continue
-            array = tensor.detach().to(dtype=torch.float32)
-            role = name.split(".")[2] if name.startswith("blk.") else None
-            yield name, interleave_rotary_rows(array, heads[role]) if role in heads else array
-
-    return tensors
 
 
 def _warn_if_transformers_drops_the_space(tokenizer: Any) -> None:
@@ -124,7 +79,7 @@ def write_llava_llm_gguf(
     _warn_if_transformers_drops_the_space(tokenizer)
     gguf_tokenizer, special_ids = sentencepiece_tokenizer_of(tokenizer, sentencepiece_model, vocab_size, chat_template)
     write_gguf(
-        out_path, arch=ARCH, metadata=hparams, tensors=_tensor_source(weights or model_weights(hf_model), text_config), tokenizer=gguf_tokenizer,
+        out_path, arch=ARCH, metadata=hparams, tensors=llama_tensor_source(weights or model_weights(hf_model), text_config, gguf_tensor_name), tokenizer=gguf_tokenizer,
         dtype=dtype, name=Path(str(getattr(hf_model, "name_or_path", "") or "llava")).name or "llava", progress=progress,
     )  # fmt: skip
     return {**decoder_summary(ARCH, dtype, text_config, vocab_size, chat_template), "special_tokens": special_ids}
