@@ -11,10 +11,9 @@ and cuts 512 px tiles. Weights are random (bf16 on disk, as published) and the t
 of the test model padded to the vocabulary: timings and sizes are the real model's, the text is noise.
 
 The bundle is `edgevlm export DIR -o BUNDLE --int8` (Q8_0: SmolLM2's 576-wide rows are not multiples of 256, so
-K-quants would fall back). edgevlm runs twice per image, int8 vision graph: with the `cpu` profile (its
-max_image_tokens 256 picks the tile grid: for these images the global view alone) and with that profile raised to
-the processor's largest grid (17 views, 1088 tokens: tiled as transformers tiles; the memory ceiling lifted, see
-`full_grid_profile`). mtmd runs `convert_hf_to_gguf.py --mmproj` (F16) and llama-cpp-python's `MTMDChatHandler` over
+K-quants would fall back). edgevlm runs twice per image, int8 vision graph: with the `cpu` profile (the processor's
+own grid: up to 4 x 4 tiles and the global view, 1088 tokens) and with `cpu-lowmem` (at most 4 tiles).
+mtmd runs `convert_hf_to_gguf.py --mmproj` (F16) and llama-cpp-python's `MTMDChatHandler` over
 the bundle's own GGUF, with its own tiling of the image (its token count is not reported). Each side: one process per image, 1 warm-up + `--runs`. The model is built in a
 child process so that no measured child inherits its peak RSS.
 """
@@ -32,7 +31,6 @@ from pathlib import Path
 from bench_export_run import bundle_files, edgevlm_revision, measure_generation, run_child
 from bench_mtmd_peer import make_mmproj, measure_peer
 
-import edgevlm.profiles as edgevlm_profiles
 from edgevlm.bench import host_record
 
 BUILD_WORKER = "--build-worker"  # first argument of the child process that builds the model
@@ -40,7 +38,6 @@ LLAMA_CPP = Path("/work/lcpp/llama_cpp_python-0.3.36/vendor/llama.cpp")
 IMAGES = {"448x448": (448, 448), "4032x3024 photo": (3024, 4032)}  # (height, width)
 VISION = {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
           "image_size": 512, "patch_size": 16, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6}  # fmt: skip
-FULL_GRID_TOKENS = 17 * 64  # 4 x 4 tiles and the global view, 64 tokens each
 TEXT = {"vocab_size": 49280, "hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
         "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "max_position_embeddings": 8192,
         "rms_norm_eps": 1e-5, "rope_parameters": {"rope_type": "default", "rope_theta": 100000.0},
@@ -113,16 +110,6 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def full_grid_profile(path: Path, max_image_tokens: int) -> Path:
-    """The `cpu` profile with the token cap raised to the processor's largest grid: images tiled as transformers does."""
-    cpu = (Path(edgevlm_profiles.__file__).parent / "cpu.toml").read_text()
-    cpu = cpu.replace("max_image_tokens = 256", f"max_image_tokens = {max_image_tokens}")
-    # the load-time memory estimate counts a tiled image's tokens as one view (70 GiB of attention at 1088 tokens;
-    # each 1024-patch view needs well under 1 GiB) and would shrink the cap: a ceiling it cannot reach
-    path.write_text(cpu.replace("ceiling_ram_fraction = 0.8", "ceiling_gib = 1000.0"))
-    return path
-
-
 def write_image(height: int, width: int, path: Path) -> Path:
     """`sample_image` saved by a child process: a 4032x3024 one would raise this process's peak RSS, which every
     measured child inherits."""
@@ -159,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         for label, (height, width) in IMAGES.items():
             image = write_image(height, width, work / f"{width}x{height}.png")
             sides = {}
-            for side, profile in (("edgevlm cpu", "cpu"), ("edgevlm full grid", str(full_grid_profile(work / "full-grid.toml", FULL_GRID_TOKENS)))):  # fmt: skip
+            for side, profile in (("edgevlm cpu", "cpu"), ("edgevlm cpu-lowmem", "cpu-lowmem")):
                 print(f"{label}: {side} …", file=sys.stderr, flush=True)
                 os.environ["EDGEVLM_PROFILE"] = profile  # what `auto` means for the generation child
                 sides[side] = measure_generation(bundle, "int8", image, args.max_new_tokens, args.runs)
