@@ -239,6 +239,15 @@ def test_tensorrt_shapes_cover_the_image_token_range_of_the_bundle(tiny_bundles)
     assert dict(narrow.providers[0][1])["trt_profile_min_shapes"] == "pixel_patches:128x1176,patch_positions:128x2"
 
 
+def test_tensorrt_shapes_of_a_tiling_model_are_one_views(tiny_smolvlm_bundles):
+    """A tiling model's graph takes one fixed-size view per call, whatever the image's grid or token limits."""
+    bundle = Bundle.open(tiny_smolvlm_bundles["Q8_0"])
+    spec = bundle.manifest.preprocessing
+    trt = dict(resolve_settings("jetson-orin-nano", bundle, host=GPU_HOST).providers[0][1])
+    view = f"pixel_patches:{spec.crop_patches}x{spec.patch_dim}"
+    assert trt["trt_profile_min_shapes"] == trt["trt_profile_opt_shapes"] == trt["trt_profile_max_shapes"] == view
+
+
 def test_missing_cuda_falls_back_with_one_warning_or_fails_when_strict(caplog, tmp_path):
     with caplog.at_level(logging.WARNING, logger="edgevlm.profiles"):
         settings = resolve_settings("cuda", None, host=CPU_HOST)

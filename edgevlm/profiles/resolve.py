@@ -17,6 +17,7 @@ from pathlib import Path
 from ..budget import BudgetLimits
 from ..bundle import Bundle
 from ..contract.graph import PATCH_POSITIONS
+from ..contract.kinds.tiling import Preprocessing, TiledPreprocessing
 from ..errors import ProfileError
 from ..planner import Planner
 from .host import GIB, HostInfo, choose_profile, probe_host
@@ -273,7 +274,7 @@ def resolve_settings(
         providers = tuple(overrides.providers)
     else:
         with_positions = bundle is None or PATCH_POSITIONS in bundle.manifest.vision.patch_positions.graph_inputs
-        geometry = (token_range, spec.patch_dim, spec.merge_size, with_positions) if spec else (None, None, None, True)  # fmt: skip
+        geometry = (_view_token_range(spec, token_range), spec.patch_dim, spec.merge_size, with_positions) if spec else (None, None, None, True)  # fmt: skip
         providers = tuple((PROVIDER_NAMES[p], provider_options(profile, p, *geometry)) for p in kept)
     return RuntimeSettings(
         profile=profile, reason=reason, providers=providers, vision_dtype=vision_dtype,
@@ -281,6 +282,15 @@ def resolve_settings(
         allow_spinning=profile.vision.allow_spinning, llama=llama, limits=limits,
         vision_gflops=profile.vision.gflops, ceiling_bytes=ceiling, memory=memory, notes=tuple(notes.items),
     )  # fmt: skip
+
+
+def _view_token_range(spec: Preprocessing, token_range: tuple[int, int] | None) -> tuple[int, int] | None:
+    """The token range of one graph call: an image span's, or for a tiling model one view's (one tile-size crop up to
+    the most crops a view holds), whatever the image's grid."""
+    if not isinstance(spec, TiledPreprocessing):
+        return token_range
+    crop_tokens = spec.crop_patches // spec.merge_size**2
+    return crop_tokens, crop_tokens * spec.max_crops_per_view
 
 
 def _whole_image_batches(llama: LlamaSettings, bundle: Bundle | None, token_range: tuple[int, int] | None,
