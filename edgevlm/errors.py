@@ -35,9 +35,10 @@ class ProfileError(EdgeVLMError, ValueError):
 class ExportValidationError(EdgeVLMError):
     """An exported graph or file disagrees with the PyTorch reference beyond its tolerance."""
 
-    def __init__(self, what: str, max_abs_diff: float, atol: float):
+    def __init__(self, what: str, max_abs_diff: float, atol: float, why: str | None = None):
+        """`why` replaces the default reason, that the difference exceeds the tolerance."""
         self.what, self.max_abs_diff, self.atol = what, max_abs_diff, atol
-        super().__init__(f"{what}: max abs difference {max_abs_diff:.3g} exceeds the tolerance {atol:.3g}")
+        super().__init__(f"{what}: {why or f'max abs difference {max_abs_diff:.3g} exceeds the tolerance {atol:.3g}'}")
 
 
 class BudgetError(EdgeVLMError, ValueError):
