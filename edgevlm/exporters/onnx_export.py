@@ -14,11 +14,13 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from edgevlm.bundle import external_data_name
-from edgevlm.contract.manifest import VisionVariant
+from edgevlm.contract.kinds.patch_positions import PatchPositions
+from edgevlm.contract.manifest import VisionSpec, VisionVariant
 from edgevlm.errors import ExportValidationError
 
 logger = logging.getLogger(__name__)
@@ -414,6 +416,20 @@ def vision_variants(report: Mapping[str, Mapping[str, object]]) -> dict[str, Vis
         dtype: VisionVariant(file=str(entry["file"]), dtype=dtype, validation={k: v for k, v in entry.items() if k != "file"})
         for dtype, entry in report.items()
     }  # fmt: skip
+
+
+def vit_vision_spec(report: Mapping[str, Mapping[str, object]], dtypes: Sequence[str], config: Any,
+                    patch_positions: PatchPositions, depth: int | None = None) -> VisionSpec:  # fmt: skip
+    """The manifest's vision section of a ViT tower exported as `report` (`export_vision_variants`): the tower's sizes
+    from `config` (a model config with `vision_config` and `text_config`); `depth`: the layers the graph runs, when
+    it stops before the last (a feature layer)."""
+    vision, text = config.vision_config, config.text_config
+    return VisionSpec(
+        variants=vision_variants(report), default=dtypes[0], embedding_dim=int(text.hidden_size),
+        patch_positions=patch_positions, embed_dim=int(vision.hidden_size),
+        depth=int(vision.num_hidden_layers) if depth is None else depth, num_heads=int(vision.num_attention_heads),
+        mlp_ratio=vision.intermediate_size / vision.hidden_size,
+    )  # fmt: skip
 
 
 def remove_onnx(path: str | Path) -> None:

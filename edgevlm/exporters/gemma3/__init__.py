@@ -25,7 +25,7 @@ from ...errors import UnsupportedModelError
 from ...images import load_image
 from ..checkpoint import checkpoint_weights, load_model, vision_release
 from ..family import Family, Loaded, find_chat_template
-from ..onnx_export import vision_variants
+from ..onnx_export import vit_vision_spec
 
 logger = logging.getLogger(__name__)
 
@@ -89,17 +89,7 @@ class Gemma3Family(Family):
         from .vision import export_gemma3_vision
 
         report = export_gemma3_vision(loaded.model, out_dir, dtypes=dtypes, release_torch=loaded.release_vision)
-        vision_config = loaded.model.config.vision_config
-        return VisionSpec(
-            variants=vision_variants(report),
-            default=dtypes[0],
-            embedding_dim=int(loaded.model.config.text_config.hidden_size),
-            patch_positions=NoPatchPositions(),
-            embed_dim=int(vision_config.hidden_size),
-            depth=int(vision_config.num_hidden_layers),
-            num_heads=int(vision_config.num_attention_heads),
-            mlp_ratio=vision_config.intermediate_size / vision_config.hidden_size,
-        )
+        return vit_vision_spec(report, dtypes, loaded.model.config, NoPatchPositions())
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         from .llm import write_gemma3_llm_gguf

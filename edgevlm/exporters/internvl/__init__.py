@@ -26,7 +26,7 @@ from ...errors import UnsupportedModelError
 from ...images import load_image
 from ..checkpoint import WeightSource, checkpoint_weights, load_model, vision_release
 from ..family import Family, Loaded, find_chat_template
-from ..onnx_export import vision_variants
+from ..onnx_export import vit_vision_spec
 from ..qwen2vl_gguf import QWEN2_CHAT_TOKENS, QWEN2_FORMAT, write_qwen2_vl_llm_gguf
 
 IMAGE_CONTEXT, IMAGE_START, IMAGE_END = "<IMG_CONTEXT>", "<img>", "</img>"
@@ -79,17 +79,7 @@ class InternVLFamily(Family):
         from .vision import export_internvl_vision
 
         report = export_internvl_vision(loaded.model, out_dir, dtypes=dtypes, release_torch=loaded.release_vision)
-        vision_config = loaded.model.config.vision_config
-        return VisionSpec(
-            variants=vision_variants(report),
-            default=dtypes[0],
-            embedding_dim=int(loaded.model.config.text_config.hidden_size),
-            patch_positions=NoPatchPositions(),
-            embed_dim=int(vision_config.hidden_size),
-            depth=int(vision_config.num_hidden_layers),
-            num_heads=int(vision_config.num_attention_heads),
-            mlp_ratio=vision_config.intermediate_size / vision_config.hidden_size,
-        )
+        return vit_vision_spec(report, dtypes, loaded.model.config, NoPatchPositions())
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
         weights = language_weights(checkpoint_weights(loaded.model, loaded.model_dir), self.vision_parts)

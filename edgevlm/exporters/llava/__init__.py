@@ -23,7 +23,7 @@ from ...errors import UnsupportedModelError
 from ...images import load_image
 from ..checkpoint import checkpoint_weights, load_model, vision_release
 from ..family import Family, Loaded, find_chat_template
-from ..onnx_export import vision_variants
+from ..onnx_export import vit_vision_spec
 from .llm import IMAGE_TOKEN, write_llava_llm_gguf
 
 logger = logging.getLogger(__name__)
@@ -60,16 +60,8 @@ class LlavaFamily(Family):
         from .vision import export_llava_vision, feature_layer_count
 
         report = export_llava_vision(loaded.model, out_dir, dtypes=dtypes, release_torch=loaded.release_vision)
-        vision_config = loaded.model.config.vision_config
-        return VisionSpec(
-            variants=vision_variants(report),
-            default=dtypes[0],
-            embedding_dim=int(loaded.model.config.text_config.hidden_size),
-            patch_positions=NoPatchPositions(),
-            embed_dim=int(vision_config.hidden_size),
-            depth=feature_layer_count(loaded.model.config),
-            num_heads=int(vision_config.num_attention_heads),
-            mlp_ratio=vision_config.intermediate_size / vision_config.hidden_size,
+        return vit_vision_spec(
+            report, dtypes, loaded.model.config, NoPatchPositions(), depth=feature_layer_count(loaded.model.config)
         )
 
     def export_llm(self, loaded: Loaded, path: Path, dtype: str) -> dict:
