@@ -241,7 +241,8 @@ def _plan(args: argparse.Namespace) -> int:
     print(f"total {plan.n_image_tokens} image tokens in {len(plan.spans)} span(s); cap {cap} "
           f"(context {n_ctx} - {args.prompt_tokens} prompt - {args.max_tokens} new tokens"
           f"{'' if limits.image_budget is None else f', image budget {limits.image_budget}'})")  # fmt: skip
-    in_force = [limits.describe(name) for name, _ in limits.sources]
+    in_force = [limits.describe(name) + (" (does not bind tile grids)" if planner.tiled and (name, layer) == ("max_image_tokens", "profile") else "")
+                for name, layer in limits.sources]  # fmt: skip
     print("limits: " + (", ".join(in_force) or "none set (the model's own pixel limits)"))
     if tower:
         print(f"estimates: peak vision activations {plan.peak_activation_bytes / gib:.2f} GiB (weights excluded), "

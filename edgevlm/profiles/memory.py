@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..budget import estimate_activation_bytes, vision_tower_size
-from ..contract.kinds.tiling import TiledPreprocessing
 from ..bundle import Bundle
+from ..contract.kinds.tiling import TiledPreprocessing
 from ..errors import BundleError
 from ..gguf_header import read_gguf_header
 from .schema import KV_CACHE_BYTES_PER_VALUE
@@ -100,8 +100,10 @@ def estimate_memory(
     tower = vision_tower_size(manifest, vision_dtype)
     activations = None
     spec = manifest.preprocessing
-    if tower is not None and isinstance(spec, TiledPreprocessing):  # one view at a time, its crops one by one
-        activations = spec.max_crops_per_view * estimate_activation_bytes(spec.crop_patches, tower)
+    if isinstance(spec, TiledPreprocessing):  # one view at a time, whatever the grid: the largest view's crops
+        max_image_tokens = spec.max_crops_per_view * spec.crop_patches // spec.merge_size**2
+        if tower is not None:
+            activations = spec.max_crops_per_view * estimate_activation_bytes(spec.crop_patches, tower)
     elif tower is not None and max_image_tokens is not None:
         activations = estimate_activation_bytes(max_image_tokens * tower.merge_size**2, tower)
     return MemoryEstimate(
