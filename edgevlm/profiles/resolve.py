@@ -328,7 +328,8 @@ def _fit_memory(profile: Profile, bundle: Bundle, vision_dtype: str, llama: Llam
         raise ProfileError(f"{over}; lower n_ctx or max_image_tokens, use a smaller quantization or vision precision, "
                            "or raise the ceiling in a profile of your own.")  # fmt: skip
     can_shrink_ctx = overrides.n_ctx is None
-    can_shrink_tokens = overrides.limits.max_image_tokens is None
+    # a tiling model's activations follow one view, whatever its token limit: only the context can shrink
+    can_shrink_tokens = overrides.limits.max_image_tokens is None and not isinstance(manifest.preprocessing, TiledPreprocessing)  # fmt: skip
     while current.total_bytes > ceiling:
         shrink_ctx = can_shrink_ctx and n_ctx > MIN_SHRUNK_CTX
         shrink_tokens = can_shrink_tokens and tokens > low_tokens
