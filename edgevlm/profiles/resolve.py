@@ -341,7 +341,7 @@ def _fit_memory(profile: Profile, bundle: Bundle, vision_dtype: str, llama: Llam
         elif shrink_tokens:
             tokens = max(low_tokens, tokens // 2)
         else:
-            fixed = [name for name, given in (("n_ctx", not can_shrink_ctx), ("max_image_tokens", not can_shrink_tokens)) if given]  # fmt: skip
+            fixed = [name for name, given in (("n_ctx", not can_shrink_ctx), ("max_image_tokens", overrides.limits.max_image_tokens is not None)) if given]  # fmt: skip
             raise ProfileError(
                 f"{over}, and even n_ctx={n_ctx}, max_image_tokens={tokens}"
                 f"{' (given explicitly: ' + ', '.join(fixed) + ')' if fixed else ''} need {current.total_bytes / GIB:.2f} GiB. "
