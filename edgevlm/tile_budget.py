@@ -94,7 +94,7 @@ def plan_tiled(
     spans = []
     for image, choice, reason in zip(images, chosen, reasons, strict=True):
         grid = image.options[choice][1]
-        if reason is None and grid != spec.grid(*image.size):
+        if reason is None and grid != spec.grid(*image.size, None if lone else 0):  # capped below the model's own
             reason = "max_tiles"
         spans += _spans(image, grid, spec, reason, tower)
     caps = [cap for cap in (limits.image_budget, room) if cap is not None]
