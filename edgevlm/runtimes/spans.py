@@ -73,7 +73,7 @@ def _tiled(region: Image.Image, grid: TileGrid, spec: TiledPreprocessing, vision
     out: list[Span] = []
     for item in spec.layout(grid, *region.size):
         if isinstance(item, str):
-            out.append(Span(tokens=tokenize(item)))
+            out += [Span(tokens=tokens)] if (tokens := tokenize(item)) else []
         else:
             out.append(_image_span(views[item], vision_dtype))
     return out
