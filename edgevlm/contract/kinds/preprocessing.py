@@ -411,11 +411,19 @@ def _prepare_fixed(image: Image.Image, spec: FixedResize, resized_size: tuple[in
     pixels = np.asarray(resized, dtype=np.uint8)[top : top + side, left : left + side]  # (side, side, 3)
     logger.debug("fixed-resize preprocess: %dx%d -> %dx%d -> crop %d (w x h)", *image.size, *new_size, side)
 
+    grid = side // spec.patch_size
+    return PreparedImage(square_patches(pixels, spec.patch_size, spec), grid=(1, grid, grid), merge_size=spec.merge_size)  # fmt: skip
+
+
+def square_patches(pixels: np.ndarray, patch_size: int, spec: Any) -> np.ndarray:
+    """A (side, side, 3) uint8 square normalized by `spec`'s rescale_factor, image_mean and image_std and cut into
+    (n * n, 3 * patch_size²) float32 patches, n = side // patch_size, row-major, each row (channel, patch row, patch
+    col). Pixels past n * patch_size are dropped, as the tower's strided patch convolution drops them."""
+    n = pixels.shape[0] // patch_size
     lut = _normalization_lut(spec.rescale_factor, spec.image_mean, spec.image_std)  # (3, 256) float32
-    normalized = lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # (3, side, side) float32
-    patch, grid = spec.patch_size, side // spec.patch_size
-    patches = normalized.reshape(3, grid, patch, grid, patch).transpose(1, 3, 0, 2, 4)  # (row, col, C, P, P)
-    return PreparedImage(np.ascontiguousarray(patches.reshape(grid * grid, spec.patch_dim)), grid=(1, grid, grid), merge_size=spec.merge_size)  # fmt: skip
+    normalized = lut[np.arange(3)[:, None, None], pixels[: n * patch_size, : n * patch_size].transpose(2, 0, 1)]
+    patches = normalized.reshape(3, n, patch_size, n, patch_size).transpose(1, 3, 0, 2, 4)  # (row, col, C, P, P)
+    return np.ascontiguousarray(patches.reshape(n * n, 3 * patch_size**2))
 
 
 def _pad_to_square(image: Image.Image, color: tuple[int, ...]) -> Image.Image:

@@ -35,9 +35,9 @@ from .preprocessing import (
     PreparedImage,
     _check_normalization,
     _check_reproducible,
-    _normalization_lut,
     _normalization_values,
     _pad_to_square,
+    square_patches,
 )
 from .registry import check_positive_ints, register
 from .tiling import TiledPreprocessing, TileGrid, TileView
@@ -181,7 +181,9 @@ class AnyResTiles(TiledPreprocessing):
             tiles = [square.resize((side, side), Image.Resampling.BICUBIC)]
         else:
             tiles = [rgb.resize((side, side), Image.Resampling.BICUBIC), *self._tiles(rgb, grid)]
-        pixels = np.concatenate([self._patchify(np.asarray(tile, dtype=np.uint8)) for tile in tiles])
+        pixels = np.concatenate(
+            [square_patches(np.asarray(tile, dtype=np.uint8), self.patch_size, self) for tile in tiles]
+        )
         sources, weights = self.packing(grid, width, height)
         n = self.patches_per_side
         return [ResampledImage(pixels, grid=(1, len(tiles) * n, n), merge_size=1, token_sources=sources, token_weights=weights)]  # fmt: skip
@@ -195,13 +197,6 @@ class AnyResTiles(TiledPreprocessing):
         canvas.paste(rgb.resize((new_w, new_h), Image.Resampling.BICUBIC), ((target_w - new_w) // 2, (target_h - new_h) // 2))  # fmt: skip
         side = self.tile_size
         return [canvas.crop((c * side, r * side, (c + 1) * side, (r + 1) * side)) for r in range(grid.rows) for c in range(grid.cols)]  # fmt: skip
-
-    def _patchify(self, pixels: np.ndarray) -> np.ndarray:
-        """(side, side, 3) uint8 -> normalized patches (n*n, 3*P*P), row-major, each row (channel, patch row, col)."""
-        p, n = self.patch_size, self.patches_per_side
-        lut = _normalization_lut(self.rescale_factor, self.image_mean, self.image_std)
-        normalized = lut[np.arange(3)[:, None, None], pixels[: n * p, : n * p].transpose(2, 0, 1)]
-        return normalized.reshape(3, n, p, n, p).transpose(1, 3, 0, 2, 4).reshape(n * n, 3 * p * p)
 
     # -- the packing ------------------------------------------------------------------------------------------------
     def packing(self, grid: TileGrid, width: int, height: int) -> tuple[np.ndarray, np.ndarray]:

@@ -32,7 +32,7 @@ from PIL import Image
 
 from ...errors import ImageError
 from ...images import to_rgb
-from .preprocessing import PreparedImage, _check_normalization, _is_real, _normalization_lut
+from .preprocessing import PreparedImage, _check_normalization, _is_real, square_patches
 from .registry import check_positive_ints, register
 from .tiling import TiledPreprocessing, TileGrid, TileView
 
@@ -154,12 +154,9 @@ class Idefics3Tiles(TiledPreprocessing):
         return [self._prepared(view) for view in (*tiles, _resize(resized, (tile, tile)))]
 
     def _prepared(self, view: Image.Image) -> PreparedImage:
-        pixels = np.asarray(view, dtype=np.uint8)  # (tile, tile, 3)
-        lut = _normalization_lut(self.rescale_factor, self.image_mean, self.image_std)
-        normalized = lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # (3, tile, tile) float32
-        patch, side = self.patch_size, self.tile_size // self.patch_size
-        patches = normalized.reshape(3, side, patch, side, patch).transpose(1, 3, 0, 2, 4).reshape(side * side, self.patch_dim)  # fmt: skip
-        return PreparedImage(np.ascontiguousarray(patches), grid=(1, side, side), merge_size=self.merge_size)
+        side = self.tile_size // self.patch_size
+        patches = square_patches(np.asarray(view, dtype=np.uint8), self.patch_size, self)
+        return PreparedImage(patches, grid=(1, side, side), merge_size=self.merge_size)
 
     def describe_range(self) -> str:
         return f"{self.tile_size}-pixel tiles of a {self.longest_edge}-pixel longest edge, at most {self.default_max_tiles} tiles plus a global view"  # fmt: skip

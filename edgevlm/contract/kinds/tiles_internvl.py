@@ -28,7 +28,7 @@ from PIL import Image
 
 from ...errors import ImageError
 from ...images import to_rgb
-from .preprocessing import PreparedImage, _check_normalization, _check_reproducible, _normalization_lut
+from .preprocessing import PreparedImage, _check_normalization, _check_reproducible, square_patches
 from .registry import check_positive_ints, register
 from .tiling import TiledPreprocessing, TileGrid, TileView
 
@@ -113,12 +113,9 @@ class TilesInternVL(TiledPreprocessing):
 
     def _patches(self, view: Image.Image) -> PreparedImage:
         """One tile_size x tile_size RGB view normalized and cut into row-major patches."""
-        pixels = np.asarray(view, dtype=np.uint8)  # (side, side, 3)
-        lut = _normalization_lut(self.rescale_factor, self.image_mean, self.image_std)  # (3, 256) float32
-        normalized = lut[np.arange(3)[:, None, None], pixels.transpose(2, 0, 1)]  # (3, side, side) float32
-        patch, grid = self.patch_size, self.tile_size // self.patch_size
-        patches = normalized.reshape(3, grid, patch, grid, patch).transpose(1, 3, 0, 2, 4)  # (row, col, C, P, P)
-        return PreparedImage(np.ascontiguousarray(patches.reshape(grid * grid, self.patch_dim)), grid=(1, grid, grid), merge_size=self.merge_size)  # fmt: skip
+        grid = self.tile_size // self.patch_size
+        patches = square_patches(np.asarray(view, dtype=np.uint8), self.patch_size, self)
+        return PreparedImage(patches, grid=(1, grid, grid), merge_size=self.merge_size)
 
     @classmethod
     def from_preprocessor_config(cls, cfg: Mapping[str, Any], patch_size: int, merge_size: int) -> TilesInternVL:
