@@ -26,7 +26,6 @@ from .budget import (  # fmt: skip
     vision_tower_size,
     within_model_range,
 )
-
 from .contract.kinds.tiling import TiledPreprocessing
 from .tile_budget import CountText, count_tiled_spans, plan_tiled
 
@@ -96,7 +95,7 @@ class Planner:
         """The spans of one request's images (see `budget.plan_images`, `tile_budget.plan_tiled`); `count_text`
         counts the tokens of the text a tiling model writes between views (None: not counted)."""
         limits = self.limits(request)
-        if isinstance(self.preprocessing, TiledPreprocessing):
+        if self.tiled:
             return plan_tiled(requests, self.preprocessing, limits, n_ctx=self.n_ctx, n_prompt_tokens=n_prompt_tokens,
                               max_new_tokens=max_new_tokens, tower=self.tower, count_text=count_text)  # fmt: skip
         return plan_images(requests, self.preprocessing, limits, n_ctx=self.n_ctx,
